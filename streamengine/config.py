@@ -1,0 +1,202 @@
+"""Settings: the only module that reads the environment.
+
+Sources, strongest first: explicit overrides, environment variables (prefix ``STREAMENGINE_``, ``__``
+between nested names), an optional YAML file (``--config`` or ``STREAMENGINE_CONFIG``), defaults.
+Defaults follow the seed: LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, EWC lambda 500, batch 4,
+lr 2e-4, 3 epochs, max length 2048, weekly tick "0 2 * * 1", bucket ``lora-adapters``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from streamengine.errors import ConfigError
+
+ENV_PREFIX = "STREAMENGINE_"
+CONFIG_ENV = "STREAMENGINE_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    feedback_topic: str = "feedback.events"
+    dlq_topic: str = "feedback.events.dlq"
+    released_topic: str = "adapter.released"
+    group_id: str = "streamengine-ingest"
+    partitions: int = Field(6, ge=1, description="Partitions for topics streamengine creates.")
+    replication_factor: int = Field(1, ge=1)
+    batch_max_records: int = Field(1000, ge=1, description="Most records ingested in one batch.")
+    batch_max_wait_s: float = Field(0.5, gt=0, description="Longest wait to fill a batch.")
+    max_record_bytes: int = Field(1_048_576, ge=256, description="Larger records go to the DLQ.")
+    session_timeout_s: float = Field(30.0, gt=0)
+    rebalance_timeout_s: float = Field(60.0, gt=0)
+    commit_interval_s: float = Field(1.0, gt=0)
+
+
+class DatabaseSettings(_Section):
+    url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streamengine")
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(8, ge=1)
+
+
+class StorageSettings(_Section):
+    endpoint: str = Field("127.0.0.1:9000", description="S3 host:port")
+    access_key: SecretStr = SecretStr("minioadmin")
+    secret_key: SecretStr = SecretStr("minioadmin")
+    bucket: str = "lora-adapters"
+    secure: bool = False
+    region: str = "us-east-1"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if "://" in value or "/" in value:
+            raise ValueError("give host:port without a scheme (use storage.secure for TLS)")
+        return value
+
+
+class ModelSettings(_Section):
+    name: str = Field("tiny-llama", description="The model line, as in events' `model` field.")
+    base: str = Field("", description="Local Hugging Face model folder, hub id or .gguf file.")
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class EwcSettings(_Section):
+    lambda_: float = Field(500.0, alias="lambda", ge=0, description="EWC strength.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Online-EWC decay of earlier importances.")
+
+
+class TrainingSettings(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    max_length: int = Field(2048, ge=8)
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+
+
+class SampleSettings(_Section):
+    kind_weights: dict[str, float] = {"thumbs_up": 1.0, "rating": 1.0, "correction": 2.0, "thumbs_down": 1.0}
+    positive_rating_min: int = Field(4, ge=1, le=5)
+    negative_rating_max: int = Field(2, ge=1, le=5)
+
+
+class WindowSettings(_Section):
+    max_samples: int = Field(1000, ge=1, description="Trainable samples that close a window.")
+    max_weight: float | None = Field(None, gt=0, description="Summed weight that closes a window.")
+    min_samples: int = Field(1, ge=1, description="Fewest samples the weekly tick trains on.")
+    schedule: str = Field("0 2 * * 1", description="Cron expression of the weekly tick.")
+    timezone: str = "UTC"
+
+
+class WorkerSettings(_Section):
+    lease_s: float = Field(60.0, gt=0, description="A job whose lease expires is claimed again.")
+    heartbeat_s: float = Field(10.0, gt=0)
+    poll_s: float = Field(1.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    work_dir: Path = Path(".streamengine/work")
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr | None = None
+    url: str = Field("", description="Where CLI commands reach the admin API (default host:port).")
+
+    def base_url(self) -> str:
+        return self.url or f"http://{self.host}:{self.port}"
+
+
+class MetricsSettings(_Section):
+    port: int = Field(9090, ge=0, le=65535, description="Prometheus port of `worker`/`subscribe`.")
+
+
+class ServingSettings(_Section):
+    download_dir: Path = Path(".streamengine/adapters")
+    group_id: str = Field("", description="Consumer group of a subscriber (default: none, reads all).")
+
+
+class Settings(BaseSettings):
+    """All settings of one streamengine process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+    ewc: EwcSettings = EwcSettings()
+    training: TrainingSettings = TrainingSettings()
+    samples: SampleSettings = SampleSettings()
+    window: WindowSettings = WindowSettings()
+    worker: WorkerSettings = WorkerSettings()
+    api: ApiSettings = ApiSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    serving: ServingSettings = ServingSettings()
+    signing_key: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_path = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+
+def env_name(location: tuple[Any, ...]) -> str:
+    """The environment variable that sets the field at ``location`` (as pydantic reports it)."""
+    parts = [str(p) for p in location if not isinstance(p, int)]
+    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, turning validation failures into one :class:`ConfigError` per problem list."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        os.environ[CONFIG_ENV] = str(path)
+    elif (yaml_path := os.environ.get(CONFIG_ENV)) and not Path(yaml_path).is_file():
+        raise ConfigError(f"config file {yaml_path} ({CONFIG_ENV}) does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{dotted} ({env_name(err['loc'])}): {err['msg']}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None

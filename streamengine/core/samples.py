@@ -1,0 +1,78 @@
+"""Feedback event -> weighted training sample (pure)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from streamengine.events import FeedbackEvent, FeedbackKind
+
+
+@dataclass(frozen=True, slots=True)
+class SamplePolicy:
+    """How feedback kinds become samples; built from ``samples.*`` settings."""
+
+    kind_weights: dict[str, float]
+    positive_rating_min: int = 4
+    negative_rating_max: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A stored sample. ``label`` is +1 (desirable), -1 (undesirable) or 0 (neutral).
+
+    Only desirable samples are trained on with the supervised objective; the others are kept for
+    objectives that use negative feedback.
+    """
+
+    event_id: str
+    model: str
+    kind: str
+    prompt: str  # JSON text: a string or a list of chat messages
+    completion: str
+    weight: float
+    label: int
+    user_id: str | None
+    session_id: str | None
+    adapter_version: str | None
+    event_time: datetime | None
+
+    @property
+    def trainable(self) -> bool:
+        return self.label > 0 and self.weight > 0
+
+
+def _label_and_scale(event: FeedbackEvent, policy: SamplePolicy) -> tuple[int, float]:
+    if event.kind is FeedbackKind.THUMBS_UP or event.kind is FeedbackKind.CORRECTION:
+        return 1, 1.0
+    if event.kind is FeedbackKind.THUMBS_DOWN:
+        return -1, 1.0
+    rating = event.rating or 0
+    if rating >= policy.positive_rating_min:
+        # 5 of 5 counts fully; each star below the top counts half as much again.
+        return 1, 0.5 ** (5 - rating)
+    if rating <= policy.negative_rating_max:
+        return -1, 0.5 ** (rating - 1)
+    return 0, 1.0
+
+
+def to_sample(event: FeedbackEvent, policy: SamplePolicy) -> Sample:
+    """Turn a validated event into the sample stored for it."""
+    label, scale = _label_and_scale(event, policy)
+    completion = event.correction if event.kind is FeedbackKind.CORRECTION else event.response
+    weight = policy.kind_weights.get(event.kind.value, 1.0) * scale * (event.weight or 1.0)
+    prompt = event.prompt if isinstance(event.prompt, str) else [m.model_dump() for m in event.prompt]
+    return Sample(
+        event_id=event.event_id,
+        model=event.model,
+        kind=event.kind.value,
+        prompt=json.dumps(prompt, ensure_ascii=False),
+        completion=completion or "",
+        weight=weight,
+        label=label,
+        user_id=event.user_id,
+        session_id=event.session_id,
+        adapter_version=event.adapter_version,
+        event_time=event.timestamp,
+    )

@@ -1,0 +1,63 @@
+"""The one error hierarchy of streamengine.
+
+Every error a user can meet derives from :class:`StreamEngineError`; the CLI prints its message as one
+line and exits with its ``exit_code``. Messages name the bad field, setting or service and never carry
+secrets.
+"""
+
+from __future__ import annotations
+
+
+class StreamEngineError(Exception):
+    """Base class: a failure with a message fit to show a user."""
+
+    exit_code = 1
+
+
+class ConfigError(StreamEngineError):
+    """A setting is missing or invalid (the message names the setting and its environment variable)."""
+
+    exit_code = 2
+
+
+class ServiceUnavailable(StreamEngineError):
+    """A dependency (Kafka, PostgreSQL, S3) cannot be reached."""
+
+    exit_code = 3
+
+    def __init__(self, service: str, target: str, detail: str) -> None:
+        super().__init__(f"{service} at {target} is unreachable: {detail}")
+        self.service = service
+        self.target = target
+
+
+class EventRejected(StreamEngineError):
+    """A feedback record failed validation; it goes to the DLQ with ``error_class`` and the message."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class NotFound(StreamEngineError):
+    """A model line, adapter version, alias or job does not exist."""
+
+    exit_code = 4
+
+
+class Conflict(StreamEngineError):
+    """The request contradicts the current state (an empty window to close, a lost lease...)."""
+
+    exit_code = 5
+
+
+class IntegrityError(StreamEngineError):
+    """An artifact failed verification: missing file, wrong sha256, bad signature, pickle file."""
+
+    exit_code = 6
+
+
+class TrainingError(StreamEngineError):
+    """A training run failed (diverged, out of memory, crashed); the job records the reason."""
+
+    exit_code = 7

@@ -1,0 +1,154 @@
+"""The public event contract: FeedbackEvent v1 (input) and AdapterReleased v1 (output).
+
+These pydantic models are the source of ``schemas/*.json`` (``streamengine schemas --write``); a test
+fails when the files drift from them.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from streamengine.errors import EventRejected
+
+SCHEMA_VERSION = "1"
+FEEDBACK_TYPE = "io.streamengine.feedback.v1"
+RELEASED_TYPE = "io.streamengine.adapter.released.v1"
+
+
+class FeedbackKind(StrEnum):
+    THUMBS_UP = "thumbs_up"
+    THUMBS_DOWN = "thumbs_down"
+    RATING = "rating"
+    CORRECTION = "correction"
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(min_length=1)
+    content: str
+
+
+class FeedbackEvent(BaseModel):
+    """One piece of user feedback on one model answer. Unknown fields are kept but ignored."""
+
+    model_config = ConfigDict(extra="allow", title="FeedbackEvent v1")
+
+    event_id: str = Field(min_length=1, max_length=256, description="Unique; duplicates are dropped.")
+    model: str = Field(min_length=1, max_length=256, description="The model line whose adapter learns.")
+    prompt: str | list[ChatMessage] = Field(description="A string, or a chat `messages` list.")
+    response: str = Field(description="What the model answered.")
+    kind: FeedbackKind
+    rating: int | None = Field(None, ge=1, le=5, description="1-5, required for kind `rating`.")
+    correction: str | None = Field(None, description="The better answer, required for `correction`.")
+    weight: float | None = Field(None, gt=0, description="Optional positive multiplier.")
+    user_id: str | None = Field(None, max_length=256)
+    session_id: str | None = Field(None, max_length=256)
+    adapter_version: str | None = Field(None, max_length=64, description="The adapter that answered.")
+    timestamp: datetime | None = Field(None, description="RFC 3339.")
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("weight must be a finite number")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty_prompt(cls, value: str | list[ChatMessage]) -> str | list[ChatMessage]:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt messages list is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> FeedbackEvent:
+        if self.kind is FeedbackKind.RATING and self.rating is None:
+            raise ValueError("kind 'rating' needs a 'rating' field (1-5)")
+        if self.kind is FeedbackKind.CORRECTION and not self.correction:
+            raise ValueError("kind 'correction' needs a non-empty 'correction' field")
+        return self
+
+
+class LoraSpec(BaseModel):
+    r: int
+    alpha: int
+    target_modules: list[str]
+
+
+class WindowSpec(BaseModel):
+    id: int
+    samples: int
+    weight: float
+    first_offsets: dict[str, int] = Field(default_factory=dict, description="partition -> offset")
+    last_offsets: dict[str, int] = Field(default_factory=dict, description="partition -> offset")
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+ReleaseReason = Literal["threshold", "schedule", "manual", "rollback"]
+
+
+class AdapterReleased(BaseModel):
+    """The version every serving node of ``model`` must run (the latest record per key wins)."""
+
+    model_config = ConfigDict(extra="allow", title="AdapterReleased v1")
+
+    event_id: str
+    model: str
+    version: str = Field(pattern=r"^v\d+\.\d+$")
+    parent_version: str | None = None
+    base_model: str
+    uri: str = Field(description="s3://<bucket>/<model>/<version>/, the adapter folder.")
+    files: dict[str, str] = Field(description="file name -> sha256 hex")
+    size_bytes: int = Field(ge=0)
+    lora: LoraSpec
+    ewc_lambda: float
+    window: WindowSpec | None = None
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    reason: ReleaseReason
+    created_at: datetime
+    signature: str | None = Field(None, description="HMAC-SHA256 of the canonical manifest.")
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "record"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode_feedback(raw: bytes | None, max_bytes: int) -> FeedbackEvent:
+    """Parse one record's value, or raise :class:`EventRejected` saying why (the DLQ's headers)."""
+    if raw is None:
+        raise EventRejected("empty", "record has no value")
+    if len(raw) > max_bytes:
+        raise EventRejected("too_large", f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventRejected("invalid_utf8", f"value is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        return FeedbackEvent.model_validate_json(raw)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise EventRejected("invalid_json", f"value is not valid JSON: {_summarise(exc)}") from None
+        if any(e["type"] == "model_type" for e in exc.errors()):
+            raise EventRejected("schema", "value is not a JSON object") from None
+        raise EventRejected("schema", _summarise(exc)) from None
+    except (RecursionError, ValueError) as exc:
+        raise EventRejected("invalid_json", f"value cannot be parsed: {type(exc).__name__}") from None
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """File name -> JSON Schema of each public event."""
+    return {
+        "feedback-event.v1.json": FeedbackEvent.model_json_schema(),
+        "adapter-released.v1.json": AdapterReleased.model_json_schema(),
+    }
