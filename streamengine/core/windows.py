@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -24,6 +25,24 @@ class WindowPolicy:
         if self.max_weight is not None and weight >= self.max_weight:
             return "threshold"
         return None
+
+
+def cut_points(samples: int, weight: float, items: Sequence[tuple[bool, float]], policy: WindowPolicy) -> list[int]:
+    """Where a run of new samples (trainable?, weight) closes windows, as end indexes (exclusive).
+
+    ``samples``/``weight`` are what the open window already holds; after each cut a fresh window
+    starts empty. Windows therefore close exactly at the threshold, whatever the batch size.
+    """
+    cuts: list[int] = []
+    for index, (trainable, sample_weight) in enumerate(items):
+        if not trainable:
+            continue
+        samples += 1
+        weight += sample_weight
+        if policy.close_reason(samples, weight):
+            cuts.append(index + 1)
+            samples, weight = 0, 0.0
+    return cuts
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Job scheduling (threshold and cron tick) and trainer workers."""

@@ -1,0 +1,267 @@
+"""The trainer worker: claim a job, train in a child process, upload, release.
+
+Sequence for one job (each step safe to repeat after a crash):
+claim (lease) -> samples from PostgreSQL -> parent adapter from S3 -> train (child process, lease
+heartbeats carry progress) -> reserve the version -> manifest + upload + verify -> one transaction:
+registry row, aliases, outbox row, job released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streamengine import metrics
+from streamengine.config import Settings
+from streamengine.core.manifest import sha256_bytes
+from streamengine.core.release import build_release, manifest_of
+from streamengine.errors import Conflict, StreamEngineError, TrainingError
+from streamengine.events import RELEASED_TYPE, AdapterReleased, LoraSpec
+from streamengine.jobs.trainer_process import TrainingCrashed, run_training
+from streamengine.store import jobs as job_store
+from streamengine.store import registry, windows
+from streamengine.store.db import Database
+from streamengine.store.objects import ObjectStore
+from streamengine.stream import cloudevents
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Conflict):
+    pass
+
+
+class Worker:
+    def __init__(self, settings: Settings, db: Database, store: ObjectStore, owner: str | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.work_dir = Path(settings.worker.work_dir)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and process jobs until ``stop`` is set."""
+        log.info("worker %s polling for jobs", self.owner)
+        while not stop.is_set():
+            try:
+                job = await self.run_once()
+            except StreamEngineError as exc:
+                log.warning("worker: %s", exc)
+                job = None
+            if job is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.settings.worker.poll_s)
+
+    async def run_once(self) -> job_store.Job | None:
+        """Claim one job and take it to its end state; None when the queue is empty."""
+        worker = self.settings.worker
+        job = await job_store.claim(self.db, self.owner, worker.lease_s, worker.max_attempts)
+        if job is None:
+            return None
+        log.info("job %d (%s, window %d, attempt %d) claimed", job.id, job.model, job.window_id, job.attempts)
+        try:
+            await self._process(job)
+        except LeaseLost as exc:
+            log.warning("job %d: %s", job.id, exc)
+        except TrainingCrashed as exc:
+            state = await self._finish(job, "failed", str(exc), retry=True)
+            log.error("job %d: %s; job is now %s", job.id, exc, state)
+        except TrainingError as exc:
+            state = await self._finish(job, "failed", str(exc), retry=False)
+            log.error("job %d failed: %s", job.id, exc)
+        except StreamEngineError as exc:
+            state = await self._finish(job, "failed", str(exc), retry=True)
+            log.error("job %d: %s; job is now %s", job.id, exc, state)
+        return job
+
+    async def _finish(self, job: job_store.Job, state: str, error: str, retry: bool) -> str:
+        metrics.JOB_FAILURES.labels(job.model).inc()
+        try:
+            return await job_store.finish_unreleased(
+                self.db, job.id, self.owner, state, error, retry=retry, max_attempts=self.settings.worker.max_attempts
+            )
+        except Conflict:
+            return "taken over"
+
+    async def _process(self, job: job_store.Job) -> None:
+        folder = self.work_dir / f"job-{job.id}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        samples = await windows.window_samples(self.db, job.window_id)
+        if not samples:
+            raise TrainingError(f"window {job.window_id} has no trainable samples")
+        samples_path = folder / "samples.jsonl"
+        samples_path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "event_id": s.sample.event_id,
+                        "prompt": s.sample.prompt,
+                        "completion": s.sample.completion,
+                        "weight": s.sample.weight,
+                    }
+                )
+                + "\n"
+                for s in samples
+            )
+        )
+        parent_dir = await self._fetch_parent(job, folder)
+        output = folder / "adapter"
+        spec = {
+            "base_model": self.settings.model.base,
+            "parent_adapter": str(parent_dir) if parent_dir else None,
+            "samples_path": str(samples_path),
+            "output_dir": str(output),
+            "lora": self.settings.lora.model_dump(),
+            "training": self.settings.training.model_dump(),
+            "ewc_lambda": self.settings.ewc.lambda_,
+            "model_name": job.model,
+            "version": job.version or "",
+        }
+        spec_path = folder / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        started = time.monotonic()
+        result = await self._train_with_heartbeats(job, spec_path, folder / "train.log")
+        metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
+        version = await job_store.reserve_version(self.db, job.id, self.owner)
+        event = await self._upload(job, version, output, result)
+        await job_store.release(
+            self.db,
+            job.id,
+            self.owner,
+            manifest_of(event),
+            event.model_dump(mode="json"),
+            cloudevents.headers(event.event_id, RELEASED_TYPE, event.created_at),
+            self.settings.kafka.released_topic,
+        )
+        metrics.RELEASES.labels(job.model, event.reason).inc()
+        log.info(
+            "job %d released %s %s (loss %.4f -> %.4f)",
+            job.id,
+            job.model,
+            version,
+            result["eval_loss_before"],
+            result["eval_loss_after"],
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+    async def _fetch_parent(self, job: job_store.Job, folder: Path) -> Path | None:
+        if not job.parent_version:
+            return None
+        adapter = await registry.get_adapter(self.db, job.model, job.parent_version)
+        return await self.store.adownload_uri(adapter.uri, folder / "parent", adapter.manifest["files"])
+
+    async def _train_with_heartbeats(self, job: job_store.Job, spec_path: Path, log_path: Path) -> dict[str, Any]:
+        progress: dict[str, Any] = {"phase": "training"}
+        lease_lost = asyncio.Event()
+
+        async def on_progress(record: dict[str, Any]) -> None:
+            progress.update(record)
+            metrics.TRAINING_LOSS.labels(job.model).set(record.get("loss", float("nan")))
+            step, total = record.get("step"), record.get("total_steps")
+            if step in (1, total) or (step and total and step % max(1, total // 10) == 0):
+                log.info(
+                    "job %d: step %s/%s loss %.4f %.0f tok/s eta %.0fs",
+                    job.id,
+                    step,
+                    total,
+                    record.get("loss", float("nan")),
+                    record.get("tokens_per_s", 0),
+                    record.get("eta_s", 0),
+                )
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.settings.worker.heartbeat_s)
+                if not await job_store.heartbeat(self.db, job.id, self.owner, self.settings.worker.lease_s, progress):
+                    lease_lost.set()
+                    return
+
+        heart = asyncio.create_task(beat())
+        training = asyncio.create_task(run_training(spec_path, log_path, on_progress))
+        try:
+            lost = asyncio.create_task(lease_lost.wait())
+            done, _ = await asyncio.wait({training, lost}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            if training not in done:
+                training.cancel()
+                raise LeaseLost(f"job {job.id}: lease lost during training; abandoned")
+            result = training.result()
+        finally:
+            heart.cancel()
+        metrics.TRAINING_TOKENS_PER_SECOND.set(result["tokens"] / max(result["seconds"], 1e-9))
+        metrics.EVAL_LOSS.labels(job.model, "before").set(result["eval_loss_before"])
+        metrics.EVAL_LOSS.labels(job.model, "after").set(result["eval_loss_after"])
+        return result
+
+    async def _upload(self, job: job_store.Job, version: str, output: Path, result: dict[str, Any]) -> AdapterReleased:
+        window = await windows.get_window(self.db, job.window_id)
+        files = await asyncio.to_thread(_hash_files, output)
+        event = build_release(
+            model=job.model,
+            version=version,
+            parent_version=job.parent_version,
+            base_model=self.settings.model.base,
+            uri=self.store.uri(job.model, version),
+            files=files,
+            size_bytes=await asyncio.to_thread(lambda: sum((output / name).stat().st_size for name in files)),
+            lora=LoraSpec(
+                r=self.settings.lora.r, alpha=self.settings.lora.alpha, target_modules=self.settings.lora.target_modules
+            ),
+            ewc_lambda=self.settings.ewc.lambda_,
+            window=window,
+            metrics={
+                "train_loss": result["train_loss"],
+                "eval_loss_before": result["eval_loss_before"],
+                "eval_loss_after": result["eval_loss_after"],
+                "forgetting": None,
+            },
+            reason=job.reason if job.reason in ("threshold", "schedule", "manual") else "manual",  # type: ignore[arg-type]
+            now=datetime.now(UTC),
+            signing_key=self.settings.signing_key.get_secret_value() if self.settings.signing_key else None,
+        )
+        (output / "manifest.json").write_text(json.dumps(manifest_of(event), indent=2, sort_keys=True))
+        started = time.monotonic()
+        await self.store.aensure_bucket()
+        await self.store.aupload_folder(output, job.model, version)
+        metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
+        metrics.UPLOAD_BYTES.inc(event.size_bytes)
+        if not await job_store.heartbeat(
+            self.db, job.id, self.owner, self.settings.worker.lease_s, {"phase": "releasing"}
+        ):
+            raise LeaseLost(f"job {job.id}: lease lost during upload; abandoned")
+        return event
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of each adapter file (result.json is the child's report, not an artifact: removed)."""
+    (folder / "result.json").unlink(missing_ok=True)
+    return {p.name: sha256_bytes(p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+async def serve_worker(settings: Settings, stop: asyncio.Event, once: bool = False) -> None:
+    """`streamengine worker`: connect, expose metrics, process jobs until stopped."""
+    from prometheus_client import start_http_server
+
+    db = await Database.connect(settings.database)
+    try:
+        store = ObjectStore.from_settings(settings.storage)
+        await store.aensure_bucket()
+        if settings.metrics.port:
+            start_http_server(settings.metrics.port, addr="0.0.0.0")
+        worker = Worker(settings, db, store)
+        if once:
+            await worker.run_once()
+        else:
+            await worker.run(stop)
+    finally:
+        await db.close()

@@ -1,0 +1,9 @@
+"""The serving-node side: a subscriber to ``adapter.released`` and swappers that apply adapters.
+
+Imports without torch (the base install); :class:`PeftSwapper` loads torch/peft when first used.
+"""
+
+from streamengine.serving.subscriber import Outcome, Subscriber
+from streamengine.serving.swappers import CallbackSwapper, PeftSwapper, Swapper, adapter_name
+
+__all__ = ["CallbackSwapper", "Outcome", "PeftSwapper", "Subscriber", "Swapper", "adapter_name"]

@@ -1,0 +1,1 @@
+"""I/O adapters for state (PostgreSQL) and artifacts (S3)."""

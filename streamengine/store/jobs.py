@@ -1,0 +1,222 @@
+"""The training job queue in PostgreSQL: claim with a lease, heartbeat, reserve a version, finish.
+
+Workers claim with ``FOR UPDATE SKIP LOCKED``; a job whose lease expires (its worker died) is claimed
+again. Jobs of one model line run one at a time, oldest window first, because each trains on top of
+the version the previous one released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from streamengine.core.versions import Version, next_version
+from streamengine.errors import Conflict
+from streamengine.store.db import Database
+
+CLAIMABLE = "(state = 'queued' OR (state = 'running' AND lease_expires_at < now()))"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    model: str
+    window_id: int
+    reason: str
+    state: str
+    attempts: int
+    lease_owner: str | None
+    version: str | None
+    parent_version: str | None
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Job:
+        return cls(**{name: row[name] for name in cls.__slots__})
+
+
+async def _production(conn: asyncpg.Connection, model: str) -> str | None:
+    version: str | None = await conn.fetchval(
+        "SELECT version FROM aliases WHERE model = $1 AND alias = 'production'", model
+    )
+    return version
+
+
+async def claim(db: Database, owner: str, lease_s: float, max_attempts: int) -> Job | None:
+    """Claim the oldest runnable job whose model line has no other job running, or None."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE jobs SET state = 'failed', finished_at = now(), lease_owner = NULL,"
+            " error = 'worker lost (lease expired) on every one of ' || attempts || ' attempts'"
+            " WHERE state = 'running' AND lease_expires_at < now() AND attempts >= $1",
+            max_attempts,
+        )
+        candidates = await conn.fetch(
+            f"SELECT id, model FROM jobs WHERE {CLAIMABLE} ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 16"
+        )
+        for cand in candidates:
+            line = await conn.fetchval(
+                "SELECT model FROM model_lines WHERE model = $1 FOR UPDATE SKIP LOCKED", cand["model"]
+            )
+            if line is None:
+                continue  # another worker is claiming for this model line right now
+            busy = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE model = $1 AND id <> $2 AND"
+                " (state = 'running' AND lease_expires_at >= now() OR state = 'queued' AND id < $2)",
+                cand["model"],
+                cand["id"],
+            )
+            if busy:
+                continue
+            row = await conn.fetchrow(
+                "UPDATE jobs SET state = 'running', lease_owner = $2,"
+                " lease_expires_at = now() + make_interval(secs => $3), attempts = attempts + 1,"
+                " started_at = coalesce(started_at, now()), error = NULL,"
+                " parent_version = $4"
+                " WHERE id = $1 RETURNING *",
+                cand["id"],
+                owner,
+                lease_s,
+                await _production(conn, cand["model"]),
+            )
+            return Job.from_row(row)
+    return None
+
+
+async def heartbeat(db: Database, job_id: int, owner: str, lease_s: float, progress: dict[str, Any]) -> bool:
+    """Extend the lease and store progress; False when the lease was lost to another worker."""
+    status = await db.execute(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), progress = $4"
+        " WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        job_id,
+        owner,
+        lease_s,
+        progress,
+    )
+    return status.endswith(" 1")
+
+
+async def _owned(conn: asyncpg.Connection, job_id: int, owner: str) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+    if row is None or row["state"] != "running" or row["lease_owner"] != owner:
+        raise Conflict(f"job {job_id}: lease lost to another worker; its result is discarded")
+    return row
+
+
+async def reserve_version(db: Database, job_id: int, owner: str, major: bool = False) -> str:
+    """The version this job will release, kept across retries so S3 paths stay stable."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        job = await _owned(conn, job_id, owner)
+        if job["version"]:
+            return str(job["version"])
+        await conn.fetchval("SELECT model FROM model_lines WHERE model = $1 FOR UPDATE", job["model"])
+        taken = await conn.fetch(
+            "SELECT version FROM adapters WHERE model = $1 UNION"
+            " SELECT version FROM jobs WHERE model = $1 AND version IS NOT NULL AND state IN ('queued', 'running')",
+            job["model"],
+        )
+        version = str(next_version([r["version"] for r in taken], major=major))
+        await conn.execute("UPDATE jobs SET version = $2 WHERE id = $1", job_id, version)
+        return version
+
+
+async def release(
+    db: Database,
+    job_id: int,
+    owner: str,
+    manifest: dict[str, Any],
+    event: dict[str, Any],
+    headers: dict[str, str],
+    topic: str,
+) -> None:
+    """Record the adapter, move the aliases, queue the event and finish the job, in one transaction."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        job = await _owned(conn, job_id, owner)
+        version = Version.parse(manifest["version"])
+        await conn.execute(
+            "INSERT INTO adapters (model, version, major, minor, parent_version, job_id, uri, size_bytes,"
+            " manifest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            job["model"],
+            str(version),
+            version.major,
+            version.minor,
+            manifest.get("parent_version"),
+            job_id,
+            manifest["uri"],
+            manifest["size_bytes"],
+            manifest,
+        )
+        await move_production(conn, job["model"], str(version))
+        await enqueue(conn, topic, job["model"], event, headers)
+        await conn.execute(
+            "UPDATE jobs SET state = 'released', finished_at = now(), lease_owner = NULL, metrics = $2 WHERE id = $1",
+            job_id,
+            manifest.get("metrics", {}),
+        )
+
+
+async def move_production(conn: asyncpg.Connection, model: str, version: str) -> None:
+    """production := version, previous := the old production (when it differs)."""
+    current = await _production(conn, model)
+    if current and current != version:
+        await conn.execute(
+            "INSERT INTO aliases (model, alias, version) VALUES ($1, 'previous', $2)"
+            " ON CONFLICT (model, alias) DO UPDATE SET version = $2, updated_at = now()",
+            model,
+            current,
+        )
+    await conn.execute(
+        "INSERT INTO aliases (model, alias, version) VALUES ($1, 'production', $2)"
+        " ON CONFLICT (model, alias) DO UPDATE SET version = $2, updated_at = now()",
+        model,
+        version,
+    )
+
+
+async def enqueue(
+    conn: asyncpg.Connection, topic: str, key: str, value: dict[str, Any], headers: dict[str, str]
+) -> None:
+    await conn.execute(
+        "INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4)", topic, key, value, headers
+    )
+
+
+async def finish_unreleased(
+    db: Database,
+    job_id: int,
+    owner: str,
+    state: str,
+    error: str,
+    metrics: dict[str, Any] | None = None,
+    retry: bool = False,
+    max_attempts: int = 1,
+) -> str:
+    """End a job without a release: ``rejected`` (gate) or ``failed``; a retryable failure re-queues
+    it while attempts remain. Returns the state the job is left in."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        job = await _owned(conn, job_id, owner)
+        new_state = "queued" if retry and job["attempts"] < max_attempts else state
+        await conn.execute(
+            "UPDATE jobs SET state = $2, error = $3, metrics = $4, lease_owner = NULL, lease_expires_at = NULL,"
+            " finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1",
+            job_id,
+            new_state,
+            error,
+            metrics or {},
+        )
+        return new_state
+
+
+async def list_jobs(db: Database, model: str | None = None, limit: int = 50) -> list[Job]:
+    rows = await db.fetch(
+        "SELECT * FROM jobs WHERE $1::text IS NULL OR model = $1 ORDER BY id DESC LIMIT $2", model, limit
+    )
+    return [Job.from_row(r) for r in rows]

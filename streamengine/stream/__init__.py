@@ -1,0 +1,1 @@
+"""Kafka side: topics, ingest (faust), DLQ and the outbox relay."""

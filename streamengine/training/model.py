@@ -1,0 +1,108 @@
+"""Load the base model and tokenizer from a local Hugging Face folder and wrap them with LoRA.
+
+Either a fresh LoRA (``peft.LoraConfig``, task ``CAUSAL_LM``) or a parent adapter loaded trainable,
+so that a new version continues from the previous one. Weights load in float32 on CPU and in
+bfloat16 on a GPU that supports it (PEFT keeps the LoRA weights themselves in float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from streamengine.config import LoraSettings
+from streamengine.errors import TrainingError
+
+
+@dataclass
+class Loaded:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError(f"invalid training device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"training device {name!r} asked for, but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainingError(f"training device {name!r}: only {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def missing_target_modules(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """The LoRA targets no module of ``model`` matches (PEFT's rule: the name or its last part(s))."""
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(base_model)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load the tokenizer of {base_model}: {exc}") from None
+    return tokenizer
+
+
+def load_base(base_model: str, device: torch.device) -> torch.nn.Module:
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype_for(device))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load base model {base_model}: {exc}") from None
+    return model.to(device)
+
+
+def load_for_training(
+    base_model: str, lora: LoraSettings, parent_adapter: str | None, device_name: str = "auto"
+) -> Loaded:
+    """Base + tokenizer + trainable LoRA (fresh from ``lora``, or the parent adapter's)."""
+    device = select_device(device_name)
+    tokenizer = load_tokenizer(base_model)
+    base = load_base(base_model, device)
+    if parent_adapter is not None:
+        if not (Path(parent_adapter) / "adapter_config.json").is_file():
+            raise TrainingError(f"parent adapter {parent_adapter} has no adapter_config.json")
+        try:
+            peft_model = PeftModel.from_pretrained(base, parent_adapter, is_trainable=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise TrainingError(f"cannot load parent adapter {parent_adapter}: {exc}") from None
+    else:
+        missing = missing_target_modules(base, lora.target_modules)
+        if missing:
+            raise TrainingError(
+                f"base model {base_model} has no module named {', '.join(missing)} "
+                f"(LoRA target_modules {lora.target_modules})"
+            )
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type=TaskType.CAUSAL_LM,
+        )
+        try:
+            wrapped: Any = get_peft_model(base, config)
+        except (ValueError, TypeError) as exc:
+            raise TrainingError(f"cannot add LoRA to {base_model}: {exc}") from None
+        peft_model = wrapped
+    if not any(p.requires_grad for p in peft_model.parameters()):
+        raise TrainingError("the LoRA model has no trainable parameters")
+    return Loaded(model=peft_model, tokenizer=tokenizer, device=device)
