@@ -161,6 +161,9 @@ def produce(state: State, file: str, topic: str | None, send_invalid: bool) -> N
     for line_no, message in prepared.invalid:
         click.echo(f"{file}:{line_no}: {message}", err=True)
     target = topic or settings.kafka.feedback_topic
+    kafka_log = logging.getLogger("aiokafka")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        kafka_log.setLevel(logging.CRITICAL)  # an unreachable broker is reported once, as our own error line
     sent = asyncio.run(send(settings, target, prepared.records))
     note = " (sent anyway)" if send_invalid and prepared.invalid else ""
     click.echo(f"sent {sent} records to {target}; {len(prepared.invalid)} invalid lines{note}")

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -183,15 +184,31 @@ def env_name(location: tuple[Any, ...]) -> str:
     return ENV_PREFIX + "__".join(p.upper() for p in parts)
 
 
+def _check_yaml(path: Path) -> None:
+    """A YAML file that does not parse, or holds no mapping, is a :class:`ConfigError` (no values quoted)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {exc.problem}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {type(exc).__name__}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings, turning validation failures into one :class:`ConfigError` per problem list."""
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        _check_yaml(path)
         os.environ[CONFIG_ENV] = str(path)
-    elif (yaml_path := os.environ.get(CONFIG_ENV)) and not Path(yaml_path).is_file():
-        raise ConfigError(f"config file {yaml_path} ({CONFIG_ENV}) does not exist")
+    elif yaml_path := os.environ.get(CONFIG_ENV):
+        if not Path(yaml_path).is_file():
+            raise ConfigError(f"config file {yaml_path} ({CONFIG_ENV}) does not exist")
+        _check_yaml(Path(yaml_path))
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -52,6 +52,14 @@ class FeedbackEvent(BaseModel):
     adapter_version: str | None = Field(None, max_length=64, description="The adapter that answered.")
     timestamp: datetime | None = Field(None, description="RFC 3339.")
 
+    @field_validator("rating", "weight", mode="before")
+    @classmethod
+    def _json_number(cls, value: Any) -> Any:
+        # As the JSON Schema says: a number, not a boolean or a numeric string (lax mode took both).
+        if isinstance(value, bool | str):
+            raise ValueError("must be a JSON number")
+        return value
+
     @field_validator("weight")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:

@@ -17,6 +17,7 @@ pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from streamengine.config import LoraSettings  # noqa: E402
 from streamengine.errors import TrainingError  # noqa: E402
 from streamengine.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.data import (  # noqa: E402
@@ -74,8 +75,9 @@ def samples_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_spec(base: Path, samples: Path, out: Path, **training: Any) -> TrainSpec:
-    settings = {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "max_length": 128, "seed": 0}
-    settings["device"] = "cpu"  # the pinned numbers are CPU float32 numbers
+    # device cpu: the pinned numbers are CPU float32 numbers.
+    settings: dict[str, Any] = {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "max_length": 128}
+    settings |= {"seed": 0, "device": "cpu"}
     settings.update(training)
     return TrainSpec(
         base_model=str(base),
@@ -157,22 +159,16 @@ def test_bad_samples_are_training_errors(tmp_path: Path) -> None:
 
 
 def test_missing_target_modules_are_named(tiny_base: Path) -> None:
+    lora = LoraSettings(target_modules=["q_proj", "gate_projx", "up"])
     with pytest.raises(TrainingError, match="no module named gate_projx, up") as err:
-        load_for_training(
-            str(tiny_base),
-            make_spec(tiny_base, tiny_base, tiny_base).lora.model_copy(
-                update={"target_modules": ["q_proj", "gate_projx", "up"]}
-            ),
-            None,
-            "cpu",
-        )
+        load_for_training(str(tiny_base), lora, None, "cpu")
     assert "q_proj," not in str(err.value).split("(")[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     assert missing_target_modules(model, [*TARGETS, "gate_proj", "mlp.up_proj", "lm_head"]) == []
 
 
 def test_zero_weight_sample_changes_neither_loss_nor_gradient(tiny_base: Path, tokenizer: Any) -> None:
-    lora = make_spec(tiny_base, tiny_base, tiny_base).lora
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0)
     loaded = load_for_training(str(tiny_base), lora, None, "cpu")
     model = loaded.model
     with torch.no_grad():  # a non-zero LoRA B, so that every LoRA weight gets a gradient
@@ -189,7 +185,9 @@ def test_zero_weight_sample_changes_neither_loss_nor_gradient(tiny_base: Path, t
         batch = collate(chunk, pad)
         loss = weighted_loss(batch_losses(model, batch, torch.device("cpu")), batch["weights"])
         loss.backward()
-        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return float(loss.detach()), [
+            p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None
+        ]
 
     loss_2, grads_2 = loss_and_grads([a, b])
     loss_3, grads_3 = loss_and_grads([a, zero, b])
@@ -262,7 +260,7 @@ def test_no_positive_weight_is_a_training_error(tiny_base: Path, tmp_path: Path)
 def run_recipe(spec: TrainSpec, tmp_path: Path) -> tuple[int, list[dict[str, Any]], str]:
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec.model_dump_json(by_alias=True))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, "-m", "streamengine.training.recipe", str(spec_path)],
         capture_output=True,

@@ -8,7 +8,7 @@ from functools import total_ordering
 
 from streamengine.errors import ConfigError
 
-_VERSION = re.compile(r"^v(\d+)\.(\d+)$")
+_VERSION = re.compile(r"v(\d+)\.(\d+)", re.ASCII)
 
 
 @total_ordering
@@ -19,9 +19,9 @@ class Version:
 
     @classmethod
     def parse(cls, text: str) -> Version:
-        match = _VERSION.match(text)
+        match = _VERSION.fullmatch(text)
         if not match:
-            raise ConfigError(f"'{text}' is not a version (expected v<major>.<minor>, e.g. v1.0)")
+            raise ConfigError(f"{text!r} is not a version (expected v<major>.<minor>, e.g. v1.0)")
         return cls(int(match.group(1)), int(match.group(2)))
 
     def __str__(self) -> str:

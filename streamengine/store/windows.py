@@ -64,13 +64,15 @@ RETURNING event_id, weight, label, source_partition, source_offset
 
 
 async def _lock_open_window(conn: asyncpg.Connection, model: str) -> asyncpg.Record:
-    await conn.execute("INSERT INTO model_lines (model) VALUES ($1) ON CONFLICT DO NOTHING", model)
-    await conn.execute(
-        "INSERT INTO windows (model) VALUES ($1) ON CONFLICT (model) WHERE state = 'open' DO NOTHING", model
-    )
-    row: asyncpg.Record = await conn.fetchrow(
-        "SELECT * FROM windows WHERE model = $1 AND state = 'open' FOR UPDATE", model
-    )
+    query = "SELECT * FROM windows WHERE model = $1 AND state = 'open' FOR UPDATE"
+    row: asyncpg.Record | None = await conn.fetchrow(query, model)
+    if row is None:  # first sample of the model line, or the last window just closed
+        await conn.execute("INSERT INTO model_lines (model) VALUES ($1) ON CONFLICT DO NOTHING", model)
+        await conn.execute(
+            "INSERT INTO windows (model) VALUES ($1) ON CONFLICT (model) WHERE state = 'open' DO NOTHING", model
+        )
+        row = await conn.fetchrow(query, model)
+    assert row is not None
     return row
 
 

@@ -1,0 +1,76 @@
+"""Plain-aiokafka helpers for tests: produce records, read a topic to its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes], key: bytes | None = b"user") -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v, key=key) for v in values]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` up to the highwater of each partition (from fetch responses)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        parts = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+            done = True
+            for tp in parts:
+                hw = consumer.highwater(tp)
+                if hw is None or await consumer.position(tp) < hw:
+                    done = False
+            if done:
+                break
+        return records
+    finally:
+        await consumer.stop()
+
+
+def feedback(i: int, model: str = "tiny-llama", **fields: Any) -> bytes:
+    event: dict[str, Any] = {
+        "event_id": f"e-{i}",
+        "model": model,
+        "prompt": f"q{i % 7}?",
+        "response": f"a{i % 7}",
+        "kind": "thumbs_up",
+        "user_id": f"u{i % 5}",
+    }
+    event.update(fields)
+    return json.dumps(event).encode()
+
+
+async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.2) -> Any:
+    """Poll an async predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s (last value {value!r})")
+        await asyncio.sleep(interval_s)

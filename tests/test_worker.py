@@ -1,0 +1,113 @@
+"""The trainer worker on real PostgreSQL, S3 and torch/peft: releases, versions, lease takeover."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from minio import Minio
+
+from streamengine.config import Settings
+from streamengine.core.samples import SamplePolicy, to_sample
+from streamengine.core.windows import WindowPolicy
+from streamengine.events import FeedbackEvent
+from streamengine.jobs.worker import Worker
+from streamengine.store import jobs as job_store
+from streamengine.store import registry, windows
+from streamengine.store.db import Database
+from streamengine.store.objects import ObjectStore
+from tests import process_tools
+from tests.kafka_tools import wait_for
+
+pytestmark = pytest.mark.integration
+
+TRAINING = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "max_length": 64}
+
+
+def _settings(make_settings, tiny_model, **extra) -> Settings:  # type: ignore[no-untyped-def]
+    extra.setdefault("training", TRAINING)
+    return make_settings(model={"base": str(tiny_model)}, window={"max_samples": 16}, **extra)
+
+
+async def fill_window(db: Database, start: int, count: int = 16) -> windows.BatchOutcome:
+    policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
+    rows = []
+    for i in range(start, start + count):
+        event = FeedbackEvent(event_id=f"w-{i}", model="tiny-llama", prompt=f"Q{i % 4}?", response=f"A{i % 4}",
+                              kind="thumbs_up")
+        rows.append((to_sample(event, policy), 0, i))
+    return await windows.write_batch(db, rows, WindowPolicy(max_samples=count))
+
+
+async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    settings = _settings(make_settings, tiny_model)
+    db = await Database.connect(settings.database)
+    store = ObjectStore.from_settings(settings.storage)
+    try:
+        assert len((await fill_window(db, 0)).closed) == 1
+        worker = Worker(settings, db, store, owner="w1")
+        job = await worker.run_once()
+        assert job is not None
+        first = await registry.get_adapter(db, "tiny-llama", "production")
+        assert first.version == "v1.0" and first.parent_version is None
+        assert first.manifest["metrics"]["eval_loss_after"] < first.manifest["metrics"]["eval_loss_before"]
+        assert set(first.manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+
+        assert len((await fill_window(db, 100)).closed) == 1
+        await worker.run_once()
+        second = await registry.get_adapter(db, "tiny-llama", "production")
+        assert (second.version, second.parent_version) == ("v1.1", "v1.0")
+        assert await registry.alias(db, "tiny-llama", "previous") == "v1.0"
+        # the child continued from the parent: it starts where the parent ended on similar data
+        assert second.manifest["metrics"]["eval_loss_before"] < first.manifest["metrics"]["eval_loss_before"]
+
+        outbox = await db.fetch("SELECT key, value, headers FROM outbox ORDER BY id")
+        assert [r["value"]["version"] for r in outbox] == ["v1.0", "v1.1"]
+        assert outbox[0]["headers"]["ce_type"] == "io.streamengine.adapter.released.v1"
+        client = Minio(settings.storage.endpoint, settings.storage.access_key.get_secret_value(),
+                       settings.storage.secret_key.get_secret_value(), secure=False)
+        names = sorted(o.object_name for o in client.list_objects(settings.storage.bucket, "tiny-llama/v1.1/"))
+        assert names == [f"tiny-llama/v1.1/{n}" for n in ("adapter_config.json", "adapter_model.safetensors",
+                                                          "manifest.json")]
+        manifest = json.loads(client.get_object(settings.storage.bucket, "tiny-llama/v1.1/manifest.json").read())
+        assert manifest["version"] == "v1.1" and manifest["files"] == second.manifest["files"]
+        assert await worker.run_once() is None  # queue empty
+    finally:
+        await db.close()
+
+
+async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lease = {"lease_s": 4.0, "heartbeat_s": 1.0, "poll_s": 0.2}
+    settings = _settings(make_settings, tiny_model, worker=lease,
+                         training={**TRAINING, "epochs": 200})  # long enough to be killed mid-training
+    db = await Database.connect(settings.database)
+    try:
+        await fill_window(db, 0)
+        config = process_tools.write_config(settings, tmp_path / "config.yaml")
+        victim = process_tools.start(["worker"], config, tmp_path / "victim.log")
+
+        async def training_started() -> bool:
+            progress = await db.fetchval("SELECT progress FROM jobs WHERE id = 1")
+            return bool(progress and progress.get("step"))
+
+        await wait_for(training_started, timeout_s=90)
+        process_tools.kill(victim)
+        state = await db.fetchrow("SELECT state, attempts, lease_owner FROM jobs WHERE id = 1")
+        assert (state["state"], state["attempts"]) == ("running", 1)
+
+        fast = _settings(make_settings, tiny_model, worker=lease)
+        rescuer = Worker(fast, db, ObjectStore.from_settings(fast.storage), owner="rescuer")
+        assert await rescuer.run_once() is None  # lease still held by the dead worker
+        await asyncio.sleep(settings.worker.lease_s)
+        job = await rescuer.run_once()
+        assert job is not None and job.id == 1 and job.attempts == 2
+        rows = await db.fetch("SELECT version, job_id FROM adapters")
+        assert [(r["version"], r["job_id"]) for r in rows] == [("v1.0", 1)]
+        assert await db.fetchval("SELECT state FROM jobs WHERE id = 1") == "released"
+        assert await db.fetchval("SELECT count(*) FROM outbox") == 1
+        # the dead worker's lease is gone: it could not release a second version
+        with pytest.raises(job_store.Conflict):
+            await job_store.reserve_version(db, 1, state["lease_owner"])
+    finally:
+        await db.close()
