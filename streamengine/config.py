@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -102,6 +102,30 @@ class SampleSettings(_Section):
     negative_rating_max: int = Field(2, ge=1, le=5)
 
 
+class LearningSettings(_Section):
+    """Replay, holdouts, the anchor set, the per-user cap and the release gate (see docs/learning.md)."""
+
+    replay_fraction: float = Field(
+        0.25, ge=0, lt=1, description="Share of each job's samples replayed from earlier windows."
+    )
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of samples held out for evaluation.")
+    retention_max_samples: int = Field(256, ge=0, description="Most earlier-window holdout samples evaluated.")
+    anchor_path: Path | None = Field(None, description="JSONL of base-capability samples (prompt, completion).")
+    anchor_fraction: float = Field(
+        0.125, ge=0, lt=1, description="Share of each job's samples drawn from the anchor set."
+    )
+    max_user_share: float = Field(0.2, gt=0, le=1, description="Most of a window's weight one user may hold.")
+    gate: bool = Field(True, description="Refuse candidates that do not improve or forget too much.")
+    max_forgetting: float = Field(0.1, ge=0, description="Largest relative rise of retention/anchor loss released.")
+    min_improvement: float = Field(0.0, description="Smallest relative fall of holdout loss released.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> LearningSettings:
+        if self.replay_fraction + self.anchor_fraction >= 1:
+            raise ValueError("replay_fraction + anchor_fraction must stay below 1")
+        return self
+
+
 class WindowSettings(_Section):
     max_samples: int = Field(1000, ge=1, description="Trainable samples that close a window.")
     max_weight: float | None = Field(None, gt=0, description="Summed weight that closes a window.")
@@ -156,6 +180,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     samples: SampleSettings = SampleSettings()
     window: WindowSettings = WindowSettings()
+    learning: LearningSettings = LearningSettings()
     worker: WorkerSettings = WorkerSettings()
     api: ApiSettings = ApiSettings()
     metrics: MetricsSettings = MetricsSettings()

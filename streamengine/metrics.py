@@ -40,3 +40,11 @@ UPLOAD_SECONDS = Histogram("streamengine_upload_seconds", "Time to upload and ve
 OUTBOX_BACKLOG = Gauge("streamengine_outbox_backlog", "Outbox rows not yet published.")
 OUTBOX_PUBLISHED = Counter("streamengine_outbox_published_total", "Outbox rows published to Kafka.")
 OUTBOX_FAILURES = Counter("streamengine_outbox_failures_total", "Failed attempts to publish outbox rows.")
+WEIGHT_CAPPED = Counter(
+    "streamengine_weight_capped_total", "Sample weight removed by the per-user share cap (learning.max_user_share)."
+)
+SAMPLES_DOWNWEIGHTED = Counter(
+    "streamengine_samples_downweighted_total", "Samples whose weight the per-user share cap reduced."
+)
+REJECTIONS = Counter("streamengine_rejections_total", "Candidates the release gate refused.", ["model"])
+FORGETTING = Gauge("streamengine_forgetting_ratio", "Relative rise of retention/anchor loss of the last candidate.", ["model"])

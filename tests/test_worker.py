@@ -34,8 +34,9 @@ async def fill_window(db: Database, start: int, count: int = 16) -> windows.Batc
     policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
     rows = []
     for i in range(start, start + count):
-        event = FeedbackEvent(event_id=f"w-{i}", model="tiny-llama", prompt=f"Q{i % 4}?", response=f"A{i % 4}",
-                              kind="thumbs_up")
+        event = FeedbackEvent(
+            event_id=f"w-{i}", model="tiny-llama", prompt=f"Q{i % 4}?", response=f"A{i % 4}", kind="thumbs_up"
+        )
         rows.append((to_sample(event, policy), 0, i))
     return await windows.write_batch(db, rows, WindowPolicy(max_samples=count))
 
@@ -65,11 +66,16 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
         outbox = await db.fetch("SELECT key, value, headers FROM outbox ORDER BY id")
         assert [r["value"]["version"] for r in outbox] == ["v1.0", "v1.1"]
         assert outbox[0]["headers"]["ce_type"] == "io.streamengine.adapter.released.v1"
-        client = Minio(settings.storage.endpoint, settings.storage.access_key.get_secret_value(),
-                       settings.storage.secret_key.get_secret_value(), secure=False)
+        client = Minio(
+            settings.storage.endpoint,
+            settings.storage.access_key.get_secret_value(),
+            settings.storage.secret_key.get_secret_value(),
+            secure=False,
+        )
         names = sorted(o.object_name for o in client.list_objects(settings.storage.bucket, "tiny-llama/v1.1/"))
-        assert names == [f"tiny-llama/v1.1/{n}" for n in ("adapter_config.json", "adapter_model.safetensors",
-                                                          "manifest.json")]
+        assert names == [
+            f"tiny-llama/v1.1/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+        ]
         manifest = json.loads(client.get_object(settings.storage.bucket, "tiny-llama/v1.1/manifest.json").read())
         assert manifest["version"] == "v1.1" and manifest["files"] == second.manifest["files"]
         assert await worker.run_once() is None  # queue empty
@@ -79,8 +85,9 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
 
 async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     lease = {"lease_s": 4.0, "heartbeat_s": 1.0, "poll_s": 0.2}
-    settings = _settings(make_settings, tiny_model, worker=lease,
-                         training={**TRAINING, "epochs": 200})  # long enough to be killed mid-training
+    settings = _settings(
+        make_settings, tiny_model, worker=lease, training={**TRAINING, "epochs": 200}
+    )  # long enough to be killed mid-training
     db = await Database.connect(settings.database)
     try:
         await fill_window(db, 0)
@@ -91,7 +98,13 @@ async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings
             progress = await db.fetchval("SELECT progress FROM jobs WHERE id = 1")
             return bool(progress and progress.get("step"))
 
-        await wait_for(training_started, timeout_s=90)
+        try:
+            await wait_for(training_started, timeout_s=240)
+        except AssertionError:
+            process_tools.kill(victim)
+            raise AssertionError(
+                "the worker never reported training progress:\n" + (tmp_path / "victim.log").read_text()[-3000:]
+            ) from None
         process_tools.kill(victim)
         state = await db.fetchrow("SELECT state, attempts, lease_owner FROM jobs WHERE id = 1")
         assert (state["state"], state["attempts"]) == ("running", 1)

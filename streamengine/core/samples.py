@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,6 +18,7 @@ class SamplePolicy:
     kind_weights: dict[str, float]
     positive_rating_min: int = 4
     negative_rating_max: int = 2
+    holdout_fraction: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class Sample:
     session_id: str | None
     adapter_version: str | None
     event_time: datetime | None
+    holdout: bool = False
 
     @property
     def trainable(self) -> bool:
@@ -75,4 +79,45 @@ def to_sample(event: FeedbackEvent, policy: SamplePolicy) -> Sample:
         session_id=event.session_id,
         adapter_version=event.adapter_version,
         event_time=event.timestamp,
+        holdout=is_holdout(event.event_id, policy.holdout_fraction),
     )
+
+
+def is_holdout(event_id: str, fraction: float) -> bool:
+    """Stable, content-independent assignment of a sample to the evaluation holdout."""
+    if fraction <= 0:
+        return False
+    bucket = int.from_bytes(hashlib.sha256(event_id.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction
+
+
+def user_share_factors(weights: Sequence[tuple[str | None, float]], max_share: float) -> dict[str, float]:
+    """Per-user multipliers so that no user holds more than ``max_share`` of the total weight.
+
+    Water-filling: the heaviest users are brought down to a common cap ``c`` chosen so that
+    ``c == max_share * (new total)``. Samples without a user id are nobody's and never capped. When
+    the share cannot be met (fewer than 1/max_share users), every user is brought to the lightest
+    one's total. Users not in the result keep their weight.
+    """
+    totals: dict[str, float] = {}
+    anonymous = 0.0
+    for user, weight in weights:
+        if user is None:
+            anonymous += weight
+        else:
+            totals[user] = totals.get(user, 0.0) + weight
+    total = anonymous + sum(totals.values())
+    if max_share >= 1 or not totals or max(totals.values()) <= max_share * total:
+        return {}
+    ranked = sorted(totals.items(), key=lambda item: item[1], reverse=True)
+    for capped in range(1, len(ranked) + 1):
+        rest = anonymous + sum(w for _, w in ranked[capped:])
+        denominator = 1 - max_share * capped
+        if denominator <= 0 or rest <= 0:
+            break  # the share cannot be met by capping only the heaviest
+        cap = max_share * rest / denominator
+        next_weight = ranked[capped][1] if capped < len(ranked) else 0.0
+        if next_weight <= cap <= ranked[capped - 1][1]:
+            return {user: cap / w for user, w in ranked[:capped]}
+    floor = ranked[-1][1]
+    return {user: floor / w for user, w in ranked if w > floor}

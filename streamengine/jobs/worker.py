@@ -22,10 +22,12 @@ from typing import Any
 
 from streamengine import metrics
 from streamengine.config import Settings
+from streamengine.core.gate import GateDecision, GatePolicy, decide
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, StreamEngineError, TrainingError
 from streamengine.events import RELEASED_TYPE, AdapterReleased, LoraSpec
+from streamengine.jobs import dataset
 from streamengine.jobs.trainer_process import TrainingCrashed, run_training
 from streamengine.store import jobs as job_store
 from streamengine.store import registry, windows
@@ -34,6 +36,8 @@ from streamengine.store.objects import ObjectStore
 from streamengine.stream import cloudevents
 
 log = logging.getLogger(__name__)
+
+FISHER_FILE = "fisher.safetensors"
 
 
 class LeaseLost(Conflict):
@@ -47,6 +51,8 @@ class Worker:
         self.store = store
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.work_dir = Path(settings.worker.work_dir)
+        learning = settings.learning
+        self.gate = GatePolicy(learning.gate, learning.max_forgetting, learning.min_improvement)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and process jobs until ``stop`` is set."""
@@ -94,46 +100,47 @@ class Worker:
 
     async def _process(self, job: job_store.Job) -> None:
         folder = self.work_dir / f"job-{job.id}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        samples = await windows.window_samples(self.db, job.window_id)
-        if not samples:
-            raise TrainingError(f"window {job.window_id} has no trainable samples")
-        samples_path = folder / "samples.jsonl"
-        samples_path.write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "event_id": s.sample.event_id,
-                        "prompt": s.sample.prompt,
-                        "completion": s.sample.completion,
-                        "weight": s.sample.weight,
-                    }
-                )
-                + "\n"
-                for s in samples
-            )
+        await asyncio.to_thread(_fresh_dir, folder)
+        objective = self.settings.training.objective
+        data = await dataset.prepare(
+            self.db, self.settings, job.id, job.model, job.window_id, folder, with_negatives=objective == "kto"
         )
+        log.info("job %d data: %s", job.id, ", ".join(f"{k} {v}" for k, v in data.counts.items()))
         parent_dir = await self._fetch_parent(job, folder)
+        parent_fisher = parent_dir / FISHER_FILE if parent_dir else None
         output = folder / "adapter"
         spec = {
             "base_model": self.settings.model.base,
             "parent_adapter": str(parent_dir) if parent_dir else None,
-            "samples_path": str(samples_path),
+            "parent_fisher": str(parent_fisher) if parent_fisher and parent_fisher.is_file() else None,
+            "samples_path": str(data.samples_path),
+            "eval_sets": {name: str(path) for name, path in data.eval_sets.items()},
             "output_dir": str(output),
             "lora": self.settings.lora.model_dump(),
             "training": self.settings.training.model_dump(),
+            "ewc": self.settings.ewc.model_dump(by_alias=True),
             "ewc_lambda": self.settings.ewc.lambda_,
+            "quantization": self.settings.model.quantization,
             "model_name": job.model,
             "version": job.version or "",
         }
         spec_path = folder / "spec.json"
-        spec_path.write_text(json.dumps(spec))
+        await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
         started = time.monotonic()
         result = await self._train_with_heartbeats(job, spec_path, folder / "train.log")
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
+        decision = decide(result.get("eval", {}), self.gate)
+        numbers = release_metrics(result, decision)
+        if decision.forgetting is not None:
+            metrics.FORGETTING.labels(job.model).set(decision.forgetting)
+        if not decision.release:
+            await job_store.finish_unreleased(self.db, job.id, self.owner, "rejected", decision.reason, numbers)
+            metrics.REJECTIONS.labels(job.model).inc()
+            log.warning("job %d rejected, nothing released: %s", job.id, decision.reason)
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            return
         version = await job_store.reserve_version(self.db, job.id, self.owner)
-        event = await self._upload(job, version, output, result)
+        event = await self._upload(job, version, output, numbers)
         await job_store.release(
             self.db,
             job.id,
@@ -144,15 +151,8 @@ class Worker:
             self.settings.kafka.released_topic,
         )
         metrics.RELEASES.labels(job.model, event.reason).inc()
-        log.info(
-            "job %d released %s %s (loss %.4f -> %.4f)",
-            job.id,
-            job.model,
-            version,
-            result["eval_loss_before"],
-            result["eval_loss_after"],
-        )
-        shutil.rmtree(folder, ignore_errors=True)
+        log.info("job %d released %s %s (%s)", job.id, job.model, version, decision.reason)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def _fetch_parent(self, job: job_store.Job, folder: Path) -> Path | None:
         if not job.parent_version:
@@ -203,7 +203,9 @@ class Worker:
         metrics.EVAL_LOSS.labels(job.model, "after").set(result["eval_loss_after"])
         return result
 
-    async def _upload(self, job: job_store.Job, version: str, output: Path, result: dict[str, Any]) -> AdapterReleased:
+    async def _upload(
+        self, job: job_store.Job, version: str, output: Path, numbers: dict[str, float | None]
+    ) -> AdapterReleased:
         window = await windows.get_window(self.db, job.window_id)
         files = await asyncio.to_thread(_hash_files, output)
         event = build_release(
@@ -219,12 +221,7 @@ class Worker:
             ),
             ewc_lambda=self.settings.ewc.lambda_,
             window=window,
-            metrics={
-                "train_loss": result["train_loss"],
-                "eval_loss_before": result["eval_loss_before"],
-                "eval_loss_after": result["eval_loss_after"],
-                "forgetting": None,
-            },
+            metrics=numbers,
             reason=job.reason if job.reason in ("threshold", "schedule", "manual") else "manual",  # type: ignore[arg-type]
             now=datetime.now(UTC),
             signing_key=self.settings.signing_key.get_secret_value() if self.settings.signing_key else None,
@@ -240,6 +237,25 @@ class Worker:
         ):
             raise LeaseLost(f"job {job.id}: lease lost during upload; abandoned")
         return event
+
+
+def release_metrics(result: dict[str, Any], decision: GateDecision) -> dict[str, float | None]:
+    """The numbers that travel in the manifest and the event (flat, JSON numbers or null)."""
+    numbers: dict[str, float | None] = {
+        name: result.get(name)
+        for name in ("train_loss", "eval_loss_before", "eval_loss_after", "ewc_penalty", "fisher_seconds", "seconds")
+    }
+    for set_name, losses in result.get("eval", {}).items():
+        numbers[f"{set_name}_loss_before"] = losses["before"]
+        numbers[f"{set_name}_loss_after"] = losses["after"]
+    numbers["forgetting"] = decision.forgetting
+    numbers["holdout_improvement"] = decision.improvement
+    return numbers
+
+
+def _fresh_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
 
 
 def _hash_files(folder: Path) -> dict[str, str]:

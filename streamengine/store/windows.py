@@ -7,7 +7,6 @@ it: a window closes once, and the job row is created in the same transaction.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,15 +21,6 @@ from streamengine.store.db import Database
 
 SampleAt = tuple[Sample, int | None, int | None]
 """A sample with the partition and offset of the record it came from."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSample:
-    """A sample as read back for training."""
-
-    sample: Sample
-    partition: int | None
-    offset: int | None
 
 
 @dataclass(slots=True)
@@ -52,11 +42,11 @@ class BatchOutcome:
 
 _INSERT = """
 INSERT INTO samples (event_id, model, window_id, kind, prompt, completion, weight, label, user_id,
-                     session_id, adapter_version, event_time, source_partition, source_offset)
-SELECT e, $2, $1, k, p::jsonb, c, w, l, u, s, a, t, sp, so
+                     session_id, adapter_version, event_time, source_partition, source_offset, holdout)
+SELECT e, $2, $1, k, p::jsonb, c, w, l, u, s, a, t, sp, so, h
 FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::int2[], $9::text[],
-            $10::text[], $11::text[], $12::timestamptz[], $13::int4[], $14::int8[])
-     WITH ORDINALITY AS x(e, k, p, c, w, l, u, s, a, t, sp, so, n)
+            $10::text[], $11::text[], $12::timestamptz[], $13::int4[], $14::int8[], $15::bool[])
+     WITH ORDINALITY AS x(e, k, p, c, w, l, u, s, a, t, sp, so, h, n)
 ORDER BY n
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id, weight, label, source_partition, source_offset
@@ -131,6 +121,7 @@ async def write_batch(db: Database, rows: list[SampleAt], policy: WindowPolicy) 
                 [s.event_time for s in samples],
                 [p for _, p, _ in group],
                 [o for _, _, o in group],
+                [s.holdout for s in samples],
             )
             outcome.inserted += len(inserted)
             outcome.duplicates += len(group) - len(inserted)
@@ -208,35 +199,6 @@ async def tick(db: Database, model: str, schedule: Schedule, now: datetime, min_
         if window["samples"] < min_samples:
             return None
         return await _close(conn, window, "schedule")
-
-
-async def window_samples(db: Database, window_id: int, trainable_only: bool = True) -> list[StoredSample]:
-    """The samples of a window in offset order (what a training job trains on)."""
-    query = "SELECT * FROM samples WHERE window_id = $1"
-    if trainable_only:
-        query += " AND label > 0 AND weight > 0"
-    query += " ORDER BY source_partition NULLS LAST, source_offset NULLS LAST, event_id"
-    records = await db.fetch(query, window_id)
-    return [
-        StoredSample(
-            Sample(
-                event_id=r["event_id"],
-                model=r["model"],
-                kind=r["kind"],
-                prompt=json.dumps(r["prompt"], ensure_ascii=False),
-                completion=r["completion"],
-                weight=r["weight"],
-                label=r["label"],
-                user_id=r["user_id"],
-                session_id=r["session_id"],
-                adapter_version=r["adapter_version"],
-                event_time=r["event_time"],
-            ),
-            r["source_partition"],
-            r["source_offset"],
-        )
-        for r in records
-    ]
 
 
 async def get_window(db: Database, window_id: int) -> WindowSpec:

@@ -71,6 +71,7 @@ class IngestPipeline:
             kind_weights=settings.samples.kind_weights,
             positive_rating_min=settings.samples.positive_rating_min,
             negative_rating_max=settings.samples.negative_rating_max,
+            holdout_fraction=settings.learning.holdout_fraction,
         )
         self.window_policy = WindowPolicy(
             max_samples=settings.window.max_samples,

@@ -1,0 +1,29 @@
+# Two-command quickstart: `make up` runs the whole loop on embedded defaults, `make test` runs the tests.
+# Both create the virtual environment on first use (torch 2.13.0 CPU first, then the project in one resolve).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: up test lint bench-help clean
+
+$(BIN)/streamengine: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+up: $(BIN)/streamengine
+	$(BIN)/streamengine up
+
+test: $(BIN)/streamengine
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/streamengine
+	$(BIN)/ruff check streamengine tests bench
+	$(BIN)/mypy streamengine
+	$(BIN)/streamengine contract --check
+
+clean:
+	rm -rf $(VENV) .streamengine

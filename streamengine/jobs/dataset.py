@@ -1,0 +1,140 @@
+"""A training job's data: the window's samples (user-capped), replay, anchors and the eval sets.
+
+Written as JSONL files for the training process (one object per line: event_id, prompt, completion,
+weight, label, source). Everything is deterministic for a given job, so a retry sees the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamengine import metrics
+from streamengine.config import Settings
+from streamengine.core.samples import Sample, is_holdout, user_share_factors
+from streamengine.errors import ConfigError, TrainingError
+from streamengine.store import samples as sample_store
+from streamengine.store.db import Database
+
+
+@dataclass
+class JobData:
+    samples_path: Path
+    eval_sets: dict[str, Path]
+    counts: dict[str, int] = field(default_factory=dict)
+    capped_weight: float = 0.0
+
+
+def _line(event_id: str, prompt: str, completion: str, weight: float, label: int, source: str) -> str:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "prompt": prompt,
+            "completion": completion,
+            "weight": weight,
+            "label": label,
+            "source": source,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _sample_line(sample: Sample, source: str, weight: float | None = None) -> str:
+    w = sample.weight if weight is None else weight
+    return _line(sample.event_id, sample.prompt, sample.completion, w, sample.label, source)
+
+
+def read_anchor_set(path: Path) -> list[dict[str, Any]]:
+    """Anchor samples: JSONL of {"prompt": str or messages, "completion": str, "weight"?: float}."""
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(
+            f"learning.anchor_path (STREAMENGINE_LEARNING__ANCHOR_PATH): cannot read {path}: {exc}"
+        ) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt, completion = item["prompt"], item["completion"]
+            if not isinstance(completion, str) or not isinstance(prompt, str | list):
+                raise TypeError("prompt must be a string or a messages list, completion a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"anchor set {path}:{number}: {type(exc).__name__}: {exc}") from None
+        items.append(
+            {
+                "event_id": f"anchor-{number}",
+                "prompt": json.dumps(prompt, ensure_ascii=False),
+                "completion": completion,
+                "weight": float(item.get("weight", 1.0)),
+            }
+        )
+    return items
+
+
+def _anchor_lines(items: list[dict[str, Any]]) -> list[str]:
+    return [_line(i["event_id"], i["prompt"], i["completion"], i["weight"], 1, "anchor") for i in items]
+
+
+async def prepare(
+    db: Database,
+    settings: Settings,
+    job_id: int,
+    model: str,
+    window_id: int,
+    folder: Path,
+    with_negatives: bool = False,
+) -> JobData:
+    learning = settings.learning
+    window = await sample_store.window_samples(db, window_id, with_negatives)
+    train = [s for s in window if not s.holdout]
+    if not any(s.label > 0 for s in train):
+        raise TrainingError(f"window {window_id} has no trainable samples outside its holdout")
+    factors = user_share_factors([(s.user_id, s.weight) for s in train], learning.max_user_share)
+    capped = sum(s.weight * (1 - factors[s.user_id]) for s in train if s.user_id in factors)
+    if capped:
+        metrics.WEIGHT_CAPPED.inc(capped)
+        metrics.SAMPLES_DOWNWEIGHTED.inc(sum(1 for s in train if s.user_id in factors))
+
+    anchors: list[dict[str, Any]] = []
+    if learning.anchor_path is not None:
+        anchors = await asyncio.to_thread(read_anchor_set, learning.anchor_path)
+    anchor_eval = [a for a in anchors if is_holdout(a["event_id"], 0.5)]
+    anchor_pool = [a for a in anchors if not is_holdout(a["event_id"], 0.5)]
+    anchor_share = learning.anchor_fraction if anchor_pool else 0.0
+    total = len(train) / (1 - learning.replay_fraction - anchor_share)
+    replay = await sample_store.earlier_samples(
+        db, model, window_id, holdout=False, limit=round(learning.replay_fraction * total), seed=f"replay-{job_id}"
+    )
+    picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), round(anchor_share * total)))
+
+    lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
+    lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked)
+    samples_path = folder / "samples.jsonl"
+    eval_sets: dict[str, list[str]] = {
+        "holdout": [_sample_line(s, "window") for s in window if s.holdout and s.label > 0],
+        "retention": [
+            _sample_line(s, "replay")
+            for s in await sample_store.earlier_samples(
+                db, model, window_id, holdout=True, limit=learning.retention_max_samples, seed="retention"
+            )
+        ],
+        "anchor": _anchor_lines(anchor_eval),
+    }
+    paths = {name: folder / f"eval-{name}.jsonl" for name, rows in eval_sets.items() if rows}
+
+    def write() -> None:
+        samples_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for name, path in paths.items():
+            path.write_text("\n".join(eval_sets[name]) + "\n", encoding="utf-8")
+
+    await asyncio.to_thread(write)
+    counts = {"window": len(train), "replay": len(replay), "anchor": len(picked)}
+    counts.update({f"eval_{name}": len(rows) for name, rows in eval_sets.items()})
+    return JobData(samples_path, paths, counts, capped)

@@ -1,0 +1,60 @@
+"""Reading samples back for training: a window's own, replay from earlier windows, retention holdouts."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+from streamengine.core.samples import Sample
+from streamengine.store.db import Database
+
+
+def _sample(r: asyncpg.Record) -> Sample:
+    return Sample(
+        event_id=r["event_id"],
+        model=r["model"],
+        kind=r["kind"],
+        prompt=json.dumps(r["prompt"], ensure_ascii=False),
+        completion=r["completion"],
+        weight=r["weight"],
+        label=r["label"],
+        user_id=r["user_id"],
+        session_id=r["session_id"],
+        adapter_version=r["adapter_version"],
+        event_time=r["event_time"],
+        holdout=r["holdout"],
+    )
+
+
+async def window_samples(db: Database, window_id: int, with_negatives: bool = False) -> list[Sample]:
+    """A window's samples with a training signal, in offset order (holdout ones included)."""
+    labels = "label <> 0" if with_negatives else "label > 0"
+    rows = await db.fetch(
+        f"SELECT * FROM samples WHERE window_id = $1 AND {labels} AND weight > 0"
+        " ORDER BY source_partition NULLS LAST, source_offset NULLS LAST, event_id",
+        window_id,
+    )
+    return [_sample(r) for r in rows]
+
+
+async def earlier_samples(
+    db: Database, model: str, before_window: int, holdout: bool, limit: int, seed: str
+) -> list[Sample]:
+    """A deterministic pseudo-random pick of desirable samples from the model line's earlier windows.
+
+    ``holdout=False`` gives replay material, ``holdout=True`` the retention evaluation set. The same
+    ``seed`` gives the same pick, so a retried job trains and evaluates on the same data.
+    """
+    if limit <= 0:
+        return []
+    rows = await db.fetch(
+        "SELECT * FROM samples WHERE model = $1 AND window_id < $2 AND label > 0 AND weight > 0 AND holdout = $3"
+        " ORDER BY md5(event_id || $4) LIMIT $5",
+        model,
+        before_window,
+        holdout,
+        seed,
+        limit,
+    )
+    return [_sample(r) for r in rows]
