@@ -1,66 +1,57 @@
 """The `streamengine` command line. Every command has --help; errors print one line and exit non-zero.
 
-Exit codes: 0 ok, 1 error, 2 bad setting or usage, 3 a service unreachable / unhealthy, 4 not found,
-5 conflict, 6 integrity failure, 7 training failure.
+Exit codes (for scripts):
+  0  ok
+  1  error (anything not below; also `produce` with invalid lines)
+  2  bad setting or usage: invalid value or config file, unknown option, request refused as invalid
+     (HTTP 422) or unauthorized (HTTP 401: api.token / STREAMENGINE_API__TOKEN), port taken
+  3  a service is unreachable or unhealthy: admin API, Kafka, PostgreSQL, S3 (`health` when degraded)
+  4  not found: model line, adapter version or alias
+  5  conflict: e.g. `train` with an empty window, `adapters rollback` with no previous version
+  6  integrity failure: an artifact's hash or signature does not match
+  7  training failure
+  130 interrupted (Ctrl-C)
+
+Reads (`status`, `health`, `adapters list|info`, `metrics`, `settings`) take --json for scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import sys
-from collections.abc import Callable, Coroutine
+import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from streamengine.config import Settings, load_settings
-from streamengine.errors import ServiceUnavailable, StreamEngineError
-
-T = TypeVar("T")
-console = Console()
-
-
-class State:
-    def __init__(self, config_file: str | None) -> None:
-        self.config_file = config_file
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(self.config_file)
-        return self._settings
+from streamengine import cli_ops
+from streamengine.cli_base import (
+    State,
+    json_option,
+    model_option,
+    pass_state,
+    run_until_signal,
+)
+from streamengine.cli_base import client as _client
+from streamengine.cli_base import console as console
+from streamengine.cli_base import print_json as _print_json
+from streamengine.errors import StreamEngineError
 
 
-pass_state = click.make_pass_decorator(State)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
-model_option = click.option("--model", default=None, help="Model line (default: model.name from the settings).")
+class _Cli(click.Group):
+    """Turns a StreamEngineError of any command into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StreamEngineError as exc:
+            click.echo(f"streamengine: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
 
 
-def run_until_signal(make: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
-    """Run a long-lived coroutine; SIGINT/SIGTERM set its stop event for a clean shutdown."""
-
-    async def runner() -> T:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await make(stop)
-
-    return asyncio.run(runner())
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option(
     "--config",
     "config_file",
@@ -133,13 +124,23 @@ def up(home: str, events: int, window_samples: int, exit_after: int) -> None:
 @click.option("--model", "model_name", default=None, help="Model line to follow (default: model.name).")
 @click.option("--base", default=None, help="Base model folder to hot-swap into (default: model.base).")
 @click.option("--print-only", is_flag=True, help="Download and verify, but load no model (prints each version).")
+@click.option(
+    "--swapper",
+    "swapper_kind",
+    type=click.Choice(["peft", "vllm", "sglang", "max", "print"]),
+    default=None,
+    help="How to serve each version: in-process PEFT, an inference server's LoRA API, or print (default: "
+    "serving.swapper). See docs/serving.md.",
+)
 @pass_state
-def subscribe(state: State, model_name: str | None, base: str | None, print_only: bool) -> None:
+def subscribe(
+    state: State, model_name: str | None, base: str | None, print_only: bool, swapper_kind: str | None
+) -> None:
     """Serving-node side: follow adapter.released, verify, download and hot-swap each version."""
     from streamengine.serving.run import serve_subscriber
 
     settings = state.settings
-    run_until_signal(lambda stop: serve_subscriber(settings, stop, model_name, base, print_only))
+    run_until_signal(lambda stop: serve_subscriber(settings, stop, model_name, base, print_only, swapper_kind))
 
 
 # --- producing ---------------------------------------------------------------------------------------
@@ -172,20 +173,15 @@ def produce(state: State, file: str, topic: str | None, send_invalid: bool) -> N
 
 
 # --- operations through the admin API ----------------------------------------------------------------
-def _client(state: State) -> Any:
-    from streamengine.client import AdminClient
-
-    return AdminClient(state.settings)
-
-
 @cli.command()
 @model_option
-@click.option("--min-samples", default=1, show_default=True, help="Refuse if the window holds fewer samples.")
+@click.option("--min-samples", default=1, show_default=True, help="Refuse (exit 5) if the window holds fewer samples.")
+@click.option("--major", is_flag=True, help="Release the next major version (vN+1.0) instead of a minor bump.")
 @json_option
 @pass_state
-def train(state: State, model: str | None, min_samples: int, as_json: bool) -> None:
+def train(state: State, model: str | None, min_samples: int, major: bool, as_json: bool) -> None:
     """Close the open window now and queue a training job (reason `manual`)."""
-    result = _client(state).post("/train", {"model": model, "min_samples": min_samples})
+    result = _client(state).post("/train", {"model": model, "min_samples": min_samples}, major=major or None)
     if as_json:
         _print_json(result)
     else:
@@ -197,89 +193,43 @@ def train(state: State, model: str | None, min_samples: int, as_json: bool) -> N
 
 @cli.command()
 @model_option
-@click.option("--limit", default=20, show_default=True, help="How many recent jobs to show.")
+@click.option("--version", default="production", show_default=True, help="Released version or alias.")
+@click.option("--wait", is_flag=True, help="Wait until a worker has computed and stored it.")
 @json_option
 @pass_state
-def status(state: State, model: str | None, limit: int, as_json: bool) -> None:
-    """Training status: open window, production version, recent jobs with progress."""
-    data = _client(state).get("/training/status", model=model, limit=limit)
+def fisher(state: State, model: str | None, version: str, wait: bool, as_json: bool) -> None:
+    """Compute and store the Fisher information of a released version (a worker job).
+
+    The diagonal Fisher of the version's LoRA parameters on its window, accumulated onto its parent's
+    (online EWC), is stored beside the adapter; the next training job regularises towards it.
+    """
+    client = _client(state)
+    result = client.post("/fisher/calculate", {"model": model, "version": version})
+    if wait:
+        result = _wait_for_job(client, result["model"], result["job_id"]) | result
     if as_json:
-        _print_json(data)
-        return
-    window = data["open_window"] or {}
-    console.print(
-        f"model [bold]{data['model']}[/]  production [bold]{data['production'] or '-'}[/]  "
-        f"open window: {window.get('samples', 0)} samples, weight {window.get('weight', 0):.2f}"
-    )
-    table = Table("job", "window", "reason", "state", "attempts", "version", "progress / error")
-    for job in data["jobs"]:
-        progress = job["progress"] or {}
-        detail = job["error"] or (
-            f"step {progress.get('step')}/{progress.get('total_steps')} loss {progress.get('loss', 0):.4f}"
-            if progress.get("step")
-            else progress.get("phase", "")
-        )
-        table.add_row(
-            str(job["id"]),
-            str(job["window_id"]),
-            job["reason"],
-            job["state"],
-            str(job["attempts"]),
-            job["version"] or "-",
-            detail,
-        )
-    console.print(table)
-
-
-@cli.command()
-@pass_state
-def metrics(state: State) -> None:
-    """Print the engine's Prometheus metrics."""
-    click.echo(_client(state).request("GET", "/metrics").text, nl=False)
-
-
-@cli.command()
-@json_option
-@pass_state
-def health(state: State, as_json: bool) -> None:
-    """Check the engine and its Kafka, PostgreSQL and S3 (exit 3 when anything is down)."""
-    data = _client(state).request("GET", "/health", ok=(200, 503)).json()
-    if as_json:
-        _print_json(data)
+        _print_json(result)
+    elif wait:
+        click.echo(f"Fisher of {result['model']} {result['version']} stored (job {result['job_id']}: "
+                   f"{result['metrics'].get('fisher_file')})")
     else:
-        for name, check in data["checks"].items():
-            click.echo(f"{name:9} {'ok' if check['ok'] else 'DOWN'} {check.get('detail', '')}".rstrip())
-        click.echo(f"status: {data['status']}")
-    if data["status"] != "ok":
-        raise ServiceUnavailable("engine", state.settings.api.base_url(), "a dependency is down")
+        click.echo(f"job {result['job_id']} queued: Fisher of {result['model']} {result['version']}")
+
+
+def _wait_for_job(client: Any, model: str, job_id: int, poll_s: float = 1.0) -> dict[str, Any]:
+    while True:
+        status = client.get("/training/status", model=model, limit=500)
+        job = next((j for j in status["jobs"] if j["id"] == job_id), None)
+        if job and job["state"] in ("done", "released", "rejected", "failed"):
+            if job["state"] == "failed":
+                raise StreamEngineError(f"job {job_id} failed: {job['error']}")
+            return dict(job)
+        time.sleep(poll_s)
 
 
 @cli.group()
 def adapters() -> None:
     """List, inspect, deploy and roll back adapter versions."""
-
-
-def _adapter_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("version", "aliases", "parent", "reason", "samples", "loss before", "loss after", "size", "created")
-    for a in rows:
-        m = a.get("metrics") or {}
-        window = a.get("window") or {}
-
-        def num(v: Any) -> str:
-            return f"{v:.4f}" if isinstance(v, int | float) else "-"
-
-        table.add_row(
-            a["version"],
-            ",".join(a["aliases"]) or "-",
-            a["parent_version"] or "-",
-            a.get("reason") or "-",
-            str(window.get("samples", "-")),
-            num(m.get("eval_loss_before")),
-            num(m.get("eval_loss_after")),
-            f"{a['size_bytes'] / 1024:.0f} KiB",
-            str(a["created_at"])[:19],
-        )
-    return table
 
 
 @adapters.command("list")
@@ -288,8 +238,10 @@ def _adapter_table(rows: list[dict[str, Any]]) -> Table:
 @pass_state
 def adapters_list(state: State, model: str | None, as_json: bool) -> None:
     """List the versions of a model line, newest first."""
+    from streamengine.cli_output import adapters_table
+
     rows = _client(state).get("/adapters", model=model)
-    _print_json(rows) if as_json else console.print(_adapter_table(rows))
+    _print_json(rows) if as_json else console.print(adapters_table(rows))
 
 
 @adapters.command("info")
@@ -299,32 +251,80 @@ def adapters_list(state: State, model: str | None, as_json: bool) -> None:
 @pass_state
 def adapters_info(state: State, version: str, model: str | None, as_json: bool) -> None:
     """Show one version (or alias: production, previous)."""
+    from streamengine.cli_output import adapters_table
+
     data = _client(state).get(f"/adapters/{version}", model=model)
     if as_json:
         _print_json(data)
     else:
-        console.print(_adapter_table([data]))
+        console.print(adapters_table([data]))
         console.print(f"uri: {data['uri']}")
 
 
 @adapters.command("deploy")
 @click.argument("version")
 @model_option
+@json_option
 @pass_state
-def adapters_deploy(state: State, version: str, model: str | None) -> None:
+def adapters_deploy(state: State, version: str, model: str | None, as_json: bool) -> None:
     """Make VERSION the production adapter and announce it to the fleet."""
     result = _client(state).post(f"/adapters/{version}/deploy", model=model)
-    click.echo(f"{result['model']} {result['version']} deployed (event {result['event_id']})")
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{result['model']} {result['version']} deployed (event {result['event_id']})")
 
 
 @adapters.command("rollback")
 @model_option
+@json_option
 @pass_state
-def adapters_rollback(state: State, model: str | None) -> None:
+def adapters_rollback(state: State, model: str | None, as_json: bool) -> None:
     """Return production to the previous version and announce it to the fleet."""
     result = _client(state).post("/adapters/rollback", model=model)
-    click.echo(f"{result['model']} rolled back to {result['version']} (event {result['event_id']})")
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{result['model']} rolled back to {result['version']} (event {result['event_id']})")
 
+
+@adapters.command("delete")
+@click.argument("version")
+@model_option
+@json_option
+@pass_state
+def adapters_delete(state: State, version: str, model: str | None, as_json: bool) -> None:
+    """Delete VERSION from the registry (kept as a tombstone) and S3; refused for aliased versions."""
+    params = {"model": model} if model else {}
+    result = _client(state).request("DELETE", f"/adapters/{version}", params=params).json()
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{result['model']} {version} deleted ({result['objects']} objects removed)")
+
+
+@adapters.command("gc")
+@click.option("--keep", default=10, show_default=True, help="Newest versions to keep besides aliased ones.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@model_option
+@json_option
+@pass_state
+def adapters_gc(state: State, keep: int, dry_run: bool, model: str | None, as_json: bool) -> None:
+    """Delete old versions (never production, previous or a running job's parent) and failed uploads."""
+    from rich.table import Table
+
+    result = _client(state).post("/adapters/gc", model=model, keep=keep, dry_run=dry_run or None)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("deleted" if not dry_run else "would delete", "failed uploads swept", "kept")
+    table.add_row(", ".join(result["deleted"]) or "-", ", ".join(result["orphans"]) or "-", ", ".join(result["kept"]))
+    console.print(table)
+    click.echo(f"{result['objects']} objects removed" if not dry_run else "dry run: nothing removed")
+
+
+for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi
+    cli.add_command(_command)
 
 # The seed's flat command names, kept for its users.
 cli.add_command(adapters_list, "list-adapters")
@@ -355,7 +355,9 @@ def contract(mode: str, root: str) -> None:
 
 def main() -> None:
     try:
-        cli.main(prog_name="streamengine", standalone_mode=False)
+        code = cli.main(prog_name="streamengine", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -1,4 +1,8 @@
-"""A small client of the admin HTTP API, used by the CLI's operational commands."""
+"""A small client of the admin HTTP API, used by the CLI's operational commands.
+
+HTTP errors become :mod:`streamengine.errors` exceptions, so the CLI's exit codes follow the API's
+status codes: 401/422 -> 2 (setting or usage), 404 -> 4, 409 -> 5, 503 or unreachable -> 3, else 1.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,32 @@ from typing import Any
 import httpx
 
 from streamengine.config import Settings
-from streamengine.errors import Conflict, NotFound, ServiceUnavailable, StreamEngineError
+from streamengine.errors import ConfigError, Conflict, NotFound, ServiceUnavailable, StreamEngineError
 
-_BY_STATUS: dict[int, type[StreamEngineError]] = {404: NotFound, 409: Conflict}
+
+class Unauthorized(ConfigError):
+    """The admin API refused the bearer token (api.token, STREAMENGINE_API__TOKEN)."""
+
+
+class Rejected(ConfigError):
+    """The admin API refused the request as invalid (HTTP 422)."""
+
+
+class EngineDegraded(ServiceUnavailable):
+    """The admin API answered 503: the engine runs but a dependency is down."""
+
+    def __init__(self, base_url: str, message: str) -> None:
+        StreamEngineError.__init__(self, message)
+        self.service = "engine"
+        self.target = base_url
+
+
+_BY_STATUS: dict[int, type[StreamEngineError]] = {
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    422: Rejected,
+}
 
 
 class AdminClient:
@@ -18,6 +45,9 @@ class AdminClient:
         token = settings.api.token
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
 
     def request(
         self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201, 202), **kwargs: Any
@@ -29,10 +59,12 @@ class AdminClient:
         if response.status_code not in ok:
             try:
                 message = response.json().get("message") or response.text
-            except ValueError:
+            except (ValueError, AttributeError):
                 message = response.text
-            error = _BY_STATUS.get(response.status_code, StreamEngineError)
-            raise error(f"{method} {path}: HTTP {response.status_code}: {message}")
+            text = f"{method} {path}: HTTP {response.status_code}: {message}"
+            if response.status_code == 503:
+                raise EngineDegraded(self.base_url, text)
+            raise _BY_STATUS.get(response.status_code, StreamEngineError)(text)
         return response
 
     def get(self, path: str, **params: Any) -> Any:

@@ -85,6 +85,12 @@ class LoraSettings(_Section):
 class EwcSettings(_Section):
     lambda_: float = Field(500.0, alias="lambda", ge=0, description="EWC strength.")
     gamma: float = Field(1.0, ge=0, le=1, description="Online-EWC decay of earlier importances.")
+    normalize: Literal["none", "mean", "sum"] = Field(
+        "sum",
+        description="Scale of each window's Fisher before it is accumulated: `sum` to sum 1 over the LoRA "
+        "parameters (lambda then weighs an importance-weighted mean squared drift; see docs/learning.md), "
+        "`mean` to mean 1, `none` keeps the raw Fisher.",
+    )
 
 
 class TrainingSettings(_Section):
@@ -94,6 +100,14 @@ class TrainingSettings(_Section):
     max_length: int = Field(2048, ge=8)
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    objective: Literal["sft", "kto"] = Field(
+        "sft", description="sft: learn desirable completions; kto: also push undesirable ones down (TRL's KTO)."
+    )
+    kto_beta: float = Field(0.1, gt=0, description="KTO beta (TRL's default 0.1).")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable samples (TRL's lambda_D).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable samples (lambda_U).")
+    processes: int = Field(1, ge=1, description="Training processes (DDP through torchrun; one per GPU).")
+    fisher_chunk_size: int = Field(8, ge=1, description="Samples per vmap call of the exact Fisher (bounds memory).")
 
 
 class SampleSettings(_Section):
@@ -159,6 +173,17 @@ class MetricsSettings(_Section):
 class ServingSettings(_Section):
     download_dir: Path = Path(".streamengine/adapters")
     group_id: str = Field("", description="Consumer group of a subscriber (default: none, reads all).")
+    swapper: Literal["peft", "vllm", "sglang", "max", "print"] = Field(
+        "peft", description="How `subscribe` serves each verified adapter: in-process PEFT, an inference server's "
+        "runtime LoRA API (vLLM, SGLang, MAX Serve), or print only."
+    )
+    server_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM/SGLang/MAX server.")
+    api_key: SecretStr | None = Field(None, description="Bearer token of that server (vLLM --api-key).")
+    server_adapter_dir: str = Field(
+        "", description="download_dir as the inference server sees it (another mount point); default: the same."
+    )
+    request_timeout_s: float = Field(120.0, gt=0, description="Longest wait for one load/unload call.")
+    hotswap: bool = Field(True, description="PEFT: swap weights in place when rank and targets match.")
 
 
 class Settings(BaseSettings):
@@ -234,6 +259,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if not Path(yaml_path).is_file():
             raise ConfigError(f"config file {yaml_path} ({CONFIG_ENV}) does not exist")
         _check_yaml(Path(yaml_path))
+    token = os.environ.get("STREAMENGINE_API_TOKEN")  # the spelling the seed's operators know
+    if token and "STREAMENGINE_API__TOKEN" not in os.environ and "api" not in overrides:
+        overrides["api"] = {"token": token}
     try:
         return Settings(**overrides)
     except ValidationError as exc:

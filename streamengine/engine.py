@@ -1,17 +1,26 @@
-"""`streamengine run`: ingest, scheduler, outbox relay and the admin API in one process."""
+"""`streamengine run`: ingest, scheduler, outbox relay, consumer-lag sampling and the admin API in one process.
+
+Replicas share the work through the engines underneath: ingest through the Kafka consumer group
+(``kafka.group_id``: each partition is consumed by one replica), the tick and the outbox relay through
+PostgreSQL (row locks and an advisory lock: any replica may run them, one at a time wins).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from streamengine import metrics
 from streamengine.config import Settings
-from streamengine.jobs.scheduler import run_scheduler
+from streamengine.core.windows import Schedule
+from streamengine.errors import StreamEngineError
+from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from streamengine.stream.app import build_app
@@ -21,6 +30,47 @@ from streamengine.stream.producer import start_producer
 from streamengine.stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+"""How long the background loops and the admin API get to end by themselves at shutdown."""
+LAG_INTERVAL_S = 5.0
+"""How often consumer lag is sampled between scrapes (every scrape of /metrics samples it too)."""
+
+
+class LagObserver:
+    """Consumer lag of this replica's assigned partitions, read from the ingest consumer.
+
+    ``highwater`` comes from the fetch responses (right on Apache Kafka and on tansu, whose
+    ListOffsets(LATEST) is not); the committed offset is the one this replica committed after the
+    batch's samples were durable in PostgreSQL. Before its first commit the fetch position stands in
+    for it. Partitions that moved to another replica stop being reported here.
+    """
+
+    def __init__(self, app: Any, topic: str) -> None:
+        self.app = app
+        self.topic = topic
+        self.reported: set[int] = set()
+
+    async def observe(self) -> dict[int, int]:
+        consumer = self.app.consumer
+        lags: dict[int, int] = {}
+        for tp in consumer.assignment():
+            if tp.topic != self.topic:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:  # nothing fetched yet
+                continue
+            done = consumer.committed_offsets.get(tp)
+            if done is None:
+                done = await consumer.position(tp)
+            lags[tp.partition] = max(0, int(highwater) - int(done or 0))
+        for partition in self.reported - set(lags):
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self.topic, str(partition))
+        for partition, lag in lags.items():
+            metrics.CONSUMER_LAG.labels(self.topic, str(partition)).set(lag)
+        self.reported = set(lags)
+        return lags
 
 
 @dataclass
@@ -32,10 +82,24 @@ class EngineContext:
     store: ObjectStore
     producer: AIOKafkaProducer
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    schedule: Schedule | None = None
+    app: Any = None
+    """The ingest app (:class:`streamengine.stream.app.IngestApp`); None until it started."""
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    collectors: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    """Run before each /metrics scrape so gauges read from PostgreSQL and Kafka are current."""
+
+    async def collect(self, timeout_s: float = 2.0) -> None:
+        for collector in self.collectors:
+            try:
+                await asyncio.wait_for(collector(), timeout_s)
+            except Exception as exc:
+                log.debug("metrics collector failed: %s: %s", type(exc).__name__, exc)
 
 
 async def connect(settings: Settings) -> EngineContext:
     """Reach every dependency (one clear error naming the first that fails), migrate, create topics."""
+    schedule = schedule_of(settings)  # a bad cron or time zone fails before anything starts
     db = await Database.connect(settings.database)
     try:
         await ensure_topics(settings.kafka)
@@ -45,27 +109,45 @@ async def connect(settings: Settings) -> EngineContext:
     except BaseException:
         await db.close()
         raise
-    return EngineContext(settings, db, store, producer)
+    return EngineContext(settings, db, store, producer, schedule=schedule)
+
+
+async def _sample_lag(observer: LagObserver, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await observer.observe()
+        except Exception as exc:  # not started yet, rebalancing: try again later
+            log.debug("consumer lag not sampled: %s: %s", type(exc).__name__, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=LAG_INTERVAL_S)
 
 
 async def run_engine(settings: Settings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (or the task is cancelled)."""
-    from streamengine.api import serve_api
+    from streamengine.api import bind_api_socket, serve_api
 
-    ctx = await connect(settings)
+    sock = bind_api_socket(settings)  # a taken port fails before anything starts
+    try:
+        ctx = await connect(settings)
+    except BaseException:
+        sock.close()
+        raise
     if stop is not None:
         ctx.stop = stop
-    datadir = Path(settings.worker.work_dir).parent / "faust"
-    datadir.mkdir(parents=True, exist_ok=True)
-    app = build_app(settings, IngestPipeline(settings, ctx.db, ctx.producer), datadir)
-    tasks: list[asyncio.Task[None]] = []
+    app = build_app(settings, IngestPipeline(settings, ctx.db, ctx.producer))
+    observer = LagObserver(app, settings.kafka.feedback_topic)
+    assert ctx.schedule is not None
+    schedule = ctx.schedule
+    ctx.collectors += [lambda: refresh_gauges(ctx.db, settings.model.name, schedule), observer.observe]
     try:
         await app.start()
-        tasks = [
-            asyncio.create_task(run_relay(ctx.db, ctx.producer, ctx.stop), name="outbox-relay"),
-            asyncio.create_task(run_scheduler(settings, ctx.db, ctx.stop), name="scheduler"),
-            asyncio.create_task(serve_api(ctx), name="admin-api"),
-        ]
+        ctx.app = app
+        ctx.tasks = {
+            "outbox-relay": asyncio.create_task(run_relay(ctx.db, ctx.producer, ctx.stop), name="outbox-relay"),
+            "scheduler": asyncio.create_task(run_scheduler(settings, ctx.db, ctx.stop), name="scheduler"),
+            "consumer-lag": asyncio.create_task(_sample_lag(observer, ctx.stop), name="consumer-lag"),
+            "admin-api": asyncio.create_task(serve_api(ctx, sock), name="admin-api"),
+        }
         log.info(
             "streamengine running: model %s, topic %s, admin API %s",
             settings.model.name,
@@ -74,15 +156,34 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
         )
         if ready is not None:
             ready.set()
-        await ctx.stop.wait()
+        await _until_stopped(ctx)
     finally:
-        ctx.stop.set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        ctx.stop.set()  # every loop and the admin API end on their own; what does not is cancelled
+        if ctx.tasks:
+            _, late = await asyncio.wait(ctx.tasks.values(), timeout=STOP_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+        for task in ctx.tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         with contextlib.suppress(Exception):
             await app.stop()
         await ctx.producer.stop()
         await ctx.db.close()
+        sock.close()
+
+
+async def _until_stopped(ctx: EngineContext) -> None:
+    """Wait for ``stop``; a background loop that ends on its own is a failure of the whole process."""
+    stopped = asyncio.create_task(ctx.stop.wait())
+    try:
+        await asyncio.wait({stopped, *ctx.tasks.values()}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if ctx.stop.is_set():
+        return
+    for name, task in ctx.tasks.items():
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            detail = f"{type(exc).__name__}: {exc}" if exc else "ended"
+            raise StreamEngineError(f"the engine's {name} loop stopped ({detail}); shutting down")

@@ -1,12 +1,21 @@
 """Prometheus metrics of the engine and the worker (prefix ``streamengine_``, base units).
 
-No per-user labels: label values come from small fixed sets (reason, state, model line).
+No per-user labels: label values come from small fixed sets (reason, state, phase, model line,
+topic partition). Which process exposes what:
+
+- ``streamengine run`` (admin API ``/metrics``): ingest, windows, jobs, scheduler, outbox, consumer
+  lag, registry. Gauges read from PostgreSQL (windows, jobs, last release, ticks) are refreshed on
+  every scrape, so every replica reports the same fleet-wide value: aggregate them with ``max``.
+- ``streamengine worker`` (``metrics.port``): training, evaluation, upload, releases, rejections.
+- ``streamengine subscribe`` (``metrics.port``): ``streamengine_subscriber_*``, defined in
+  :mod:`streamengine.serving.subscriber`.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+# --- ingest (run) ----------------------------------------------------------------------------------
 EVENTS_CONSUMED = Counter("streamengine_events_consumed_total", "Feedback records consumed.")
 EVENTS_REJECTED = Counter(
     "streamengine_events_rejected_total", "Feedback records sent to the DLQ, by reason.", ["reason"]
@@ -20,31 +29,66 @@ BATCH_WRITE_SECONDS = Histogram(
     "Time to store one ingest batch in PostgreSQL.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-INGEST_RETRIES = Counter("streamengine_ingest_retries_total", "Batch writes retried after a failure.")
-WINDOW_SAMPLES = Gauge("streamengine_window_samples", "Trainable samples in the open window.", ["model"])
-WINDOW_WEIGHT = Gauge("streamengine_window_weight", "Summed weight of the open window.", ["model"])
-WINDOWS_CLOSED = Counter("streamengine_windows_closed_total", "Windows closed, by reason.", ["model", "reason"])
-JOBS = Gauge("streamengine_jobs", "Training jobs by state.", ["state"])
-TRAINING_SECONDS = Histogram(
-    "streamengine_training_seconds",
-    "Wall time of one training run.",
-    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400),
-)
-TRAINING_TOKENS_PER_SECOND = Gauge("streamengine_training_tokens_per_second", "Throughput of the last run.")
-TRAINING_LOSS = Gauge("streamengine_training_loss", "Task loss of the last training step.", ["model"])
-EVAL_LOSS = Gauge("streamengine_eval_loss", "Loss on the window before/after training.", ["model", "phase"])
-RELEASES = Counter("streamengine_releases_total", "Adapter versions released, by reason.", ["model", "reason"])
-JOB_FAILURES = Counter("streamengine_job_failures_total", "Training jobs that failed an attempt.", ["model"])
-UPLOAD_BYTES = Counter("streamengine_upload_bytes_total", "Bytes uploaded to object storage.")
-UPLOAD_SECONDS = Histogram("streamengine_upload_seconds", "Time to upload and verify one adapter folder.")
-OUTBOX_BACKLOG = Gauge("streamengine_outbox_backlog", "Outbox rows not yet published.")
-OUTBOX_PUBLISHED = Counter("streamengine_outbox_published_total", "Outbox rows published to Kafka.")
-OUTBOX_FAILURES = Counter("streamengine_outbox_failures_total", "Failed attempts to publish outbox rows.")
 WEIGHT_CAPPED = Counter(
     "streamengine_weight_capped_total", "Sample weight removed by the per-user share cap (learning.max_user_share)."
 )
 SAMPLES_DOWNWEIGHTED = Counter(
     "streamengine_samples_downweighted_total", "Samples whose weight the per-user share cap reduced."
 )
+INGEST_RETRIES = Counter("streamengine_ingest_retries_total", "Batch writes retried after a failure.")
+CONSUMER_LAG = Gauge(
+    "streamengine_consumer_lag_records",
+    "Records of an assigned partition not yet processed and committed: highwater minus committed offset"
+    " (or minus the fetch position before the first commit). Reported by the replica the partition is assigned to.",
+    ["topic", "partition"],
+)
+
+# --- windows and jobs (run; read from PostgreSQL) --------------------------------------------------
+WINDOW_SAMPLES = Gauge("streamengine_window_samples", "Trainable samples in the open window.", ["model"])
+WINDOW_WEIGHT = Gauge("streamengine_window_weight", "Summed weight of the open window.", ["model"])
+WINDOWS_CLOSED = Counter(
+    "streamengine_windows_closed_total",
+    "Windows closed by this process, by reason (threshold, schedule, manual).",
+    ["model", "reason"],
+)
+JOBS = Gauge("streamengine_jobs", "Training jobs by state (all model lines).", ["state"])
+JOB_AGE = Gauge(
+    "streamengine_jobs_oldest_age_seconds",
+    "Age of the oldest queued job (since created) or running job (since started); 0 when none.",
+    ["state"],
+)
+LAST_RELEASE = Gauge(
+    "streamengine_last_release_timestamp_seconds", "Unix time of the newest adapter version in the registry.", ["model"]
+)
+TICKS = Counter(
+    "streamengine_scheduler_ticks_total",
+    "Cron ticks this process fired, by outcome (closed: a window closed; skipped: fewer than window.min_samples).",
+    ["model", "outcome"],
+)
+LAST_TICK = Gauge("streamengine_scheduler_last_tick_timestamp_seconds", "Unix time of the last cron tick.", ["model"])
+NEXT_TICK = Gauge("streamengine_scheduler_next_tick_timestamp_seconds", "Unix time of the next cron tick.", ["model"])
+
+# --- outbox relay (run) ----------------------------------------------------------------------------
+OUTBOX_BACKLOG = Gauge("streamengine_outbox_backlog", "Outbox rows not yet published.")
+OUTBOX_PUBLISHED = Counter("streamengine_outbox_published_total", "Outbox rows published to Kafka.")
+OUTBOX_FAILURES = Counter("streamengine_outbox_failures_total", "Failed attempts to publish outbox rows.")
+
+# --- training (worker) -----------------------------------------------------------------------------
+TRAINING_SECONDS = Histogram(
+    "streamengine_training_seconds",
+    "Wall time of one training run.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400),
+)
+TRAINING_TOKENS_PER_SECOND = Gauge("streamengine_training_tokens_per_second", "Throughput of the last run.")
+TRAINING_STEPS_PER_SECOND = Gauge("streamengine_training_steps_per_second", "Optimizer steps per second, last run.")
+TRAINING_LOSS = Gauge("streamengine_training_loss", "Task loss of the last training step.", ["model"])
+EWC_PENALTY = Gauge("streamengine_training_ewc_penalty", "EWC penalty of the last training step.", ["model"])
+EVAL_LOSS = Gauge("streamengine_eval_loss", "Loss on the window before/after training.", ["model", "phase"])
+FORGETTING = Gauge(
+    "streamengine_forgetting_ratio", "Relative rise of retention/anchor loss of the last candidate.", ["model"]
+)
+RELEASES = Counter("streamengine_releases_total", "Adapter versions released, by reason.", ["model", "reason"])
 REJECTIONS = Counter("streamengine_rejections_total", "Candidates the release gate refused.", ["model"])
-FORGETTING = Gauge("streamengine_forgetting_ratio", "Relative rise of retention/anchor loss of the last candidate.", ["model"])
+JOB_FAILURES = Counter("streamengine_job_failures_total", "Training jobs that failed an attempt.", ["model"])
+UPLOAD_BYTES = Counter("streamengine_upload_bytes_total", "Bytes uploaded to object storage.")
+UPLOAD_SECONDS = Histogram("streamengine_upload_seconds", "Time to upload and verify one adapter folder.")

@@ -40,7 +40,10 @@ def start(args: list[str], config: Path, log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "streamengine.cli", "--config", str(config), *args],
-        stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -9,12 +10,15 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "streamengine"
@@ -39,6 +43,8 @@ COMMANDS = [
     "adapter-info",
     "deploy",
     "contract",
+    "settings",
+    "openapi",
 ]
 VALID = {"event_id": "e1", "model": "m", "prompt": "p", "response": "r", "kind": "thumbs_up", "user_id": "u"}
 Result = subprocess.CompletedProcess[str]
@@ -206,3 +212,180 @@ def test_contract_check_fails_on_drift(runs: Runs) -> None:
     result = runs["contract drift"]
     assert result.returncode == 1
     assert "asyncapi.yaml" in result.stderr and "streamengine contract --write" in result.stderr
+
+
+# --- every operational command against a real engine --------------------------------------------------
+TOKEN = "cli-test-token-9d2"
+
+
+@dataclass
+class Engine:
+    settings: Any
+    config: Path
+    db: Any
+    services: Any
+    workdir: Path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(services, tmp_path_factory) -> AsyncIterator[Engine]:  # type: ignore[no-untyped-def]
+    from streamengine.embedded import acreate_database, adrop_database
+    from streamengine.store.db import Database
+    from tests import process_tools
+    from tests.engine_tools import engine_running, module_settings
+
+    workdir = tmp_path_factory.mktemp("cli-engine")
+    name = f"se_test_{uuid.uuid4().hex[:12]}"
+    dsn = await acreate_database(services.pg_admin_dsn, name)
+    with pytest.MonkeyPatch.context() as patch:
+        for var in [v for v in os.environ if v.startswith("STREAMENGINE_")]:
+            patch.delenv(var)
+        settings = module_settings(services, dsn, workdir, api={"token": TOKEN}, kafka={"partitions": 1})
+        config = process_tools.write_config(settings, workdir / "config.yaml")
+        async with engine_running(settings):
+            db = await Database.connect(settings.database, migrate=False)
+            yield Engine(settings, config, db, services, workdir)
+            await db.close()
+    await adrop_database(services.pg_admin_dsn, name)
+
+
+async def cli_run(engine: Engine, *args: str, **env: str) -> Any:
+    """The CLI in this process (a thread, so the engine in this loop keeps answering), as a script would run it."""
+    from click.testing import CliRunner
+
+    from streamengine.cli import cli
+
+    runner = CliRunner()
+    return await asyncio.to_thread(
+        runner.invoke, cli, list(args), env={"STREAMENGINE_CONFIG": str(engine.config), "COLUMNS": "200", **env}
+    )
+
+
+async def test_reads_and_operations_against_a_running_engine(engine: Engine) -> None:
+    from tests.engine_tools import add_adapter, eventually
+
+    health = await cli_run(engine, "health")
+    assert health.exit_code == 0 and "status: ok" in health.output, health.output
+    assert json.loads((await cli_run(engine, "health", "--json")).output)["status"] == "ok"
+    status = json.loads((await cli_run(engine, "status", "--json")).output)
+    assert (status["model"], status["jobs"], status["open_window"]) == ("tiny-llama", [], None)
+
+    empty = await cli_run(engine, "train")
+    assert empty.exit_code == 5 and "HTTP 409" in empty.output, empty.output
+
+    lines = [json.dumps({**VALID, "model": "tiny-llama", "event_id": f"cli-{i}"}) for i in range(3)] + ["{nope"]
+    events = engine.workdir / "events.jsonl"
+    events.write_text("\n".join(lines) + "\n")
+    produced = await cli_run(engine, "produce", str(events))
+    assert produced.exit_code == 1, produced.output  # one invalid line (reported), the 3 valid ones sent
+    assert f"{events}:4: invalid_json" in produced.output and "sent 3 records" in produced.output
+
+    async def stored() -> bool:
+        data = json.loads((await cli_run(engine, "status", "--json")).output)
+        return (data["open_window"] or {}).get("samples") == 3
+
+    assert await eventually(stored, 30)
+    trained = await cli_run(engine, "train", "--json")
+    assert trained.exit_code == 0, trained.output
+    job = json.loads(trained.output)
+    assert (job["reason"], job["samples"]) == ("manual", 3)
+    table = await cli_run(engine, "status")
+    assert table.exit_code == 0 and "manual" in table.output and "queued" in table.output, table.output
+    assert "production -" in table.output
+
+    assert json.loads((await cli_run(engine, "adapters", "list", "--json")).output) == []
+    await add_adapter(engine.db, "v1.0")
+    await add_adapter(engine.db, "v1.1", parent_version="v1.0")
+    await engine.db.execute("INSERT INTO aliases (model, alias, version) VALUES ('tiny-llama', 'production', 'v1.1'),"
+                            " ('tiny-llama', 'previous', 'v1.0')")
+    listed = await cli_run(engine, "list-adapters")
+    assert listed.exit_code == 0 and "v1.1" in listed.output and "production" in listed.output, listed.output
+    info = json.loads((await cli_run(engine, "adapter-info", "production", "--json")).output)
+    assert info["version"] == "v1.1"
+    missing = await cli_run(engine, "adapters", "info", "v9.9")
+    assert missing.exit_code == 4 and "streamengine: error: " in missing.output
+    deployed = await cli_run(engine, "deploy", "v1.0")
+    assert deployed.exit_code == 0 and "tiny-llama v1.0 deployed" in deployed.output, deployed.output
+    rolled = json.loads((await cli_run(engine, "adapters", "rollback", "--json")).output)
+    assert (rolled["version"], rolled["reason"]) == ("v1.1", "rollback")
+
+    text = await cli_run(engine, "metrics")
+    assert text.exit_code == 0, text.output
+    closed = r'^streamengine_windows_closed_total\{model="tiny-llama",reason="manual"\} \d+$'
+    assert re.search(closed, text.output, re.M)
+    samples = json.loads((await cli_run(engine, "metrics", "--json")).output)
+    assert {"name": "streamengine_jobs", "labels": {"state": "queued"}, "value": 1.0} in samples
+
+
+async def test_exit_codes_for_auth_validation_and_a_dead_dependency(engine: Engine) -> None:
+    refused = await cli_run(engine, "train", STREAMENGINE_API__TOKEN="wrong")
+    assert refused.exit_code == 2 and "HTTP 401" in refused.output, refused.output
+    invalid = await cli_run(engine, "train", "--min-samples", "0")
+    assert invalid.exit_code == 2 and "HTTP 422" in invalid.output and "min_samples" in invalid.output
+    usage = await cli_run(engine, "status", "--limit", "many")
+    assert usage.exit_code == 2
+    engine.services.s3.stop()
+    try:
+        down = await cli_run(engine, "health")
+    finally:
+        engine.services.ensure_running()
+    assert down.exit_code == 3 and "DOWN" in down.output and "not ready (s3)" in down.output, down.output
+
+
+async def test_settings_lists_every_setting_with_secrets_masked(engine: Engine) -> None:
+    from streamengine.settings_ref import describe, doc_block, markdown
+
+    shown = await cli_run(engine, "settings", "--json")
+    assert shown.exit_code == 0, shown.output
+    rows = {r["path"]: r for r in json.loads(shown.output)}
+    assert set(rows) == {r.path for r in describe()}
+    assert rows["api.token"]["value"] == "***" and TOKEN not in shown.output
+    assert engine.services.s3_secret_key not in shown.output
+    assert rows["window.max_samples"]["env"] == "STREAMENGINE_WINDOW__MAX_SAMPLES"
+    assert rows["ewc.lambda"]["env"] == "STREAMENGINE_EWC__LAMBDA" and rows["ewc.lambda"]["default"] == "500.0"
+    assert rows["kafka.bootstrap_servers"]["value"] == engine.settings.kafka.bootstrap_servers
+    assert doc_block(ROOT / "docs" / "operations.md") == markdown(describe()), (
+        "docs/operations.md's configuration reference is stale: run "
+        "`streamengine settings --update-doc docs/operations.md`"
+    )
+    document = json.loads((await cli_run(engine, "openapi")).output)
+    assert document == json.loads((ROOT / "docs" / "openapi.json").read_text())
+
+
+async def test_run_worker_and_subscribe_start_and_stop_cleanly(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from tests import process_tools
+    from tests.engine_tools import eventually
+
+    settings = make_settings()
+    config = process_tools.write_config(settings, tmp_path / "config.yaml")
+    run = process_tools.start(["run"], config, tmp_path / "run.log")
+    subscriber = process_tools.start(["subscribe", "--print-only"], config, tmp_path / "subscribe.log")
+    try:
+        async def healthy() -> bool:
+            try:
+                async with httpx.AsyncClient(base_url=settings.api.base_url()) as http:
+                    return (await http.get("/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert await eventually(healthy, 60), (tmp_path / "run.log").read_text()[-3000:]
+        worker = await asyncio.to_thread(
+            subprocess.run, [*PROGRAM, "--config", str(config), "worker", "--once"], capture_output=True, text=True,
+            timeout=120, env=clean_env(STREAMENGINE_METRICS__PORT="0"),
+        )
+        assert worker.returncode == 0, worker.stderr  # the queue is empty: one look, then exit
+    finally:
+        run_code = await asyncio.to_thread(process_tools.stop, run)
+        subscribe_code = await asyncio.to_thread(process_tools.stop, subscriber)
+    assert run_code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert subscribe_code == 0, (tmp_path / "subscribe.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_up_runs_the_whole_loop_to_a_release(tmp_path: Path) -> None:
+    result = streamengine("up", "--dir", str(tmp_path / "up"), "--events", "60", "--window", "16", "--exit-after", "1",
+                          cwd=tmp_path, env=clean_env(), timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "RELEASE tiny-llama v1.0" in result.stdout

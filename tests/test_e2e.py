@@ -25,8 +25,12 @@ from tests.kafka_tools import produce, read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FACTS = {"Capital of France?": "Paris", "Capital of Japan?": "Tokyo", "Capital of Peru?": "Lima",
-         "Capital of Kenya?": "Nairobi"}
+FACTS = {
+    "Capital of France?": "Paris",
+    "Capital of Japan?": "Tokyo",
+    "Capital of Peru?": "Lima",
+    "Capital of Kenya?": "Nairobi",
+}
 
 
 def events(count: int) -> tuple[list[bytes], int, list[tuple[str, str]]]:
@@ -43,8 +47,9 @@ def events(count: int) -> tuple[list[bytes], int, list[tuple[str, str]]]:
             event = {"kind": "thumbs_up", "response": answer}
         else:
             event = {"kind": "correction", "response": "Mars", "correction": answer}
-        event.update(event_id=f"e2e-{i}", model="tiny-llama", prompt=[{"role": "user", "content": prompt}],
-                     user_id=f"u{i % 9}")
+        event.update(
+            event_id=f"e2e-{i}", model="tiny-llama", prompt=[{"role": "user", "content": prompt}], user_id=f"u{i % 9}"
+        )
         values.append(json.dumps(event).encode())
         trained.append((prompt, answer))
     return values, malformed, trained
@@ -54,8 +59,9 @@ def completion_loss(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, st
     losses = []
     with torch.no_grad():
         for prompt, answer in pairs:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids = torch.tensor([prompt_ids + answer_ids])
@@ -108,8 +114,12 @@ async def test_feedback_to_released_adapter(make_settings, tiny_model, tmp_path)
     assert event["lora"] == {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
     # download with a plain S3 client and verify every hash
-    client = Minio(settings.storage.endpoint, settings.storage.access_key.get_secret_value(),
-                   settings.storage.secret_key.get_secret_value(), secure=False)
+    client = Minio(
+        settings.storage.endpoint,
+        settings.storage.access_key.get_secret_value(),
+        settings.storage.secret_key.get_secret_value(),
+        secure=False,
+    )
     folder = tmp_path / "download"
     folder.mkdir()
     for name, sha in event["files"].items():

@@ -93,8 +93,9 @@ async def test_two_replicas_close_each_window_exactly_once(make_settings, tmp_pa
     values = [feedback(i) for i in range(total)]
     async with ingest_replica(settings, tmp_path / "a") as db, ingest_replica(settings, tmp_path / "b"):
         # produce with many keys so both replicas' partitions get records
-        await asyncio.gather(*(produce(k.bootstrap_servers, k.feedback_topic, values[i::8], key=f"u{i}".encode())
-                               for i in range(8)))
+        await asyncio.gather(
+            *(produce(k.bootstrap_servers, k.feedback_topic, values[i::8], key=f"u{i}".encode()) for i in range(8))
+        )
         await wait_for(lambda: _equals(db, "SELECT count(*) FROM samples", total), timeout_s=60)
         windows = await db.fetch("SELECT id, state, samples FROM windows ORDER BY id")
         jobs = await db.fetch("SELECT window_id FROM jobs ORDER BY window_id")

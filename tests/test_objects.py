@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,8 @@ from pydantic import SecretStr
 
 from streamengine.config import StorageSettings
 from streamengine.embedded import free_port
-from streamengine.errors import ConfigError, IntegrityError, NotFound, ServiceUnavailable
-from streamengine.store.objects import ObjectStore, parse_uri
+from streamengine.errors import ConfigError, Conflict, IntegrityError, NotFound, ServiceUnavailable
+from streamengine.store.objects import MIN_PART_SIZE, ObjectStore, parse_uri
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +166,118 @@ def test_wrong_keys_is_a_config_error(services, make_settings) -> None:
     with pytest.raises(ConfigError, match=r"storage\.secret_key") as info:
         store.ensure_bucket()
     assert "not-the-secret" not in str(info.value)
+
+
+def _big_folder(root: Path, size: int) -> Path:
+    folder = _adapter_folder(root)
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(size))
+    return folder
+
+
+def test_large_file_goes_up_in_parts_and_is_read_back(make_settings, tmp_path: Path) -> None:
+    store = ObjectStore.from_settings(make_settings().storage, part_size=MIN_PART_SIZE)
+    store.ensure_bucket()
+    folder = _big_folder(tmp_path / "big", 2 * MIN_PART_SIZE + 12345)  # three parts of 5 MiB, 5 MiB, 12 KiB
+    hashes = store.upload_folder(folder, MODEL, "v1.0")
+    stat = store.client.stat_object(store.bucket, f"{MODEL}/v1.0/adapter_model.safetensors")
+    assert stat.size == 2 * MIN_PART_SIZE + 12345
+    assert (stat.etag or "").endswith("-3")  # an S3 multipart ETag: md5 of the part md5s, dash, part count
+    small = store.client.stat_object(store.bucket, f"{MODEL}/v1.0/adapter_config.json")
+    assert "-" not in (small.etag or "")  # under the part size: one PUT
+    dest = store.download_folder(MODEL, "v1.0", tmp_path / "d", hashes)
+    assert _sha(dest / "adapter_model.safetensors") == _sha(folder / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match="5 MiB"):
+        ObjectStore.from_settings(make_settings().storage, part_size=1 << 20)
+
+
+def test_versions_are_immutable_unless_the_owner_overwrites(store: ObjectStore, tmp_path: Path) -> None:
+    first = _adapter_folder(tmp_path / "first", b"one" * 100)
+    store.upload_folder(first, MODEL, "v1.0")
+    second = _adapter_folder(tmp_path / "second", b"two" * 100)
+    with pytest.raises(Conflict, match="immutable"):
+        store.upload_folder(second, MODEL, "v1.0")
+    assert store.exists(MODEL, "v1.0") and not store.exists(MODEL, "v1.1")
+    hashes = store.upload_folder(second, MODEL, "v1.0", overwrite=True)  # a retry of its own, unreleased version
+    assert hashes["adapter_model.safetensors"] == _sha(second / "adapter_model.safetensors")
+
+
+def test_read_back_catches_bytes_that_differ(store: ObjectStore, tmp_path: Path, monkeypatch) -> None:
+    folder = _adapter_folder(tmp_path / "out")
+    real = store.client.fput_object
+
+    def corrupting(bucket: str, key: str, path: str, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(bucket, key, path, **kwargs)
+        if key.endswith("adapter_model.safetensors"):  # what a faulty proxy or disk might leave
+            data = Path(path).read_bytes()[:-1] + b"?"
+            store.client.put_object(bucket, key, io.BytesIO(data), len(data))
+        return result
+
+    monkeypatch.setattr(store.client, "fput_object", corrupting)
+    with pytest.raises(IntegrityError, match="other bytes"):
+        store.upload_folder(folder, MODEL, "v1.0")
+    assert store.list_versions(MODEL) == []  # manifest.json never went up: not a complete version
+
+
+def test_delete_version_and_list_all(store: ObjectStore, tmp_path: Path) -> None:
+    folder = _adapter_folder(tmp_path / "out")
+    store.upload_folder(folder, MODEL, "v1.0")
+    store.client.put_object(store.bucket, f"{MODEL}/v1.1/adapter_config.json", io.BytesIO(b"{}"), 2)  # partial
+    assert store.list_versions(MODEL) == ["v1.0"]
+    assert store.list_all_versions(MODEL) == ["v1.0", "v1.1"]
+    assert store.delete_version(MODEL, "v1.0") == 4
+    assert store.delete_version(MODEL, "v1.1") == 1
+    assert store.list_all_versions(MODEL) == [] and store.delete_version(MODEL, "v1.0") == 0
+
+
+def test_multipart_upload_interrupted_by_s3_stopping_then_retried(services, make_settings, tmp_path: Path) -> None:
+    settings = make_settings()
+    store = ObjectStore.from_settings(
+        settings.storage, attempts=2, backoff_s=0.05, connect_timeout_s=1, part_size=MIN_PART_SIZE
+    )
+    store.ensure_bucket()
+    folder = _big_folder(tmp_path / "big", 3 * MIN_PART_SIZE)
+    real = store.client.fput_object
+
+    class StopAfterFirstPart:
+        """A minio progress hook: the S3 server stops once the first part has been read."""
+
+        def __init__(self) -> None:
+            self.read = 0
+
+        def set_meta(self, object_name: str, total_length: int) -> None:
+            pass
+
+        def update(self, length: int) -> None:
+            self.read += length
+            if self.read >= MIN_PART_SIZE and services.s3.running:
+                services.s3.stop()
+
+    def interrupted(bucket: str, key: str, path: str, **kwargs):  # type: ignore[no-untyped-def]
+        hook = StopAfterFirstPart() if key.endswith("adapter_model.safetensors") else None
+        return real(bucket, key, path, progress=hook, **kwargs)
+
+    store.client.fput_object = interrupted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ServiceUnavailable, match="S3"):
+            store.upload_folder(folder, MODEL, "v1.0")
+    finally:
+        services.s3.start()
+    store.client.fput_object = real  # type: ignore[method-assign]
+    assert store.list_versions(MODEL) == []  # no manifest: the version does not exist
+    hashes = store.upload_folder(folder, MODEL, "v1.0", overwrite=True)
+    assert store.list_versions(MODEL) == ["v1.0"] and set(hashes) == {p.name for p in folder.iterdir()}
+
+
+def test_a_hung_server_times_out_and_is_retried(services, make_settings, tmp_path: Path) -> None:
+    settings = make_settings()
+    store = ObjectStore.from_settings(settings.storage, attempts=2, backoff_s=0.05, read_timeout_s=1)
+    store.ensure_bucket()
+    services.s3._signal(signal.SIGSTOP)  # accepts connections (the kernel does), answers nothing
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServiceUnavailable, match=r"S3.*(?i:timeout|timed out)"):
+            store.upload_folder(_adapter_folder(tmp_path / "out"), MODEL, "v1.0")
+    finally:
+        services.s3._signal(signal.SIGCONT)
+    assert 2 <= time.monotonic() - started < 10  # two attempts of ~1 s each, then give up
+    store.upload_folder(_adapter_folder(tmp_path / "out"), MODEL, "v1.0")

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_subscriber_imports_without_engine_or_training_stack() -> None:
     code = (
         "import sys; import streamengine.serving.subscriber, streamengine.serving.swappers, streamengine.cli;"
-        "heavy = sorted(m for m in ('faust', 'asyncpg', 'torch', 'transformers', 'peft', 'fastapi') if m in sys.modules);"
+        "names = ('faust', 'asyncpg', 'torch', 'transformers', 'peft', 'fastapi');"
+        "heavy = sorted(m for m in names if m in sys.modules);"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -29,14 +29,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPT = "Hello, adapter!"
 
 
-def _make_adapter(tiny_model: Path, out: Path, seed: int) -> Path:
+def _make_adapter(tiny_model: Path, out: Path, seed: int, r: int = 4) -> Path:
     """A fresh LoRA on the tiny model with random lora_B, so each adapter changes the outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -164,10 +164,13 @@ async def test_late_subscriber_bootstraps_to_latest_and_follows(
         await sub.wait_for_version("v1.3", 20)
         live_s = time.perf_counter() - produced
         assert torch.allclose(swapper.logits(PROMPT), reference_logits[3], atol=1e-5)
-        # The previous adapter stays loaded, older ones are deleted; only current+previous stay on disk.
-        assert set(swapper.model.peft_config) == {adapter_name(model_name, "v1.2"), adapter_name(model_name, "v1.3")}
-        assert sorted(p.name for p in sub.download_dir.iterdir()) == ["v1.2", "v1.3"]
+        # The previous adapter stays loaded (the other slot), older ones are gone; likewise on disk.
+        assert swapper.slots == {adapter_name(model_name, "slot-a"): "v1.2", adapter_name(model_name, "slot-b"): "v1.3"}
+        assert sorted(p.name for p in sub.download_dir.iterdir() if p.is_dir()) == ["v1.2", "v1.3"]
         assert sub.outcomes[-1].status == "swapped"
+        assert set(sub.outcomes[-1].stages) == {"consume", "download", "verify", "swap"}
+        current = json.loads((sub.download_dir / "current.json").read_text())
+        assert (current["version"], current["previous"]) == ("v1.3", "v1.2")
     print(
         f"\nbootstrap+first swap {bootstrap_s * 1000:.0f} ms; live record->serving {live_s * 1000:.0f} ms; "
         f"swap (load_adapter+set_adapter) {swapper.last_swap_s * 1000:.1f} ms"  # type: ignore[operator]
@@ -247,7 +250,7 @@ async def test_duplicates_ignored_rollback_applied(make_settings, adapters: list
     await fleet.produce(v10, v10)  # the same record twice
     async with Subscriber(settings, CallbackSwapper(record), model_name) as sub:
         assert calls == ["v1.0"]
-        assert [o.reason for o in sub.outcomes] == ["superseded", "threshold"]
+        assert [o.reason for o in sub.outcomes] == ["redelivered", "threshold"]  # same event_id twice
         await fleet.produce(republish(v10, "manual", datetime.now(UTC), None))  # same version again
         await sub.wait_until(lambda: len(sub.outcomes) == 3, 20)
         assert (sub.outcomes[-1].status, sub.outcomes[-1].reason) == ("ignored", "duplicate")
@@ -304,7 +307,7 @@ async def test_failed_load_keeps_current_adapter(tiny_model: Path, adapters: lis
     with pytest.raises(Exception):  # noqa: B017 - whatever peft raises, the swap must not stick
         await swapper.swap("m", "v1.1", broken)
     assert swapper.current == "v1.0"
-    assert set(swapper.model.peft_config) == {adapter_name("m", "v1.0")}
+    assert set(swapper.model.peft_config) == {adapter_name("m", "slot-a")}
     assert torch.equal(swapper.logits(PROMPT), before)
     # A rollback to the previous version is a set_adapter away (still loaded).
     await swapper.swap("m", "v1.1", adapters[1])
@@ -320,3 +323,90 @@ async def test_unreachable_kafka_is_service_unavailable(make_settings, model_nam
     sub = Subscriber(settings, CallbackSwapper(lambda *_: None), model_name)
     with pytest.raises(ServiceUnavailable, match="Kafka"):
         await asyncio.wait_for(sub.start(), 60)
+
+
+async def test_redelivered_records_never_step_back(make_settings, adapters: list[Path], model_name: str) -> None:
+    """At-least-once delivery (an outbox relay resending after a crash) repeats old records after newer ones."""
+    settings = make_settings()
+    fleet = Fleet(settings, model_name)
+    v10, v11 = fleet.release(adapters[0], "v1.0"), fleet.release(adapters[1], "v1.1")
+    await fleet.produce(v10, v11, v10)  # v1.0 again: the latest record, but an old event
+    calls: list[str] = []
+    async with Subscriber(settings, CallbackSwapper(lambda m, v, f: calls.append(v)), model_name) as sub:
+        assert sub.current == "v1.1" and calls == ["v1.1"]
+        await fleet.produce(v10, v11)
+        await sub.wait_until(lambda: len(sub.outcomes) >= 5, 20)
+        assert [(o.version, o.reason) for o in sub.outcomes][-2:] == [("v1.0", "redelivered"), ("v1.1", "redelivered")]
+        assert sub.current == "v1.1" and calls == ["v1.1"]
+        assert _metric("streamengine_subscriber_releases_ignored_total", model=model_name, reason="redelivered") == 3
+
+
+async def test_node_keeps_serving_while_download_fails_then_catches_up(
+    services, make_settings, tiny_model: Path, adapters: list[Path], reference_logits: list[Any], model_name: str
+) -> None:
+    import torch
+
+    settings = make_settings()
+    fleet = Fleet(settings, model_name)
+    await fleet.produce(fleet.release(adapters[0], "v1.0"))
+    v11 = fleet.release(adapters[1], "v1.1")
+    store = ObjectStore.from_settings(settings.storage, attempts=2, backoff_s=0.05, read_timeout_s=5)
+    swapper = PeftSwapper(tiny_model)
+    async with Subscriber(settings, swapper, model_name, store=store, retry_initial_s=0.3, retry_max_s=1) as sub:
+        assert sub.current == "v1.0"
+        services.s3.stop()
+        try:
+            await fleet.produce(v11)
+            await sub.wait_until(lambda: any(o.version == "v1.1" for o in sub.outcomes), 30)
+            failed = sub.outcomes[-1]
+            assert (failed.status, failed.reason) == ("failed", "storage") and "S3" in failed.detail
+            # The node keeps answering with v1.0 while S3 is down, and keeps retrying.
+            for _ in range(3):
+                assert sub.current == "v1.0"
+                assert torch.allclose(swapper.logits(PROMPT), reference_logits[0], atol=1e-5)
+                await asyncio.sleep(0.3)
+            assert not (sub.download_dir / "v1.1").exists()
+        finally:
+            services.s3.start()
+        await sub.wait_for_version("v1.1", 30)  # retried after S3 came back, without a new record
+        assert torch.allclose(swapper.logits(PROMPT), reference_logits[1], atol=1e-5)
+        assert _metric("streamengine_subscriber_swap_failures_total", model=model_name, reason="storage") >= 1
+        assert _metric("streamengine_subscriber_retries_total", model=model_name) >= 1
+
+
+async def test_peft_swapper_hotswaps_in_place_when_rank_and_targets_match(
+    tiny_model: Path, adapters: list[Path], reference_logits: list[Any], tmp_path: Path
+) -> None:
+    import torch
+
+    wider = _make_adapter(tiny_model, tmp_path / "r8", seed=7, r=8)
+    swapper = PeftSwapper(tiny_model)
+    steps = [(0, "v1.0"), (1, "v1.1"), (2, "v1.2"), (3, "v1.3"), (2, "v1.2"), (3, "v1.3")]
+    methods = []
+    for index, version in steps:
+        await swapper.swap("m", version, adapters[index])
+        methods.append(swapper.last_method)
+        assert torch.allclose(swapper.logits(PROMPT), reference_logits[index], atol=1e-5), version
+    # First wraps the base, second fills the other slot, then weights are copied in place; going back to
+    # the previous version (still loaded in the other slot) is only a switch.
+    assert methods == ["from_pretrained", "load_adapter", "hotswap", "hotswap", "set_adapter", "set_adapter"]
+    assert set(swapper.model.peft_config) == {adapter_name("m", "slot-a"), adapter_name("m", "slot-b")}
+
+    await swapper.swap("m", "v2.0", wider)  # rank 8 into a rank-4 slot: loaded afresh instead
+    assert swapper.last_method == "load_adapter" and (swapper.current, swapper.previous) == ("v2.0", "v1.3")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(wider)).eval()
+    with torch.no_grad():
+        expected = fresh(**swapper.tokenizer(PROMPT, return_tensors="pt")).logits[0, -1]
+    assert torch.allclose(swapper.logits(PROMPT), expected, atol=1e-5)
+    await swapper.swap("m", "v1.4", adapters[0])  # back to rank 4, into the slot that held v1.3 (rank 4)
+    assert swapper.last_method == "hotswap"
+    assert torch.allclose(swapper.logits(PROMPT), reference_logits[0], atol=1e-5)
+
+    plain = PeftSwapper(tiny_model, hotswap=False)
+    for index, version in steps[:3]:
+        await plain.swap("m", version, adapters[index])
+    assert plain.last_method == "load_adapter"
+    assert torch.allclose(plain.logits(PROMPT), reference_logits[2], atol=1e-5)

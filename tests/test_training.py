@@ -218,7 +218,12 @@ def test_training_lowers_the_loss_and_writes_only_safe_files(
     assert [r.epoch for r in records] == [1, 1, 2, 2, 3, 3]
     assert all(r.tokens_per_s > 0 for r in records)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fisher.safetensors",
+        "result.json",
+    ]
     assert TrainResult.model_validate_json((out / "result.json").read_text()) == result
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (8, 16, sorted(TARGETS))
@@ -250,7 +255,7 @@ def test_divergence_raises_training_error_naming_the_step(tiny_base: Path, sampl
 def test_no_positive_weight_is_a_training_error(tiny_base: Path, tmp_path: Path) -> None:
     samples = tmp_path / "s.jsonl"
     samples.write_text(sample_line("e1", "q", "a", 0.0) + "\n")
-    with pytest.raises(TrainingError, match="no sample with a positive weight"):
+    with pytest.raises(TrainingError, match="no desirable sample with a positive weight"):
         train(make_spec(tiny_base, samples, tmp_path / "out"))
 
 

@@ -53,7 +53,11 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
         first = await registry.get_adapter(db, "tiny-llama", "production")
         assert first.version == "v1.0" and first.parent_version is None
         assert first.manifest["metrics"]["eval_loss_after"] < first.manifest["metrics"]["eval_loss_before"]
-        assert set(first.manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+        assert set(first.manifest["files"]) == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "fisher.safetensors",
+        }
 
         assert len((await fill_window(db, 100)).closed) == 1
         await worker.run_once()
@@ -74,7 +78,8 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
         )
         names = sorted(o.object_name for o in client.list_objects(settings.storage.bucket, "tiny-llama/v1.1/"))
         assert names == [
-            f"tiny-llama/v1.1/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+            f"tiny-llama/v1.1/{n}"
+            for n in ("adapter_config.json", "adapter_model.safetensors", "fisher.safetensors", "manifest.json")
         ]
         manifest = json.loads(client.get_object(settings.storage.bucket, "tiny-llama/v1.1/manifest.json").read())
         assert manifest["version"] == "v1.1" and manifest["files"] == second.manifest["files"]

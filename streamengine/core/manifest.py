@@ -33,3 +33,12 @@ def sha256_bytes(data: bytes) -> str:
 def is_safe_artifact(name: str) -> bool:
     """Only safetensors and plain-text files travel; pickles (.bin, .pt, .pkl...) never do."""
     return "/" not in name and not name.startswith(".") and name.endswith(ALLOWED_SUFFIXES)
+
+
+# Files a trainer needs but a serving node does not (online-EWC importances and anchors): not downloaded.
+TRAINING_ONLY = frozenset({"fisher.safetensors"})
+
+
+def serving_files(files: dict[str, str]) -> dict[str, str]:
+    """The part of a release's ``files`` (name -> sha256) a serving node downloads and verifies."""
+    return {name: digest for name, digest in files.items() if name not in TRAINING_ONLY and name != "manifest.json"}

@@ -42,3 +42,19 @@ def next_version(existing: list[str], major: bool = False) -> Version:
         return FIRST
     top = max(Version.parse(v) for v in existing)
     return Version(top.major + 1, 0) if major else Version(top.major, top.minor + 1)
+
+
+def base_changed(production_base: str | None, configured_base: str) -> bool:
+    """True when the configured base model differs from the one production's adapter was trained on.
+
+    An adapter is tied to the base weights it was trained on, so a new base starts a new major line
+    (``vN+1.0``) and trains from scratch rather than on top of the old line's adapter. No production
+    version yet (``None``) or no recorded base (``""``) is not a change.
+    """
+    if not production_base or not configured_base:
+        return False
+    return _normalise(production_base) != _normalise(configured_base)
+
+
+def _normalise(base: str) -> str:
+    return base.strip().rstrip("/")

@@ -1,7 +1,15 @@
-"""The scheduler loop of `streamengine run`: the cron tick and the window/job gauges.
+"""The scheduler loop of `streamengine run`: the cron tick and the gauges read from PostgreSQL.
 
 Windows also close on threshold during ingest; this loop adds the time-based close. Whether a tick
-fires is decided in PostgreSQL (see :func:`streamengine.store.windows.tick`), so replicas agree.
+fires is decided in PostgreSQL, on PostgreSQL's clock (see :func:`streamengine.store.windows.tick`):
+the model line row is locked and ``last_tick_at`` moved, so with any number of replicas one tick
+fires once, and a tick missed while everything was down fires once at the next start.
+
+Semantics of ``model_lines.last_tick_at``: a model line starts with ``last_tick_at`` = its creation
+(first sample or first scheduler pass), so a brand-new line waits for the next fire time instead of
+firing at once for ticks that passed before it existed. A tick that finds fewer than
+``window.min_samples`` samples is consumed anyway: the window stays open until the next tick (or its
+threshold, or a manual train).
 """
 
 from __future__ import annotations
@@ -9,36 +17,86 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from streamengine import metrics
 from streamengine.config import Settings
 from streamengine.core.windows import Schedule
 from streamengine.store import windows
 from streamengine.store.db import Database
+from streamengine.store.windows import ClosedWindow
 
 log = logging.getLogger(__name__)
 
+JOB_STATES = ("queued", "running", "released", "rejected", "failed")
 
-async def refresh_gauges(db: Database) -> None:
-    for row in await db.fetch("SELECT model, samples, weight FROM windows WHERE state = 'open'"):
-        metrics.WINDOW_SAMPLES.labels(row["model"]).set(row["samples"])
-        metrics.WINDOW_WEIGHT.labels(row["model"]).set(row["weight"])
-    counts = {r["state"]: r["n"] for r in await db.fetch("SELECT state, count(*) AS n FROM jobs GROUP BY state")}
-    for state in ("queued", "running", "released", "rejected", "failed"):
-        metrics.JOBS.labels(state).set(counts.get(state, 0))
+
+def schedule_of(settings: Settings) -> Schedule:
+    """The configured tick; a bad cron or time zone is a ConfigError naming the setting."""
+    return Schedule(settings.window.schedule, settings.window.timezone)
+
+
+async def tick_once(
+    db: Database, model: str, schedule: Schedule, min_samples: int, now: datetime | None = None
+) -> ClosedWindow | None:
+    """Run the tick decision once (``now`` defaults to PostgreSQL's clock); count what happened."""
+    if now is None:
+        now = await db.fetchval("SELECT now()")
+        assert now is not None
+    closed = await windows.tick(db, model, schedule, now, min_samples)
+    if closed is not None:
+        metrics.TICKS.labels(model, "closed").inc()
+        metrics.WINDOWS_CLOSED.labels(closed.model, closed.reason).inc()
+        log.info(
+            "tick closed window %d of %s (%d samples, weight %.2f) -> job %d",
+            closed.window_id,
+            model,
+            closed.samples,
+            closed.weight,
+            closed.job_id,
+        )
+    elif await db.fetchval("SELECT last_tick_at = $2 FROM model_lines WHERE model = $1", model, now):
+        metrics.TICKS.labels(model, "skipped").inc()
+        log.info("tick for %s: the open window holds fewer than %d samples; kept open", model, min_samples)
+    return closed
+
+
+async def refresh_gauges(db: Database, model: str, schedule: Schedule) -> None:
+    """Set the gauges that mirror PostgreSQL: open windows, jobs, last release, ticks."""
+    open_windows = {
+        r["model"]: r for r in await db.fetch("SELECT model, samples, weight FROM windows WHERE state = 'open'")
+    }
+    for name in {model, *open_windows}:
+        row = open_windows.get(name)
+        metrics.WINDOW_SAMPLES.labels(name).set(row["samples"] if row else 0)
+        metrics.WINDOW_WEIGHT.labels(name).set(row["weight"] if row else 0.0)
+    rows = await db.fetch(
+        "SELECT state, count(*) AS n, extract(epoch FROM now() - min(CASE WHEN state = 'running'"
+        " THEN coalesce(started_at, created_at) ELSE created_at END)) AS age FROM jobs GROUP BY state"
+    )
+    by_state = {r["state"]: r for r in rows}
+    for state in JOB_STATES:
+        row = by_state.get(state)
+        metrics.JOBS.labels(state).set(row["n"] if row else 0)
+    for state in ("queued", "running"):
+        row = by_state.get(state)
+        metrics.JOB_AGE.labels(state).set(float(row["age"]) if row else 0.0)
+    for row in await db.fetch("SELECT model, extract(epoch FROM max(created_at)) AS t FROM adapters GROUP BY model"):
+        metrics.LAST_RELEASE.labels(row["model"]).set(float(row["t"]))
+    last = await db.fetchval("SELECT last_tick_at FROM model_lines WHERE model = $1", model)
+    if last is not None:
+        metrics.LAST_TICK.labels(model).set(last.timestamp())
+        metrics.NEXT_TICK.labels(model).set(schedule.next_after(last).timestamp())
 
 
 async def run_scheduler(settings: Settings, db: Database, stop: asyncio.Event, interval_s: float = 5.0) -> None:
-    schedule = Schedule(settings.window.schedule, settings.window.timezone)
+    """Tick (and refresh the gauges) every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
+    schedule = schedule_of(settings)
     model = settings.model.name
     while not stop.is_set():
         try:
-            closed = await windows.tick(db, model, schedule, datetime.now(UTC), settings.window.min_samples)
-            if closed:
-                metrics.WINDOWS_CLOSED.labels(closed.model, closed.reason).inc()
-                log.info("tick closed window %d of %s -> job %d", closed.window_id, model, closed.job_id)
-            await refresh_gauges(db)
+            await tick_once(db, model, schedule, settings.window.min_samples)
+            await refresh_gauges(db, model, schedule)
         except Exception as exc:
             log.warning("scheduler: %s: %s", type(exc).__name__, exc)
         with contextlib.suppress(TimeoutError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,16 @@ class TrainingCrashed(TrainingError):
     """The child died without reporting a result (signal, OOM kill, interpreter crash): retryable."""
 
 
-async def run_training(spec_path: Path, log_path: Path, on_progress: ProgressHandler) -> dict[str, Any]:
-    """Run ``python -m streamengine.training.recipe SPEC``; return its result record.
+async def run_training(argv: list[str], log_path: Path, on_progress: ProgressHandler) -> dict[str, Any]:
+    """Run a training child (``argv``, e.g. ``python -m streamengine.training.recipe SPEC``); return its
+    result record.
 
     Raises :class:`TrainingError` with the child's own message when training failed (diverged, bad
     input) and :class:`TrainingCrashed` when it died.
     """
     with log_path.open("ab") as stderr:
         child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "streamengine.training.recipe",
-            str(spec_path),
+            *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,12 +33,12 @@ from streamengine.jobs.trainer_process import TrainingCrashed, run_training
 from streamengine.store import jobs as job_store
 from streamengine.store import registry, windows
 from streamengine.store.db import Database
+from streamengine.store.jobs import FISHER_FILE
 from streamengine.store.objects import ObjectStore
 from streamengine.stream import cloudevents
+from streamengine.training.dist import training_command
 
 log = logging.getLogger(__name__)
-
-FISHER_FILE = "fisher.safetensors"
 
 
 class LeaseLost(Conflict):
@@ -75,7 +76,10 @@ class Worker:
             return None
         log.info("job %d (%s, window %d, attempt %d) claimed", job.id, job.model, job.window_id, job.attempts)
         try:
-            await self._process(job)
+            if job.kind == "fisher":
+                await self._process_fisher(job)
+            else:
+                await self._process(job)
         except LeaseLost as exc:
             log.warning("job %d: %s", job.id, exc)
         except TrainingCrashed as exc:
@@ -106,13 +110,16 @@ class Worker:
             self.db, self.settings, job.id, job.model, job.window_id, folder, with_negatives=objective == "kto"
         )
         log.info("job %d data: %s", job.id, ", ".join(f"{k} {v}" for k, v in data.counts.items()))
-        parent_dir = await self._fetch_parent(job, folder)
-        parent_fisher = parent_dir / FISHER_FILE if parent_dir else None
+        # A new base model starts a new major line, trained from scratch (the old adapter fits the old base).
+        new_base = await registry.base_model_changed(self.db, job.model, self.settings.model.base)
+        parent_dir, parent_fisher = (
+            (None, None) if new_base else await self._fetch_parent(job.model, job.parent_version, folder)
+        )
         output = folder / "adapter"
         spec = {
             "base_model": self.settings.model.base,
             "parent_adapter": str(parent_dir) if parent_dir else None,
-            "parent_fisher": str(parent_fisher) if parent_fisher and parent_fisher.is_file() else None,
+            "parent_fisher": str(parent_fisher) if parent_fisher else None,
             "samples_path": str(data.samples_path),
             "eval_sets": {name: str(path) for name, path in data.eval_sets.items()},
             "output_dir": str(output),
@@ -127,7 +134,9 @@ class Worker:
         spec_path = folder / "spec.json"
         await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
         started = time.monotonic()
-        result = await self._train_with_heartbeats(job, spec_path, folder / "train.log")
+        argv = training_command(spec_path, self.settings.training.processes)
+        result = await self._run_child(job, argv, folder / "train.log")
+        record_training_metrics(job.model, result)
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
         decision = decide(result.get("eval", {}), self.gate)
         numbers = release_metrics(result, decision)
@@ -139,7 +148,7 @@ class Worker:
             log.warning("job %d rejected, nothing released: %s", job.id, decision.reason)
             await asyncio.to_thread(shutil.rmtree, folder, True)
             return
-        version = await job_store.reserve_version(self.db, job.id, self.owner)
+        version = await job_store.reserve_version(self.db, job.id, self.owner, major=new_base)
         event = await self._upload(job, version, output, numbers)
         await job_store.release(
             self.db,
@@ -154,19 +163,61 @@ class Worker:
         log.info("job %d released %s %s (%s)", job.id, job.model, version, decision.reason)
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    async def _fetch_parent(self, job: job_store.Job, folder: Path) -> Path | None:
-        if not job.parent_version:
-            return None
-        adapter = await registry.get_adapter(self.db, job.model, job.parent_version)
-        return await self.store.adownload_uri(adapter.uri, folder / "parent", adapter.manifest["files"])
+    async def _fetch_parent(self, model: str, version: str | None, folder: Path) -> tuple[Path | None, Path | None]:
+        """The parent adapter's folder and its Fisher file (the registry's current one), when there is one."""
+        if not version:
+            return None, None
+        adapter = await registry.get_adapter(self.db, model, version)
+        files = {name: sha for name, sha in adapter.manifest["files"].items() if name != FISHER_FILE}
+        parent = await self.store.adownload_uri(adapter.uri, folder / "parent", files)
+        if not (adapter.fisher_file and adapter.fisher_sha256):
+            return parent, None
+        fisher = {adapter.fisher_file: adapter.fisher_sha256}
+        fisher_dir = await self.store.adownload_uri(adapter.uri, folder / "parent-fisher", fisher)
+        return parent, fisher_dir / adapter.fisher_file
 
-    async def _train_with_heartbeats(self, job: job_store.Job, spec_path: Path, log_path: Path) -> dict[str, Any]:
+    async def _process_fisher(self, job: job_store.Job) -> None:
+        """Compute the Fisher of a released version on its window and add it to the version's folder."""
+        assert job.target_version is not None
+        folder = self.work_dir / f"job-{job.id}"
+        await asyncio.to_thread(_fresh_dir, folder)
+        adapter = await registry.get_adapter(self.db, job.model, job.target_version)
+        data = await dataset.prepare(self.db, self.settings, job.id, job.model, job.window_id, folder)
+        files = {name: sha for name, sha in adapter.manifest["files"].items() if name != FISHER_FILE}
+        adapter_dir = await self.store.adownload_uri(adapter.uri, folder / "adapter", files)
+        _, parent_fisher = await self._fetch_parent(job.model, adapter.parent_version, folder)
+        name = f"fisher-job{job.id}.safetensors"
+        arguments = {
+            "base_model": self.settings.model.base,
+            "adapter_dir": str(adapter_dir),
+            "samples_path": str(data.samples_path),
+            "out_path": str(folder / name),
+            "parent_fisher": str(parent_fisher) if parent_fisher else None,
+            "gamma": self.settings.ewc.gamma,
+            "max_length": self.settings.training.max_length,
+            "device": self.settings.training.device,
+            "quantization": self.settings.model.quantization,
+        }
+        args_path = folder / "fisher.json"
+        await asyncio.to_thread(args_path.write_text, json.dumps(arguments))
+        argv = [sys.executable, "-m", "streamengine.training.fisher_job", str(args_path)]
+        result = await self._run_child(job, argv, folder / "fisher.log")
+        sha = await self.store.aadd_file(result["path"], job.model, adapter.version)
+        await job_store.finish_fisher(self.db, job.id, self.owner, job.model, adapter.version, name, sha)
+        log.info(
+            "job %d: Fisher of %s %s stored as %s (%.1fs)", job.id, job.model, adapter.version, name, result["seconds"]
+        )
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    async def _run_child(self, job: job_store.Job, argv: list[str], log_path: Path) -> dict[str, Any]:
+        """Run a training child process while heartbeats keep the lease (and carry its progress)."""
         progress: dict[str, Any] = {"phase": "training"}
         lease_lost = asyncio.Event()
 
         async def on_progress(record: dict[str, Any]) -> None:
             progress.update(record)
-            metrics.TRAINING_LOSS.labels(job.model).set(record.get("loss", float("nan")))
+            metrics.TRAINING_LOSS.labels(job.model).set(record.get("task_loss", record.get("loss", float("nan"))))
+            metrics.EWC_PENALTY.labels(job.model).set(record.get("penalty", 0.0))
             step, total = record.get("step"), record.get("total_steps")
             if step in (1, total) or (step and total and step % max(1, total // 10) == 0):
                 log.info(
@@ -187,21 +238,17 @@ class Worker:
                     return
 
         heart = asyncio.create_task(beat())
-        training = asyncio.create_task(run_training(spec_path, log_path, on_progress))
+        child = asyncio.create_task(run_training(argv, log_path, on_progress))
         try:
             lost = asyncio.create_task(lease_lost.wait())
-            done, _ = await asyncio.wait({training, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({child, lost}, return_when=asyncio.FIRST_COMPLETED)
             lost.cancel()
-            if training not in done:
-                training.cancel()
-                raise LeaseLost(f"job {job.id}: lease lost during training; abandoned")
-            result = training.result()
+            if child not in done:
+                child.cancel()
+                raise LeaseLost(f"job {job.id}: lease lost while its child process ran; abandoned")
+            return child.result()
         finally:
             heart.cancel()
-        metrics.TRAINING_TOKENS_PER_SECOND.set(result["tokens"] / max(result["seconds"], 1e-9))
-        metrics.EVAL_LOSS.labels(job.model, "before").set(result["eval_loss_before"])
-        metrics.EVAL_LOSS.labels(job.model, "after").set(result["eval_loss_after"])
-        return result
 
     async def _upload(
         self, job: job_store.Job, version: str, output: Path, numbers: dict[str, float | None]
@@ -229,7 +276,9 @@ class Worker:
         (output / "manifest.json").write_text(json.dumps(manifest_of(event), indent=2, sort_keys=True))
         started = time.monotonic()
         await self.store.aensure_bucket()
-        await self.store.aupload_folder(output, job.model, version)
+        # Our reserved version: a retry may replace its own unreleased upload, never a released version.
+        released = await registry.is_released(self.db, job.model, version)
+        await self.store.aupload_folder(output, job.model, version, overwrite=not released)
         metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
         metrics.UPLOAD_BYTES.inc(event.size_bytes)
         if not await job_store.heartbeat(
@@ -237,6 +286,13 @@ class Worker:
         ):
             raise LeaseLost(f"job {job.id}: lease lost during upload; abandoned")
         return event
+
+
+def record_training_metrics(model: str, result: dict[str, Any]) -> None:
+    metrics.TRAINING_TOKENS_PER_SECOND.set(result["tokens"] / max(result["seconds"], 1e-9))
+    metrics.TRAINING_STEPS_PER_SECOND.set(result["steps"] / max(result["seconds"], 1e-9))
+    metrics.EVAL_LOSS.labels(model, "before").set(result["eval_loss_before"])
+    metrics.EVAL_LOSS.labels(model, "after").set(result["eval_loss_after"])
 
 
 def release_metrics(result: dict[str, Any], decision: GateDecision) -> dict[str, float | None]:

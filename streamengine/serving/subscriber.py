@@ -1,11 +1,14 @@
 """The serving-node side: follow ``adapter.released`` and hot-swap each new adapter of one model line.
 
-On start the subscriber bootstraps: it assigns every partition of the topic, reads it from the
-beginning up to the highwater of each partition (taken from fetch responses, not ListOffsets, which
-some Kafka-protocol brokers answer wrongly) and applies the latest release of its model. Then it
+On start the subscriber bootstraps: it reads every partition of the topic from the beginning to its
+end and applies the latest release of its model, so a node that starts late catches up. Then it
 follows the topic live. A release is applied only after its signature (when a signing key is
 configured) and every file's sha256 check out; any failure is logged on one line and counted, and
-the adapter being served stays in place.
+the adapter being served stays in place. Failures that may pass (S3 or the inference server
+unreachable) are tried again with backoff until they succeed or a newer release arrives; a tampered,
+truncated, missing or wrongly signed release is refused for good. A record whose ``event_id`` was
+seen before (an at-least-once redelivery) is ignored, so a node never steps back to an old release.
+After each swap ``<download_dir>/<model>/current.json`` names the version being served.
 """
 
 from __future__ import annotations
@@ -15,62 +18,47 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import shutil
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from prometheus_client import Counter, Histogram, Info
 from pydantic import ValidationError
 
 from streamengine.config import Settings
-from streamengine.core.manifest import signature_valid
+from streamengine.core.manifest import serving_files, signature_valid
 from streamengine.core.versions import Version
 from streamengine.errors import ConfigError, IntegrityError, ServiceUnavailable
 from streamengine.events import AdapterReleased
+from streamengine.serving import follow
+from streamengine.serving.metrics import CURRENT, IGNORED, RETRIES, STAGE_SECONDS, SWAP_FAILURES, SWAP_SECONDS, SWAPS
 from streamengine.serving.swappers import Swapper
 from streamengine.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
-# Defined once per process (module level), so several Subscribers never register twice.
-SWAPS = Counter("streamengine_subscriber_swaps", "Adapter versions swapped in.", ["model"])
-SWAP_FAILURES = Counter(
-    "streamengine_subscriber_swap_failures",
-    "Releases refused or failed (the current adapter kept serving).",
-    ["model", "reason"],
-)
-IGNORED = Counter(
-    "streamengine_subscriber_releases_ignored",
-    "Releases not applied on purpose (already serving that version, superseded in the same batch).",
-    ["model", "reason"],
-)
-SWAP_SECONDS = Histogram(
-    "streamengine_subscriber_swap_seconds",
-    "From release record to serving: download, verification and adapter load.",
-    ["model"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-)
-CURRENT = Info("streamengine_subscriber_current_version", "The adapter version being served.", ["model"])
-
 Status = Literal["swapped", "failed", "ignored"]
+_SEEN_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one release record."""
+    """What became of one release record (``stages``: seconds of consume, download, verify, swap)."""
 
     version: str | None
     status: Status
     reason: str
     detail: str = ""
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class Subscriber:
@@ -85,6 +73,10 @@ class Subscriber:
         store: ObjectStore | None = None,
         bootstrap_timeout_s: float = 60.0,
         poll_ms: int = 500,
+        fetch_wait_ms: int = 100,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 30.0,
+        reconcile_s: float = 30.0,
         on_swap: Callable[[str], Awaitable[None] | None] | None = None,
     ) -> None:
         self.settings = settings
@@ -94,6 +86,8 @@ class Subscriber:
         self.download_dir = Path(settings.serving.download_dir) / self.model
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.poll_ms = poll_ms
+        self.fetch_wait_ms = fetch_wait_ms
+        self.retry_initial_s, self.retry_max_s, self.reconcile_s = retry_initial_s, retry_max_s, reconcile_s
         self.on_swap = on_swap
         self.outcomes: deque[Outcome] = deque(maxlen=256)
         self.ready = asyncio.Event()
@@ -103,6 +97,10 @@ class Subscriber:
         self._changed = asyncio.Condition()
         self._applying = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._pending: tuple[AdapterReleased, dict[str, Any] | None] | None = None
+        self._retry_at = 0.0
+        self._retry_delay = retry_initial_s
 
     @property
     def current(self) -> str | None:
@@ -115,40 +113,55 @@ class Subscriber:
         return self._store
 
     # --- one release ---------------------------------------------------------------------------
-    async def apply(self, event: AdapterReleased, raw: dict[str, Any] | None = None) -> Outcome:
-        """Verify, download and swap in one release (``raw``: the record's JSON, for the signature)."""
+    async def apply(
+        self, event: AdapterReleased, raw: dict[str, Any] | None = None, produced_at: float | None = None
+    ) -> Outcome:
+        """Verify, download and swap in one release (``raw``: the record's JSON, for the signature;
+        ``produced_at``: the record's timestamp in epoch seconds, to time the consume stage)."""
         async with self._applying:
-            return await self._apply(event, raw)
+            return await self._apply(event, raw, produced_at)
 
-    async def _apply(self, event: AdapterReleased, raw: dict[str, Any] | None) -> Outcome:
+    async def _apply(self, event: AdapterReleased, raw: dict[str, Any] | None, produced_at: float | None) -> Outcome:
         if event.model != self.model:
             return await self._record(Outcome(event.version, "ignored", "other_model"))
         if event.version == self.swapper.current:
+            self._pending = None
             return await self._record(Outcome(event.version, "ignored", "duplicate"))
+        stages: dict[str, float] = {}
+        if produced_at is not None:
+            stages["consume"] = max(0.0, time.time() - produced_at)
         started = time.perf_counter()
-        stage = "signature"
-        previous = self.swapper.current
+        stage, previous, stats = "signature", self.swapper.current, {"hash_s": 0.0}
         try:
             self._check_signature(event, raw)
+            stages["verify"] = time.perf_counter() - started
             stage = "download"
-            dest = self.download_dir / event.version
-            folder = await self.store.adownload_uri(event.uri, dest, event.files)
-            stage = "swap"
+            dest, began = self.download_dir / event.version, time.perf_counter()
+            folder = await self.store.adownload_uri(event.uri, dest, serving_files(event.files), stats)
+            stages["download"] = time.perf_counter() - began - stats["hash_s"]
+            stages["verify"] += stats["hash_s"]
+            stage, began = "swap", time.perf_counter()
             await self.swapper.swap(event.model, event.version, folder)
+            stages["swap"] = time.perf_counter() - began
         except Exception as exc:
-            reason = stage
-            if stage == "download":
-                reason = "integrity" if isinstance(exc, IntegrityError) else "storage"
+            reason = stage if stage != "download" else "integrity" if isinstance(exc, IntegrityError) else "storage"
+            transient = isinstance(exc, ServiceUnavailable)
+            if transient:
+                self._retry_later(event, raw)
             log.error(
-                "refused adapter %s %s (%s): %s; still serving %s",
+                "refused adapter %s %s (%s): %s; still serving %s%s",
                 self.model, event.version, reason, exc, self.swapper.current or "the base model",
+                f"; trying again in {self._retry_at - time.monotonic():.1f}s" if transient else "",
             )  # fmt: skip
-            return await self._record(Outcome(event.version, "failed", reason, str(exc)))
+            return await self._record(Outcome(event.version, "failed", reason, str(exc), stages=stages))
+        self._pending, self._retry_delay = None, self.retry_initial_s
         seconds = time.perf_counter() - started
         SWAP_SECONDS.labels(self.model).observe(seconds)
+        for name, value in stages.items():
+            STAGE_SECONDS.labels(self.model, name).observe(value)
         CURRENT.labels(self.model).info({"version": event.version})
         log.info("now serving adapter %s %s (%.0f ms from record)", self.model, event.version, seconds * 1000)
-        self._prune({event.version, previous})
+        await asyncio.to_thread(self._after_swap, event.version, previous)
         if self.on_swap is not None:
             try:
                 result = self.on_swap(event.version)
@@ -156,7 +169,7 @@ class Subscriber:
                     await result
             except Exception:
                 log.exception("on_swap hook failed after swapping in %s", event.version)
-        return await self._record(Outcome(event.version, "swapped", event.reason, seconds=seconds))
+        return await self._record(Outcome(event.version, "swapped", event.reason, seconds=seconds, stages=stages))
 
     def _check_signature(self, event: AdapterReleased, raw: dict[str, Any] | None) -> None:
         if self.settings.signing_key is None:
@@ -167,6 +180,11 @@ class Subscriber:
         candidates = ([raw] if raw is not None else []) + [event.model_dump(mode="json")]
         if not any(signature_valid(c, key) for c in candidates):
             raise IntegrityError(f"release {event.version} has a wrong signature")
+
+    def _retry_later(self, event: AdapterReleased, raw: dict[str, Any] | None) -> None:
+        self._pending = (event, raw)
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
 
     async def _record(self, outcome: Outcome) -> Outcome:
         if outcome.status == "swapped":
@@ -180,17 +198,24 @@ class Subscriber:
             self._changed.notify_all()
         return outcome
 
-    def _prune(self, keep: set[str | None]) -> None:
-        """Downloaded folders of versions other than the current and previous ones go."""
-        if not self.download_dir.is_dir():
-            return
+    def _after_swap(self, version: str, previous: str | None) -> None:
+        """Write current.json; drop downloaded folders other than the current and previous versions."""
+        served = getattr(self.swapper, "served_name", None)
+        state = {
+            "model": self.model,
+            "version": version,
+            "previous": previous,
+            "folder": str((self.download_dir / version).absolute()),
+            "served_name": served(version) if callable(served) else None,
+            "swapped_at": datetime.now(UTC).isoformat(),
+        }
+        tmp = self.download_dir / ".current.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, self.download_dir / "current.json")
         for path in self.download_dir.iterdir():
-            try:
-                Version.parse(path.name)
-            except ConfigError:
-                continue
-            if path.name not in keep and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(ConfigError):
+                if path.is_dir() and Version.parse(path.name) and path.name not in (version, previous):
+                    shutil.rmtree(path, ignore_errors=True)
 
     # --- waiting (tests, health) ---------------------------------------------------------------
     async def wait_until(self, predicate: Callable[[], bool], within_s: float = 30.0) -> None:
@@ -227,98 +252,51 @@ class Subscriber:
         SWAP_FAILURES.labels(self.model, "bad_record").inc()
         self.outcomes.append(Outcome(None, "failed", "bad_record", f"{where}: {detail[:300]}"))
 
-    async def _apply_latest(self, records: list[Any]) -> None:
-        """Apply the newest valid release among ``records``; older ones are superseded."""
+    async def _apply_latest(self, records: list[Any], live: bool) -> None:
+        """Apply the newest valid, never-seen release among ``records``; older ones are superseded."""
         decoded = [(r.timestamp, r.offset, d) for r in records if (d := self._decode(r)) is not None]
-        if not decoded:
+        decoded.sort(key=lambda item: (item[0], item[1]))
+        fresh: list[tuple[int, AdapterReleased, dict[str, Any]]] = []
+        for timestamp, _, (event, raw) in decoded:
+            if event.event_id in self._seen:
+                await self._record(Outcome(event.version, "ignored", "redelivered"))
+                continue
+            self._seen[event.event_id] = None
+            while len(self._seen) > _SEEN_MAX:
+                self._seen.popitem(last=False)
+            fresh.append((timestamp, event, raw))
+        if not fresh:
             async with self._changed:
                 self._changed.notify_all()
             return
-        decoded.sort(key=lambda item: (item[0], item[1]))
-        for _, _, (event, _raw) in decoded[:-1]:
+        self._pending, self._retry_delay = None, self.retry_initial_s  # a newer release replaces a pending one
+        for _, event, _raw in fresh[:-1]:
             await self._record(Outcome(event.version, "ignored", "superseded"))
-        event, raw = decoded[-1][2]
-        await self.apply(event, raw)
+        timestamp, event, raw = fresh[-1]
+        await self.apply(event, raw, timestamp / 1000 if live else None)
 
     # --- Kafka ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect and bootstrap to the latest release of the model (sets ``ready``)."""
-        bootstrap = self.settings.kafka.bootstrap_servers
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            client_id=f"streamengine-subscriber-{self.model}",
-            fetch_max_wait_ms=200,
+        consumer = await follow.open_consumer(
+            self.settings.kafka.bootstrap_servers, f"streamengine-subscriber-{self.model}", self.fetch_wait_ms
         )
-        try:
-            await consumer.start()
-        except (KafkaError, OSError) as exc:
-            await consumer.stop()
-            raise ServiceUnavailable("Kafka", bootstrap, str(exc) or type(exc).__name__) from None
         self._consumer = consumer
-        await self._bootstrap(consumer)
-        self.ready.set()
-
-    async def _partitions(self, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
-        try:
-            cluster = await consumer._client.fetch_all_metadata()
-        except KafkaError as exc:
-            log.warning("cannot read metadata of topic %s: %s", self.topic, exc)
-            return set(consumer.assignment())
-        ids = cluster.partitions_for_topic(self.topic) or set()
-        return {TopicPartition(self.topic, p) for p in ids}
-
-    async def _bootstrap(self, consumer: AIOKafkaConsumer) -> None:
         started = time.perf_counter()
-        parts = await self._partitions(consumer)
-        if not parts:
+        records = await follow.read_to_end(
+            consumer, self.topic, self.model.encode(), self.bootstrap_timeout_s, self._stopping
+        )
+        if records is None:
             log.warning("topic %s does not exist yet: serving %s until a release", self.topic, self.current)
-            return
-        consumer.assign(list(parts))
-        await consumer.seek_to_beginning(*parts)
-        seen: list[Any] = []
-        deadline = time.monotonic() + self.bootstrap_timeout_s
-        while True:
-            batch = await consumer.getmany(timeout_ms=100)
-            for records in batch.values():
-                seen.extend(r for r in records if r.key is None or r.key == self.model.encode())
-            if await self._caught_up(consumer, parts):
-                break
-            if self._stopping.is_set():
-                return
-            if time.monotonic() > deadline:
-                log.warning("bootstrap of %s not caught up after %.0fs; going on", self.topic, self.bootstrap_timeout_s)
-                break
-        log.info("bootstrap read %d records of %s in %.2fs", len(seen), self.model, time.perf_counter() - started)
-        await self._apply_latest(seen)
-
-    @staticmethod
-    async def _caught_up(consumer: AIOKafkaConsumer, parts: set[TopicPartition]) -> bool:
-        for tp in parts:
-            highwater = consumer.highwater(tp)
-            if highwater is None or await consumer.position(tp) < highwater:
-                return False
-        return True
-
-    async def _refresh_assignment(self, consumer: AIOKafkaConsumer) -> None:
-        """Pick up the topic once it exists, and partitions added later (read from their start)."""
-        current = set(consumer.assignment())
-        parts = await self._partitions(consumer)
-        new = parts - current
-        if not new:
-            return
-        positions = {tp: await consumer.position(tp) for tp in current}
-        consumer.assign(list(parts | current))
-        for tp, offset in positions.items():
-            consumer.seek(tp, offset)
-        await consumer.seek_to_beginning(*new)
-        log.info("following %d new partitions of %s", len(new), self.topic)
+        else:
+            took = time.perf_counter() - started
+            log.info("bootstrap read %d records of %s in %.2fs", len(records), self.model, took)
+            await self._apply_latest(records, live=False)
+        self.ready.set()
 
     async def run(self) -> None:
         """Start (unless started) and follow the topic until :meth:`stop`."""
-        refreshed = time.monotonic()
+        refreshed = reconciled = time.monotonic()
         try:
             if self._consumer is None:
                 await self.start()
@@ -329,21 +307,37 @@ class Subscriber:
                 try:
                     if time.monotonic() - refreshed > (10.0 if assigned else 1.0):
                         refreshed = time.monotonic()
-                        await self._refresh_assignment(consumer)
+                        await follow.refresh_assignment(consumer, self.topic)
                         assigned = bool(consumer.assignment())
                     if not assigned:
                         await _sleep_or(self._stopping, 0.5)
-                        continue
-                    batch = await consumer.getmany(timeout_ms=self.poll_ms)
+                    else:
+                        batch = await consumer.getmany(timeout_ms=self.poll_ms)
+                        records = [r for tp in sorted(batch) for r in batch[tp]]
+                        if records:
+                            await self._apply_latest(records, live=True)
                 except KafkaError as exc:
                     log.warning("reading %s failed: %s; retrying", self.topic, exc)
                     await _sleep_or(self._stopping, 1.0)
-                    continue
-                records = [r for tp in sorted(batch) for r in batch[tp]]
-                if records:
-                    await self._apply_latest(records)
+                if self._pending is not None and time.monotonic() >= self._retry_at:
+                    RETRIES.labels(self.model).inc()
+                    await self.apply(*self._pending)
+                if time.monotonic() - reconciled > self.reconcile_s:
+                    reconciled = time.monotonic()
+                    await self._reconcile()
         finally:
             await self._close()
+
+    async def _reconcile(self) -> None:
+        """Let a swapper that can (HTTP) check the server still holds the current version."""
+        reconcile = getattr(self.swapper, "reconcile", None)
+        if reconcile is None or self.current is None:
+            return
+        async with self._applying:
+            try:
+                await reconcile(self.download_dir / self.current)
+            except Exception as exc:
+                log.warning("checking the served adapter failed: %s", exc)
 
     async def stop(self) -> None:
         self._stopping.set()

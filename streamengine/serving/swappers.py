@@ -1,7 +1,8 @@
 """Swappers: how a serving node starts serving a verified adapter folder.
 
 - :class:`PeftSwapper` keeps a transformers model in this process and hot-swaps PEFT LoRA adapters.
-- :class:`CallbackSwapper` hands the folder to a user function (reload a server, call an HTTP API...).
+- :class:`~streamengine.serving.http.HttpSwapper` drives vLLM, SGLang or MAX Serve over HTTP.
+- :class:`CallbackSwapper` hands the folder to a user function (reload a server, call an API...).
 
 torch, transformers and peft are imported lazily: this module imports on the base install.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import re
 import threading
@@ -17,11 +19,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_@\-]")
+SwapMethod = Literal["from_pretrained", "hotswap", "load_adapter", "set_adapter"]
 
 
 @runtime_checkable
@@ -56,12 +59,15 @@ class CallbackSwapper:
 class PeftSwapper:
     """A base causal LM in this process with PEFT LoRA adapters hot-swapped on top.
 
-    The first version wraps the base with ``PeftModel.from_pretrained``; later ones are added with
-    ``load_adapter`` and activated with ``set_adapter``. The previous adapter stays loaded until the
-    next swap completes (instant manual fallback), older ones are deleted. When loading fails the
-    current adapter keeps serving and the error is raised. ``lock`` (a re-entrant thread lock) is held
-    while adapters change; hold it around your own forward passes (``with swapper.serving() as m``)
-    so no request runs across a swap.
+    Two adapter slots, ``<model>@slot-a`` and ``<model>@slot-b``: the active one serves the current
+    version, the other keeps the previous version loaded (a rollback to it is one ``set_adapter``).
+    A new version goes into the inactive slot, then becomes active: with
+    ``peft.utils.hotswap.hotswap_adapter`` (weights copied in place, no new modules) when its rank,
+    targets and LoRA options match the slot's, else by deleting the slot and ``load_adapter``. The
+    very first version wraps the base with ``PeftModel.from_pretrained``. When loading fails the
+    current adapter keeps serving and the error is raised. ``lock`` (re-entrant) is held while
+    adapters change; hold it around your own forward passes (``with swapper.serving() as m``) so no
+    request runs across a swap.
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class PeftSwapper:
         *,
         device: str = "cpu",
         dtype: str | None = None,
+        hotswap: bool = True,
     ) -> None:
         """``base``: a loaded transformers model, or a local model folder / hub id to load lazily."""
         self._base_source = base if isinstance(base, str | Path) else None
@@ -78,12 +85,14 @@ class PeftSwapper:
         self.tokenizer: Any = tokenizer
         self.device = device
         self.dtype = dtype
+        self.hotswap = hotswap
         self.model: Any = None  # the PeftModel once a first adapter is loaded
         self.current: str | None = None
         self.previous: str | None = None
         self.lock = threading.RLock()
-        self._names: dict[str, str] = {}  # version -> adapter name
+        self.slots: dict[str, str] = {}  # adapter (slot) name -> version it holds
         self.last_swap_s: float | None = None
+        self.last_method: SwapMethod | None = None
 
     # --- loading -------------------------------------------------------------------------------
     def load_base(self) -> Any:
@@ -107,47 +116,61 @@ class PeftSwapper:
         await asyncio.to_thread(self.swap_sync, model, version, folder)
 
     def swap_sync(self, model: str, version: str, folder: Path) -> None:
-        name = adapter_name(model, version)
         started = time.perf_counter()
         _precheck(Path(folder))
         with self.lock:
             base = self.load_base()
             if self.current == version:
                 return
+            held = {v: name for name, v in self.slots.items()}
             if self.model is None:
                 from peft import PeftModel
 
-                self.model = PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=False)
+                target = adapter_name(model, "slot-a")
+                self.model = PeftModel.from_pretrained(base, str(folder), adapter_name=target, is_trainable=False)
                 self.model.eval()
-            elif self._names.get(version) == name and name in self.model.peft_config:
-                self.model.set_adapter(name)  # the previous version (a rollback): still loaded
+                method: SwapMethod = "from_pretrained"
+            elif version in held:
+                target, method = held[version], "set_adapter"  # the previous version (a rollback): still loaded
             else:
-                try:
-                    self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-                    self.model.set_adapter(name)
-                except BaseException:
-                    self._discard(name)
-                    raise
-            self._names[version] = name
+                active = self.model.active_adapter
+                slots = (adapter_name(model, "slot-a"), adapter_name(model, "slot-b"))
+                target = slots[1] if slots[0] == active else slots[0]
+                self.slots.pop(target, None)  # whatever it held is overwritten or deleted below
+                method = self._load_into(target, Path(folder))
+            self.model.set_adapter(target)
+            self.slots[target] = version
             self.previous, self.current = self.current, version
-            for old_version, old_name in list(self._names.items()):
-                if old_version not in (self.current, self.previous):
-                    self._discard(old_name)
-                    del self._names[old_version]
-            self.last_swap_s = time.perf_counter() - started
-        log.info("serving adapter %s (%.1f ms)", name, self.last_swap_s * 1000)
+            self.last_swap_s, self.last_method = time.perf_counter() - started, method
+        log.info("serving adapter %s %s (%s, %.1f ms)", model, version, method, self.last_swap_s * 1000)
+
+    def _load_into(self, target: str, folder: Path) -> SwapMethod:
+        """Put the adapter in ``folder`` into the inactive slot ``target`` (not yet activated)."""
+        if self.hotswap and target in self.model.peft_config and _hotswappable(self.model.peft_config[target], folder):
+            from peft.utils.hotswap import hotswap_adapter
+
+            try:
+                hotswap_adapter(self.model, str(folder), adapter_name=target, torch_device=self.device)
+                self.model.peft_config[target] = _lora_config(folder)
+                return "hotswap"
+            except Exception as exc:  # incompatible after all, or half-copied: the slot is rebuilt
+                log.warning("hotswap into %s failed (%s); loading it afresh", target, exc)
+        self._discard(target)
+        try:
+            self.model.load_adapter(str(folder), adapter_name=target, is_trainable=False)
+        except BaseException:
+            self._discard(target)
+            raise
+        return "load_adapter"
 
     def _discard(self, name: str) -> None:
-        """Remove adapter ``name`` if loaded, keeping the current one active."""
-        if self.model is None or name not in self.model.peft_config:
+        """Remove adapter ``name`` if loaded (never the active one)."""
+        if self.model is None or name not in self.model.peft_config or name == self.model.active_adapter:
             return
         try:
             self.model.delete_adapter(name)
         except Exception as exc:  # a half-loaded adapter: keep serving what we have
             log.warning("could not delete adapter %s: %s", name, exc)
-        current = self._names.get(self.current or "")
-        if current is not None and current != name:
-            self.model.set_adapter(current)
 
     # --- inference helpers ---------------------------------------------------------------------
     @contextmanager
@@ -180,10 +203,35 @@ class PeftSwapper:
         return {k: v.to(self.device) for k, v in encoded.items()}
 
 
+def _lora_config(folder: Path) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig.from_pretrained(str(folder))
+
+
+_SAME = ("r", "rank_pattern", "bias", "modules_to_save", "layers_to_transform", "layers_pattern", "fan_in_fan_out")
+
+
+def _hotswappable(loaded: Any, folder: Path) -> bool:
+    """Same rank, targets and output-affecting options: the weights can be copied in place.
+    (lora_alpha may differ: hotswap updates the scaling.)"""
+    from peft.utils.hotswap import check_hotswap_configs_compatible
+
+    try:
+        new = _lora_config(folder)
+        check_hotswap_configs_compatible(loaded, new)
+    except Exception:
+        return False
+
+    def targets(config: Any) -> Any:
+        modules = config.target_modules
+        return modules if isinstance(modules, str) else frozenset(modules or ())
+
+    return targets(loaded) == targets(new) and all(getattr(loaded, k, None) == getattr(new, k, None) for k in _SAME)
+
+
 def _precheck(folder: Path) -> None:
     """Cheap checks before the model is touched: a PEFT config and readable safetensors headers."""
-    import json
-
     from safetensors import safe_open
 
     config = folder / "adapter_config.json"

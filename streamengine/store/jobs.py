@@ -14,9 +14,10 @@ from typing import Any
 import asyncpg
 
 from streamengine.core.versions import Version, next_version
-from streamengine.errors import Conflict
+from streamengine.errors import Conflict, NotFound
 from streamengine.store.db import Database
 
+FISHER_FILE = "fisher.safetensors"
 CLAIMABLE = "(state = 'queued' OR (state = 'running' AND lease_expires_at < now()))"
 
 
@@ -37,6 +38,8 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    kind: str = "train"
+    target_version: str | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Job:
@@ -123,9 +126,14 @@ async def reserve_version(db: Database, job_id: int, owner: str, major: bool = F
             " SELECT version FROM jobs WHERE model = $1 AND version IS NOT NULL AND state IN ('queued', 'running')",
             job["model"],
         )
-        version = str(next_version([r["version"] for r in taken], major=major))
+        version = str(next_version([r["version"] for r in taken], major=major or bool(job["major"])))
         await conn.execute("UPDATE jobs SET version = $2 WHERE id = $1", job_id, version)
         return version
+
+
+async def request_major(db: Database, job_id: int) -> None:
+    """Make the job release the next major version (``vN+1.0``) instead of a minor bump."""
+    await db.execute("UPDATE jobs SET major = true WHERE id = $1 AND version IS NULL", job_id)
 
 
 async def release(
@@ -143,7 +151,7 @@ async def release(
         version = Version.parse(manifest["version"])
         await conn.execute(
             "INSERT INTO adapters (model, version, major, minor, parent_version, job_id, uri, size_bytes,"
-            " manifest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            " manifest, fisher_file, fisher_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             job["model"],
             str(version),
             version.major,
@@ -153,6 +161,8 @@ async def release(
             manifest["uri"],
             manifest["size_bytes"],
             manifest,
+            FISHER_FILE if FISHER_FILE in manifest["files"] else None,
+            manifest["files"].get(FISHER_FILE),
         )
         await move_production(conn, job["model"], str(version))
         await enqueue(conn, topic, job["model"], event, headers)
@@ -220,3 +230,44 @@ async def list_jobs(db: Database, model: str | None = None, limit: int = 50) -> 
         "SELECT * FROM jobs WHERE $1::text IS NULL OR model = $1 ORDER BY id DESC LIMIT $2", model, limit
     )
     return [Job.from_row(r) for r in rows]
+
+
+async def enqueue_fisher(db: Database, model: str, version: str) -> int:
+    """Queue a job that computes and stores the Fisher of released ``version``; returns its id."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT manifest -> 'window' ->> 'id' AS window_id FROM adapters"
+            " WHERE model = $1 AND version = $2 AND deleted_at IS NULL",
+            model,
+            version,
+        )
+        if row is None:
+            raise NotFound(f"model '{model}' has no released version '{version}'")
+        if row["window_id"] is None:
+            raise Conflict(f"{model} {version} records no training window to compute its Fisher on")
+        job_id: int = await conn.fetchval(
+            "INSERT INTO jobs (model, window_id, reason, kind, target_version) VALUES ($1, $2, 'manual', 'fisher', $3)"
+            " RETURNING id",
+            model,
+            int(row["window_id"]),
+            version,
+        )
+        return job_id
+
+
+async def finish_fisher(db: Database, job_id: int, owner: str, model: str, version: str, name: str, sha: str) -> None:
+    """Point the registry at a version's new Fisher file and mark the job done, in one transaction."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        await _owned(conn, job_id, owner)
+        await conn.execute(
+            "UPDATE adapters SET fisher_file = $3, fisher_sha256 = $4 WHERE model = $1 AND version = $2",
+            model,
+            version,
+            name,
+            sha,
+        )
+        await conn.execute(
+            "UPDATE jobs SET state = 'done', finished_at = now(), lease_owner = NULL, metrics = $2 WHERE id = $1",
+            job_id,
+            {"fisher_file": name, "fisher_sha256": sha},
+        )

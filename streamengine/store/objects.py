@@ -1,11 +1,12 @@
 """Adapter folders in S3/MinIO: ``<bucket>/<model>/<version>/`` (sync ``minio`` client, async wrappers).
 
-Only files that :func:`~streamengine.core.manifest.is_safe_artifact` allows travel (safetensors and
-text, never pickles). Uploads put ``manifest.json`` last, so a listed manifest means a complete
-version, and read each object's size back. Downloads land in a temporary folder beside the
-destination, every sha256 is checked, and only then is the folder renamed into place.
-Transient S3 and connection errors are retried with bounded exponential backoff; an unreachable
-server raises :class:`ServiceUnavailable` naming "S3" and the endpoint (never the keys).
+Only safe artifacts travel (safetensors and text, never pickles). Versions are immutable: an upload
+refuses a folder that already holds a ``manifest.json`` unless its caller owns that reserved, never
+released version (``overwrite``). ``manifest.json`` goes up last, so a listed manifest means a complete
+version; files above ``part_size`` go up in parts; every object is read back and its size and sha256
+compared. Downloads are verified in a temporary folder, then renamed into place. Transient S3 errors and
+timeouts are retried with bounded, jittered exponential backoff; an unreachable server raises
+:class:`ServiceUnavailable` naming "S3" and the endpoint (never the keys).
 """
 
 from __future__ import annotations
@@ -15,58 +16,52 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from streamengine.config import StorageSettings
 from streamengine.core.manifest import is_safe_artifact
 from streamengine.core.versions import Version
-from streamengine.errors import ConfigError, IntegrityError, NotFound, ServiceUnavailable
+from streamengine.errors import ConfigError, Conflict, IntegrityError, NotFound, ServiceUnavailable
+from streamengine.store.folders import CHUNK, check_model, file_sha256, parse_uri, replace_dir, verify
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
+MIB = 1 << 20
+MIN_PART_SIZE = 5 * MIB  # the S3 minimum for every part but the last
+DEFAULT_PART_SIZE = 16 * MIB
 _TRANSIENT_CODES = frozenset(
-    {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}
+    {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed", "NoSuchUpload"}
 )
 _AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"})
+_TRANSPORT_ERRORS = (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _threaded(fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+    """An async method running the sync method ``fn`` on a worker thread."""
 
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
-def _check_model(model: str) -> None:
-    parts = model.split("/")
-    if not model or model.startswith("/") or "\\" in model or any(p in ("", ".", "..") for p in parts):
-        raise ConfigError(f"'{model}' is not a valid model name for object storage")
-
-
-def parse_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/model/version/`` -> (bucket, ``model/version/``)."""
-    if not uri.startswith("s3://"):
-        raise IntegrityError(f"adapter uri {uri!r} is not an s3:// uri")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket or not prefix.strip("/") or ".." in prefix.split("/"):
-        raise IntegrityError(f"adapter uri {uri!r} does not name a bucket and a folder")
-    return bucket, prefix.rstrip("/") + "/"
+    run.__name__ = "a" + fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
 
 
 class ObjectStore:
@@ -78,22 +73,37 @@ class ObjectStore:
         bucket: str,
         endpoint: str,
         *,
-        attempts: int = 4,
-        backoff_s: float = 0.2,
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        part_size: int = DEFAULT_PART_SIZE,
         secrets: tuple[str, ...] = (),
     ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ConfigError(f"S3 part size {part_size} is below the S3 minimum of {MIN_PART_SIZE} bytes (5 MiB)")
         self.client = client
         self.bucket = bucket
         self.endpoint = endpoint
         self.attempts = max(1, attempts)
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.part_size = part_size
         self._secrets = tuple(s for s in secrets if s)
 
     @classmethod
-    def from_settings(cls, settings: StorageSettings, *, attempts: int = 4, backoff_s: float = 0.2) -> ObjectStore:
-        # Our own pool: short connect timeout and no urllib3-level retries (we retry, bounded, here).
+    def from_settings(
+        cls,
+        settings: StorageSettings,
+        *,
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        part_size: int = DEFAULT_PART_SIZE,
+    ) -> ObjectStore:
+        # Our own pool: bounded timeouts and no urllib3-level retries (we retry, bounded, here).
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5.0, read=60.0),
+            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             retries=False,
             maxsize=10,
             cert_reqs="CERT_REQUIRED",
@@ -102,21 +112,11 @@ class ObjectStore:
         access = settings.access_key.get_secret_value()
         secret = settings.secret_key.get_secret_value()
         client = Minio(
-            settings.endpoint,
-            access_key=access,
-            secret_key=secret,
-            secure=settings.secure,
-            region=settings.region,
-            http_client=http,
+            settings.endpoint, access, secret, secure=settings.secure, region=settings.region, http_client=http
         )
-        return cls(
-            client,
-            settings.bucket,
-            settings.endpoint,
-            attempts=attempts,
-            backoff_s=backoff_s,
-            secrets=(access, secret),
-        )
+        secrets = (access, secret)
+        kwargs: dict[str, Any] = {"attempts": attempts, "backoff_s": backoff_s, "part_size": part_size}
+        return cls(client, settings.bucket, settings.endpoint, secrets=secrets, **kwargs)
 
     # --- helpers -------------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
@@ -141,23 +141,17 @@ class ObjectStore:
                 if exc.code not in _TRANSIENT_CODES or attempt == tries:
                     raise ServiceUnavailable("S3", self.endpoint, f"{what} failed: {exc.code}") from None
                 detail = str(exc.code)
-            except (
-                ServerError,
-                InvalidResponseError,
-                urllib3.exceptions.HTTPError,
-                ConnectionError,
-                TimeoutError,
-            ) as exc:
+            except _TRANSPORT_ERRORS as exc:
                 detail = self._scrub(f"{type(exc).__name__}: {exc}")
                 if attempt == tries:
                     raise ServiceUnavailable("S3", self.endpoint, f"{what} failed: {detail}") from None
-            delay = self.backoff_s * 2 ** (attempt - 1)
-            log.warning("S3 %s failed (%s), retry %d/%d in %.1fs", what, detail, attempt, tries - 1, delay)
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            log.warning("S3 %s failed (%s), retry %d/%d in %.2fs", what, detail, attempt, tries - 1, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")
 
     def prefix(self, model: str, version: str) -> str:
-        _check_model(model)
+        check_model(model)
         Version.parse(version)
         return f"{model}/{version}/"
 
@@ -179,12 +173,24 @@ class ObjectStore:
                 raise
         log.info("created S3 bucket %s at %s", self.bucket, self.endpoint)
 
+    def exists(self, model: str, version: str) -> bool:
+        """True when ``model/version/manifest.json`` is stored (a complete version)."""
+        key = self.prefix(model, version) + MANIFEST
+        try:
+            self._call(f"stat of {key}", partial(self.client.stat_object, self.bucket, key))
+        except NotFound:
+            return False
+        return True
+
     # --- upload --------------------------------------------------------------------------------
-    def upload_folder(self, local_dir: str | Path, model: str, version: str) -> dict[str, str]:
+    def upload_folder(
+        self, local_dir: str | Path, model: str, version: str, *, overwrite: bool = False
+    ) -> dict[str, str]:
         """Upload every file of ``local_dir`` (manifest.json last); returns name -> sha256.
 
         Refuses the whole folder (IntegrityError, nothing uploaded) when it holds anything but safe
-        artifacts: pickles, sub-folders, hidden files.
+        artifacts: pickles, sub-folders, hidden files. Refuses (Conflict) a version that already has a
+        manifest unless ``overwrite`` (only for the caller's own reserved, never released version).
         """
         folder = Path(local_dir)
         if not folder.is_dir():
@@ -199,9 +205,11 @@ class ObjectStore:
         if not entries:
             raise IntegrityError(f"refusing to upload {folder}: the folder is empty")
         prefix = self.prefix(model, version)
+        if not overwrite and self.exists(model, version):
+            raise Conflict(f"{model} {version} already exists in s3://{self.bucket}/{prefix}: versions are immutable")
         hashes: dict[str, str] = {}
         for path in entries:
-            digest, size, key = _file_sha256(path), path.stat().st_size, prefix + path.name
+            digest, size, key = file_sha256(path), path.stat().st_size, prefix + path.name
             content_type = "application/json" if path.suffix == ".json" else "application/octet-stream"
             upload = partial(
                 self.client.fput_object,
@@ -210,67 +218,125 @@ class ObjectStore:
                 str(path),
                 content_type=content_type,
                 metadata={"sha256": digest},
+                part_size=self.part_size,
             )
             self._call(f"upload of {key}", upload)
-            stat = self._call(f"stat of {key}", partial(self.client.stat_object, self.bucket, key))
-            if stat.size != size:
-                raise IntegrityError(f"{path.name}: S3 holds {stat.size} bytes after upload, expected {size}")
+            stored_digest, stored_size = self._call(f"read-back of {key}", partial(self._hash_object, key))
+            if stored_size != size:
+                raise IntegrityError(f"{path.name}: S3 holds {stored_size} bytes after upload, expected {size}")
+            if stored_digest != digest:
+                raise IntegrityError(f"{path.name}: S3 holds other bytes than were uploaded (sha256 differs)")
             hashes[path.name] = digest
-        log.info("uploaded %d files to %s", len(hashes), self.uri(model, version))
+        log.info("uploaded and verified %d files to %s", len(hashes), self.uri(model, version))
         return hashes
+
+    def add_file(self, path: str | Path, model: str, version: str) -> str:
+        """Add one new file (e.g. a recomputed Fisher) to a version's folder; returns its sha256.
+
+        The version's existing objects stay untouched: a name already stored is refused (Conflict).
+        """
+        file = Path(path)
+        if not is_safe_artifact(file.name):
+            raise IntegrityError(f"refusing to upload {file.name}: not a safe artifact name")
+        key = self.prefix(model, version) + file.name
+        try:
+            self._call(f"stat of {key}", partial(self.client.stat_object, self.bucket, key))
+        except NotFound:
+            pass
+        else:
+            raise Conflict(f"s3://{self.bucket}/{key} exists already: stored objects are immutable")
+        digest, size = file_sha256(file), file.stat().st_size
+        upload = partial(
+            self.client.fput_object, self.bucket, key, str(file), metadata={"sha256": digest}, part_size=self.part_size
+        )
+        self._call(f"upload of {key}", upload)
+        if self._call(f"read-back of {key}", partial(self._hash_object, key)) != (digest, size):
+            raise IntegrityError(f"{file.name}: S3 holds other bytes than were uploaded")
+        return digest
+
+    def _hash_object(self, key: str) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        response = self.client.get_object(self.bucket, key)
+        try:
+            for chunk in response.stream(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest(), size
 
     # --- download ------------------------------------------------------------------------------
     def download_folder(self, model: str, version: str, dest: str | Path, expected: dict[str, str]) -> Path:
         """Download the files in ``expected`` into ``dest``, each checked against its sha256."""
-        return self._download(self.bucket, self.prefix(model, version), Path(dest), expected)
+        return self._download(self.bucket, self.prefix(model, version), Path(dest), expected, None)
 
-    def download_uri(self, uri: str, dest: str | Path, expected: dict[str, str]) -> Path:
-        """Like :meth:`download_folder` for an ``s3://bucket/model/version/`` uri (as in events)."""
+    def download_uri(
+        self, uri: str, dest: str | Path, expected: dict[str, str], stats: dict[str, float] | None = None
+    ) -> Path:
+        """Like :meth:`download_folder` for an ``s3://bucket/model/version/`` uri (as in events).
+
+        ``stats``, when given, receives ``bytes`` and ``hash_s`` (time spent hashing, within the download).
+        """
         bucket, prefix = parse_uri(uri)
-        return self._download(bucket, prefix, Path(dest), expected)
+        return self._download(bucket, prefix, Path(dest), expected, stats)
 
-    def _download(self, bucket: str, prefix: str, dest: Path, expected: dict[str, str]) -> Path:
+    def _download(
+        self, bucket: str, prefix: str, dest: Path, expected: dict[str, str], stats: dict[str, float] | None
+    ) -> Path:
         if not expected:
             raise IntegrityError(f"no files listed for s3://{bucket}/{prefix}")
         unsafe = [name for name in expected if not is_safe_artifact(name)]
         if unsafe:
             raise IntegrityError(f"refusing to download {', '.join(unsafe)}: not a safe artifact name")
-        if dest.is_dir() and _verify(dest, expected) is None:
-            log.debug("s3://%s/%s already verified in %s", bucket, prefix, dest)
-            return dest
+        stats = stats if stats is not None else {}
+        stats.setdefault("bytes", 0.0)
+        stats.setdefault("hash_s", 0.0)
+        if dest.is_dir():
+            started = time.perf_counter()
+            problem = verify(dest, expected)
+            stats["hash_s"] += time.perf_counter() - started
+            if problem is None:
+                log.debug("s3://%s/%s already verified in %s", bucket, prefix, dest)
+                return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             for name, want in expected.items():
-                self._fetch(bucket, prefix + name, tmp / name, name, want)
-            _replace_dir(tmp, dest, expected)
+                self._fetch(bucket, prefix + name, tmp / name, name, want, stats)
+            replace_dir(tmp, dest, expected)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("downloaded and verified %d files of s3://%s/%s", len(expected), bucket, prefix)
         return dest
 
-    def _fetch(self, bucket: str, key: str, target: Path, name: str, want: str) -> None:
-        def fetch() -> str:
-            digest = hashlib.sha256()
+    def _fetch(self, bucket: str, key: str, target: Path, name: str, want: str, stats: dict[str, float]) -> None:
+        def fetch() -> tuple[str, int, float]:
+            digest, size, hashing = hashlib.sha256(), 0, 0.0
             response = self.client.get_object(bucket, key)
             try:
                 with target.open("wb") as out:
-                    for chunk in response.stream(_CHUNK):
+                    for chunk in response.stream(CHUNK):
+                        started = time.perf_counter()
                         digest.update(chunk)
+                        hashing += time.perf_counter() - started
                         out.write(chunk)
+                        size += len(chunk)
             finally:
                 response.close()
                 response.release_conn()
-            return digest.hexdigest()
+            return digest.hexdigest(), size, hashing
 
         try:
-            got = self._call(f"download of {key}", fetch)
+            got, size, hashing = self._call(f"download of {key}", fetch)
         except NotFound:
             raise IntegrityError(f"{name}: missing from s3://{bucket}/{key}") from None
+        stats["bytes"] += size
+        stats["hash_s"] += hashing
         if got != want.lower():
             raise IntegrityError(f"{name}: sha256 {got[:12]}... does not match the expected {want[:12]}...")
 
-    # --- listing -------------------------------------------------------------------------------
+    # --- listing and deletion ------------------------------------------------------------------
     def read_manifest(self, model: str, version: str) -> dict[str, Any]:
         key = self.prefix(model, version) + MANIFEST
 
@@ -294,70 +360,59 @@ class ObjectStore:
             raise IntegrityError(f"{key} is not a JSON object")
         return manifest
 
-    def list_versions(self, model: str) -> list[str]:
-        """Complete versions (those with a manifest.json) of ``model``, oldest first."""
-        _check_model(model)
-        prefix = f"{model}/"
-        names = self._call(
+    def _names(self, prefix: str) -> list[str]:
+        return self._call(
             f"listing of {prefix}",
             lambda: [o.object_name or "" for o in self.client.list_objects(self.bucket, prefix, recursive=True)],
         )
-        found: list[Version] = []
-        for name in names:
+
+    def _versions(self, model: str, complete: bool) -> list[str]:
+        check_model(model)
+        prefix = f"{model}/"
+        found: set[Version] = set()
+        for name in self._names(prefix):
             version, _, rest = name[len(prefix) :].partition("/")
-            if rest == MANIFEST:
+            if rest == MANIFEST or (rest and not complete):
                 try:
-                    found.append(Version.parse(version))
+                    found.add(Version.parse(version))
                 except ConfigError:
                     continue
         return [str(v) for v in sorted(found)]
 
-    # --- async wrappers ------------------------------------------------------------------------
-    async def aping(self) -> bool:
-        return await asyncio.to_thread(self.ping)
+    def list_versions(self, model: str) -> list[str]:
+        """Complete versions (those with a manifest.json) of ``model``, oldest first."""
+        return self._versions(model, complete=True)
 
-    async def aensure_bucket(self) -> None:
-        await asyncio.to_thread(self.ensure_bucket)
+    def list_all_versions(self, model: str) -> list[str]:
+        """Every version folder of ``model`` holding any object, complete or not (e.g. a failed upload)."""
+        return self._versions(model, complete=False)
 
-    async def aupload_folder(self, local_dir: str | Path, model: str, version: str) -> dict[str, str]:
-        return await asyncio.to_thread(self.upload_folder, local_dir, model, version)
+    def delete_version(self, model: str, version: str) -> int:
+        """Remove a version folder (its manifest first, so it is never listed half-deleted); returns objects removed."""
+        prefix = self.prefix(model, version)
+        names = self._names(prefix)
+        manifest = prefix + MANIFEST
+        if manifest in names:
+            self._call(f"deletion of {manifest}", partial(self.client.remove_object, self.bucket, manifest))
+        rest = [DeleteObject(n) for n in names if n != manifest]
+        if rest:
+            errors = self._call(
+                f"deletion of {prefix}", lambda: list(self.client.remove_objects(self.bucket, iter(rest)))
+            )
+            if errors:
+                raise ServiceUnavailable("S3", self.endpoint, f"deletion of {prefix} failed: {errors[0].code}")
+        log.info("deleted %d objects of s3://%s/%s", len(names), self.bucket, prefix)
+        return len(names)
 
-    async def adownload_uri(self, uri: str, dest: str | Path, expected: dict[str, str]) -> Path:
-        return await asyncio.to_thread(self.download_uri, uri, dest, expected)
-
-    async def adownload_folder(self, model: str, version: str, dest: str | Path, expected: dict[str, str]) -> Path:
-        return await asyncio.to_thread(self.download_folder, model, version, dest, expected)
-
-    async def aread_manifest(self, model: str, version: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.read_manifest, model, version)
-
-    async def alist_versions(self, model: str) -> list[str]:
-        return await asyncio.to_thread(self.list_versions, model)
-
-
-def _verify(folder: Path, expected: dict[str, str]) -> str | None:
-    """None when ``folder`` holds exactly the expected files with their hashes, else the problem."""
-    for name, want in expected.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name}: missing"
-        if _file_sha256(path) != want.lower():
-            return f"{name}: sha256 does not match"
-    extra = sorted({p.name for p in folder.iterdir()} - set(expected))
-    return f"unexpected files {', '.join(extra)}" if extra else None
-
-
-def _replace_dir(tmp: Path, dest: Path, expected: dict[str, str]) -> None:
-    """Rename ``tmp`` to ``dest``; an existing ``dest`` is kept if already right, else moved away."""
-    try:
-        os.rename(tmp, dest)
-        return
-    except OSError:
-        if not dest.exists():
-            raise
-    if _verify(dest, expected) is None:
-        return  # someone (another process) put the same verified files there first
-    trash = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(dest, trash)
-    os.rename(tmp, dest)
-    shutil.rmtree(trash, ignore_errors=True)
+    # --- async wrappers (the same operations on a worker thread) -------------------------------
+    aping = _threaded(ping)
+    aensure_bucket = _threaded(ensure_bucket)
+    aexists = _threaded(exists)
+    aadd_file = _threaded(add_file)
+    aupload_folder = _threaded(upload_folder)
+    adownload_uri = _threaded(download_uri)
+    adownload_folder = _threaded(download_folder)
+    aread_manifest = _threaded(read_manifest)
+    alist_versions = _threaded(list_versions)
+    alist_all_versions = _threaded(list_all_versions)
+    adelete_version = _threaded(delete_version)

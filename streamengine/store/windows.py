@@ -7,15 +7,15 @@ it: a window closes once, and the job row is created in the same transaction.
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
 
 import asyncpg
 
 from streamengine.core.samples import Sample
 from streamengine.core.windows import Schedule, WindowPolicy, cut_points
-from streamengine.errors import NotFound
+from streamengine.errors import NotFound, StreamEngineError
 from streamengine.events import WindowSpec
 from streamengine.store.db import Database
 
@@ -40,17 +40,56 @@ class BatchOutcome:
     closed: list[ClosedWindow] = field(default_factory=list)
 
 
-_INSERT = """
-INSERT INTO samples (event_id, model, window_id, kind, prompt, completion, weight, label, user_id,
-                     session_id, adapter_version, event_time, source_partition, source_offset, holdout)
-SELECT e, $2, $1, k, p::jsonb, c, w, l, u, s, a, t, sp, so, h
-FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::int2[], $9::text[],
-            $10::text[], $11::text[], $12::timestamptz[], $13::int4[], $14::int8[], $15::bool[])
-     WITH ORDINALITY AS x(e, k, p, c, w, l, u, s, a, t, sp, so, h, n)
-ORDER BY n
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id, weight, label, source_partition, source_offset
-"""
+COPY_COLUMNS = (
+    "window_id", "event_id", "model", "kind", "prompt", "completion", "weight", "label", "user_id", "session_id",
+    "adapter_version", "event_time", "source_partition", "source_offset", "holdout",
+)  # fmt: skip
+"""Columns of a sample's COPY line: the window id (known only under the window's lock), then :func:`copy_line`."""
+
+_STORED = "SELECT event_id FROM samples WHERE event_id = ANY($1::text[])"
+
+
+def _text(value: str) -> str:
+    """A value in COPY's text format: backslash, tab, newline and carriage return escaped."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return value
+
+
+def _optional(value: str | None) -> str:
+    return "\\N" if value is None else _text(value)
+
+
+def copy_line(row: SampleAt) -> str:
+    """A sample in PostgreSQL's COPY text format, all columns after ``window_id`` (pure CPU work, so a
+    consumer can prepare the next batch's lines while the previous batch is being written)."""
+    sample, partition, offset = row
+    when = sample.event_time
+    if when is not None and when.tzinfo is None:
+        when = when.astimezone(UTC)  # a naive time is the local time, as asyncpg's own encoding reads it
+    return "\t".join(
+        (
+            _text(sample.event_id),
+            _text(sample.model),
+            _text(sample.kind),
+            _text(sample.prompt),  # JSON text, parsed into the jsonb column
+            _text(sample.completion),
+            repr(sample.weight),
+            str(sample.label),
+            _optional(sample.user_id),
+            _optional(sample.session_id),
+            _optional(sample.adapter_version),
+            "\\N" if when is None else when.isoformat(),
+            "\\N" if partition is None else str(partition),
+            "\\N" if offset is None else str(offset),
+            "t" if sample.holdout else "f",
+        )
+    )
+
+
+class ConcurrentInsert(StreamEngineError):
+    """A sample of the batch was stored by another transaction meanwhile (another model line's writer, as
+    writers of one model line take turns on its window): the batch is retried."""
 
 
 async def _lock_open_window(conn: asyncpg.Connection, model: str) -> asyncpg.Record:
@@ -81,9 +120,8 @@ async def _close(conn: asyncpg.Connection, window: asyncpg.Record, reason: str) 
     return ClosedWindow(window["model"], window["id"], job_id, reason, window["samples"], window["weight"])
 
 
-def _merge_offsets(first: dict[str, int], last: dict[str, int], rows: list[Any]) -> None:
-    for row in rows:
-        partition, offset = row["source_partition"], row["source_offset"]
+def _merge_offsets(first: dict[str, int], last: dict[str, int], rows: list[SampleAt]) -> None:
+    for _, partition, offset in rows:
         if partition is None or offset is None:
             continue
         key = str(partition)
@@ -91,85 +129,88 @@ def _merge_offsets(first: dict[str, int], last: dict[str, int], rows: list[Any])
         last[key] = max(last.get(key, offset), offset)
 
 
-async def write_batch(db: Database, rows: list[SampleAt], policy: WindowPolicy) -> BatchOutcome:
+async def write_batch(
+    db: Database, rows: list[SampleAt], policy: WindowPolicy, lines: list[str] | None = None
+) -> BatchOutcome:
     """Store samples (duplicates by event_id are dropped) and close windows that reach the policy.
 
-    One transaction and a handful of statements per model line, whatever the batch size.
+    One transaction and a handful of statements per model line, whatever the batch size. The first copy
+    of an event id in the batch wins. Samples already stored are found first (under the window's lock),
+    so every new sample is written once, with COPY, straight into the window it belongs to. ``lines``:
+    the rows' :func:`copy_line`, when the caller prepared them.
     """
     outcome = BatchOutcome()
-    by_model: dict[str, list[SampleAt]] = {}
-    for row in rows:
-        by_model.setdefault(row[0].model, []).append(row)
+    if lines is None:
+        lines = [copy_line(row) for row in rows]
+    by_model: dict[str, list[tuple[SampleAt, str]]] = {}
+    seen: set[str] = set()
+    for row, line in zip(rows, lines, strict=True):
+        event_id = row[0].event_id
+        if event_id in seen:
+            outcome.duplicates += 1
+            continue
+        seen.add(event_id)
+        by_model.setdefault(row[0].model, []).append((row, line))
     async with db.pool.acquire() as conn, conn.transaction():
         for model in sorted(by_model):  # fixed lock order: no deadlocks between replicas
             group = by_model[model]
             window = await _lock_open_window(conn, model)
-            samples = [s for s, _, _ in group]
-            inserted = await conn.fetch(
-                _INSERT,
-                window["id"],
-                model,
-                [s.event_id for s in samples],
-                [s.kind for s in samples],
-                [s.prompt for s in samples],
-                [s.completion for s in samples],
-                [s.weight for s in samples],
-                [s.label for s in samples],
-                [s.user_id for s in samples],
-                [s.session_id for s in samples],
-                [s.adapter_version for s in samples],
-                [s.event_time for s in samples],
-                [p for _, p, _ in group],
-                [o for _, _, o in group],
-                [s.holdout for s in samples],
-            )
-            outcome.inserted += len(inserted)
-            outcome.duplicates += len(group) - len(inserted)
-            if inserted:
-                await _account(conn, window, _in_batch_order(inserted, samples), policy, outcome)
+            stored = {r[0] for r in await conn.fetch(_STORED, [row[0].event_id for row, _ in group])}
+            fresh = [item for item in group if item[0][0].event_id not in stored] if stored else group
+            outcome.duplicates += len(group) - len(fresh)
+            if fresh:
+                await _store(conn, window, fresh, policy, outcome)
     return outcome
 
 
-def _in_batch_order(inserted: list[asyncpg.Record], samples: list[Sample]) -> list[asyncpg.Record]:
-    position = {s.event_id: i for i, s in enumerate(samples)}
-    return sorted(inserted, key=lambda r: position[r["event_id"]])
+async def _insert(conn: asyncpg.Connection, window_id: int, items: list[tuple[SampleAt, str]]) -> None:
+    prefix = f"{window_id}\t"
+    data = "".join([f"{prefix}{line}\n" for _, line in items]).encode()
+
+    async def source() -> AsyncIterator[bytes]:
+        yield data
+
+    try:
+        status = await conn.copy_to_table("samples", source=source(), columns=COPY_COLUMNS, format="text")
+    except asyncpg.UniqueViolationError:
+        raise ConcurrentInsert(f"a sample of the batch of {len(items)} was stored concurrently") from None
+    copied = int(status.rsplit(" ", 1)[-1])  # "COPY <rows>"
+    if copied != len(items):
+        raise StreamEngineError(f"COPY stored {copied} of {len(items)} samples")
 
 
-async def _account(
+async def _store(
     conn: asyncpg.Connection,
     window: asyncpg.Record,
-    rows: list[asyncpg.Record],
+    items: list[tuple[SampleAt, str]],
     policy: WindowPolicy,
     outcome: BatchOutcome,
 ) -> None:
-    """Add new samples to the open window, closing it (and opening the next) exactly at the threshold."""
-    items = [(r["label"] > 0 and r["weight"] > 0, r["weight"]) for r in rows]
-    cuts = cut_points(window["samples"], window["weight"], items, policy)
-    bounds = [0, *cuts, len(rows)]
+    """Insert new samples into the open window, closing it (and opening the next) exactly at the threshold."""
+    cuts = cut_points(window["samples"], window["weight"], [(r[0].trainable, r[0].weight) for r, _ in items], policy)
+    bounds = [0, *cuts, len(items)]
     for number, (start, end) in enumerate(itertools.pairwise(bounds)):
-        segment = rows[start:end]
+        segment = items[start:end]
         if number > 0:
             if not segment:
                 break
             window = await _lock_open_window(conn, window["model"])
-            await conn.execute(
-                "UPDATE samples SET window_id = $1 WHERE event_id = ANY($2::text[])",
-                window["id"],
-                [r["event_id"] for r in segment],
-            )
-        trainable = [r for r in segment if r["label"] > 0 and r["weight"] > 0]
+        await _insert(conn, window["id"], segment)
+        rows = [row for row, _ in segment]
+        trainable = [s for s, _, _ in rows if s.trainable]
         first, last = dict(window["first_offsets"]), dict(window["last_offsets"])
-        _merge_offsets(first, last, segment)
+        _merge_offsets(first, last, rows)
         window = await conn.fetchrow(
             "UPDATE windows SET samples = samples + $2, weight = weight + $3, stored = stored + $4,"
             " first_offsets = $5, last_offsets = $6 WHERE id = $1 RETURNING *",
             window["id"],
             len(trainable),
-            sum(r["weight"] for r in trainable),
+            sum(s.weight for s in trainable),
             len(segment),
             first,
             last,
         )
+        outcome.inserted += len(segment)
         if number < len(cuts):
             outcome.closed.append(await _close(conn, window, "threshold"))
 

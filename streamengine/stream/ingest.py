@@ -1,9 +1,11 @@
 """The ingest pipeline: validate a batch of records, DLQ the bad ones, store the samples.
 
-Independent of faust, so it can be driven by any consumer; ``stream/app.py`` wires it to a faust
-agent. A batch is acknowledged by the caller only after :meth:`IngestPipeline.process` returns,
-which happens only once the DLQ records are acknowledged by Kafka and the samples are committed in
-PostgreSQL.
+Independent of the Kafka client, so it can be driven by any consumer; ``stream/app.py`` wires it to a
+consumer group. Two steps: :meth:`IngestPipeline.classify` (pure CPU: decode, validate, event ->
+sample -> COPY line) and :meth:`IngestPipeline.store` (DLQ and PostgreSQL), so a consumer can classify
+the next batch while the previous one is being written; :meth:`IngestPipeline.process` does both. A batch is
+acknowledged by the caller only after ``store``/``process`` returns, which happens only once the DLQ
+records are acknowledged by Kafka and the samples are committed in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from streamengine import metrics
@@ -29,6 +31,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class Record(Protocol):
+    """A consumed Kafka record as the pipeline reads it: an aiokafka ``ConsumerRecord`` or a :class:`RawRecord`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RawRecord:
     topic: str
@@ -37,6 +56,23 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
+
+
+@dataclass(slots=True)
+class Classified:
+    """A batch split into samples to store (with their COPY lines, see ``windows.copy_line``) and rejects."""
+
+    good: list[SampleAt] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    bad: list[tuple[Record, EventRejected]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.good) + len(self.bad)
+
+    def extend(self, other: Classified) -> None:
+        self.good += other.good
+        self.lines += other.lines
+        self.bad += other.bad
 
 
 class RecordSender(Protocol):
@@ -49,7 +85,7 @@ class RecordSender(Protocol):
     ) -> object: ...
 
 
-def dlq_headers(record: RawRecord, error: EventRejected) -> list[tuple[str, bytes]]:
+def dlq_headers(record: Record, error: EventRejected) -> list[tuple[str, bytes]]:
     """The original headers plus why the record was rejected and where it came from."""
     ours = {
         "error.class": error.error_class,
@@ -81,10 +117,9 @@ class IngestPipeline:
         self.models = {settings.model.name}
         self.retry_delays = (0.1, 0.5, 1.0, 2.0, 5.0)
 
-    def classify(self, records: list[RawRecord]) -> tuple[list[SampleAt], list[tuple[RawRecord, EventRejected]]]:
+    def classify(self, records: Sequence[Record]) -> Classified:
         """Split a batch into samples to store and records to reject (pure CPU work)."""
-        good: list[SampleAt] = []
-        bad: list[tuple[RawRecord, EventRejected]] = []
+        batch = Classified()
         limit = self.settings.kafka.max_record_bytes
         for record in records:
             try:
@@ -92,15 +127,21 @@ class IngestPipeline:
                 if event.model not in self.models:
                     raise EventRejected("unknown_model", f"model line '{event.model[:100]}' is not configured here")
             except EventRejected as exc:
-                bad.append((record, exc))
+                batch.bad.append((record, exc))
                 continue
-            good.append((to_sample(event, self.sample_policy), record.partition, record.offset))
-        return good, bad
+            row = (to_sample(event, self.sample_policy), record.partition, record.offset)
+            batch.good.append(row)
+            batch.lines.append(windows.copy_line(row))
+        return batch
 
-    async def process(self, records: list[RawRecord]) -> windows.BatchOutcome:
+    async def process(self, records: Sequence[Record]) -> windows.BatchOutcome:
         """Handle one batch durably; retries until it succeeds (the caller acks afterwards)."""
-        metrics.EVENTS_CONSUMED.inc(len(records))
-        good, bad = self.classify(records)
+        return await self.store(self.classify(records))
+
+    async def store(self, batch: Classified) -> windows.BatchOutcome:
+        """DLQ the rejected records and store the samples of one classified batch; retries until durable."""
+        good, bad = batch.good, batch.bad
+        metrics.EVENTS_CONSUMED.inc(len(good) + len(bad))
         if bad:
             await self._with_retry("DLQ publish", lambda: self._send_to_dlq(bad))
             for _, exc in bad:
@@ -109,7 +150,7 @@ class IngestPipeline:
         if good:
             started = time.perf_counter()
             outcome = await self._with_retry(
-                "sample write", lambda: windows.write_batch(self.db, good, self.window_policy)
+                "sample write", lambda: windows.write_batch(self.db, good, self.window_policy, batch.lines)
             )
             metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
             metrics.EVENTS_DEDUPLICATED.inc(outcome.duplicates)
@@ -128,7 +169,7 @@ class IngestPipeline:
                 )
         return outcome
 
-    async def _send_to_dlq(self, bad: list[tuple[RawRecord, EventRejected]]) -> None:
+    async def _send_to_dlq(self, bad: list[tuple[Record, EventRejected]]) -> None:
         topic = self.settings.kafka.dlq_topic
         await asyncio.gather(
             *(

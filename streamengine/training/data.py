@@ -1,6 +1,9 @@
 """Samples -> token ids for supervised LoRA training (pure functions apart from :func:`read_samples`).
 
-A sample is a prompt and the completion to learn. The prompt is rendered with the tokenizer's chat
+A sample is a prompt and a completion: one to learn (``label`` +1, desirable, the default) or, for the
+KTO objective, one to unlearn (``label`` -1, undesirable). ``source`` says where the worker drew it from:
+``window`` (the new window), ``replay`` (earlier windows) or ``anchor`` (the user's fixed anchor set);
+training uses every line, the Fisher only ``window`` lines. The prompt is rendered with the tokenizer's chat
 template when it has one (a string prompt becomes one user message; ``add_generation_prompt=True``),
 else with the plain fallback of :func:`render_prompt`. The completion follows, then the EOS token.
 Labels are ``-100`` (ignored by the loss) on prompt tokens and padding, so only the completion is
@@ -22,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from streamengine.errors import TrainingError
 
 IGNORE_INDEX = -100
+SOURCES = ("window", "replay", "anchor")
 
 Messages = list[dict[str, str]]
 
@@ -32,6 +36,8 @@ class Example:
     prompt: str | Messages
     completion: str
     weight: float
+    label: int = 1
+    source: str = "window"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     weight: float
+    label: int = 1
 
 
 class Batch(TypedDict):
@@ -46,6 +53,7 @@ class Batch(TypedDict):
     attention_mask: torch.Tensor  # [B, T] long, 0 on padding
     labels: torch.Tensor  # [B, T] long, IGNORE_INDEX on prompt and padding
     weights: torch.Tensor  # [B] float32
+    signs: torch.Tensor  # [B] float32, +1 desirable, -1 undesirable
 
 
 def _parse_prompt(text: Any, where: str) -> str | Messages:
@@ -81,11 +89,19 @@ def parse_sample(line: str, where: str = "sample") -> Example:
     completion = raw.get("completion")
     if not isinstance(completion, str):
         raise TrainingError(f"{where}: completion must be a string")
+    label = raw.get("label", 1)
+    if isinstance(label, bool) or label not in (1, -1):
+        raise TrainingError(f"{where}: label must be 1 (desirable) or -1 (undesirable), got {label!r}")
+    source = raw.get("source", "window")
+    if source not in SOURCES:
+        raise TrainingError(f"{where}: source must be one of {', '.join(SOURCES)}, got {source!r}")
     return Example(
         event_id=str(raw.get("event_id", "")),
         prompt=_parse_prompt(raw.get("prompt"), where),
         completion=completion,
         weight=float(weight),
+        label=int(label),
+        source=str(source),
     )
 
 
@@ -134,6 +150,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
         input_ids=prompt_ids + completion_ids,
         labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
         weight=example.weight,
+        label=example.label,
     )
 
 
@@ -159,4 +176,5 @@ def collate(batch: list[Encoded], pad_token_id: int) -> Batch:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
     weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
-    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, weights=weights)
+    signs = torch.tensor([float(e.label) for e in batch], dtype=torch.float32)
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, weights=weights, signs=signs)

@@ -1,8 +1,12 @@
-"""Load the base model and tokenizer from a local Hugging Face folder and wrap them with LoRA.
+"""Load the base model and tokenizer and wrap them with LoRA.
 
-Either a fresh LoRA (``peft.LoraConfig``, task ``CAUSAL_LM``) or a parent adapter loaded trainable,
-so that a new version continues from the previous one. Weights load in float32 on CPU and in
-bfloat16 on a GPU that supports it (PEFT keeps the LoRA weights themselves in float32).
+The base is a local Hugging Face folder, a hub id (passed to ``from_pretrained`` as is; it needs a
+network), or a ``.gguf`` file (transformers dequantizes it with the ``gguf`` package; its tokenizer
+and chat template come from the file). Either a fresh LoRA (``peft.LoraConfig``, task ``CAUSAL_LM``)
+or a parent adapter loaded trainable, so that a new version continues from the previous one. Weights
+load in float32 on CPU and in bfloat16 on a GPU that supports it (PEFT keeps the LoRA weights
+themselves in float32). ``quantization`` 8bit/4bit loads the base through bitsandbytes (QLoRA; see
+:mod:`quant` for the gradient check that runs before training on it).
 """
 
 from __future__ import annotations
@@ -54,29 +58,68 @@ def missing_target_modules(model: torch.nn.Module, targets: list[str]) -> list[s
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
+def source_args(base_model: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` arguments: a ``.gguf`` file is its folder plus ``gguf_file``."""
+    path = Path(base_model)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise TrainingError(f"GGUF base model {base_model} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    return base_model, {}
+
+
 def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
+    source, extra = source_args(base_model)
     try:
-        tokenizer: Any = AutoTokenizer.from_pretrained(base_model)
-    except (OSError, ValueError) as exc:
+        tokenizer: Any = AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError, ImportError) as exc:
         raise TrainingError(f"cannot load the tokenizer of {base_model}: {exc}") from None
     return tokenizer
 
 
-def load_base(base_model: str, device: torch.device) -> torch.nn.Module:
+def load_base(base_model: str, device: torch.device, quantization: str = "none") -> torch.nn.Module:
+    source, extra = source_args(base_model)
+    if quantization != "none":
+        if extra:
+            raise TrainingError("quantization of a .gguf base is not supported: use quantization none")
+        extra = {"quantization_config": bnb_config(quantization, dtype_for(device)), "device_map": {"": device}}
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype_for(device))
-    except (OSError, ValueError) as exc:
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_for(device), **extra)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise TrainingError(f"cannot load base model {base_model}: {exc}") from None
-    return model.to(device)
+    return model if quantization != "none" else model.to(device)
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes settings: 8bit (LLM.int8) or 4bit (NF4, double quantization, QLoRA's choice)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise TrainingError(f"quantization {quantization} needs bitsandbytes: {exc}") from None
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    raise TrainingError(f"unknown quantization {quantization!r} (none, 8bit, 4bit)")
 
 
 def load_for_training(
-    base_model: str, lora: LoraSettings, parent_adapter: str | None, device_name: str = "auto"
+    base_model: str,
+    lora: LoraSettings,
+    parent_adapter: str | None,
+    device_name: str | torch.device = "auto",
+    quantization: str = "none",
 ) -> Loaded:
     """Base + tokenizer + trainable LoRA (fresh from ``lora``, or the parent adapter's)."""
-    device = select_device(device_name)
+    device = device_name if isinstance(device_name, torch.device) else select_device(device_name)
     tokenizer = load_tokenizer(base_model)
-    base = load_base(base_model, device)
+    base = load_base(base_model, device, quantization)
     if parent_adapter is not None:
         if not (Path(parent_adapter) / "adapter_config.json").is_file():
             raise TrainingError(f"parent adapter {parent_adapter} has no adapter_config.json")

@@ -1,14 +1,21 @@
-"""One training job, top to bottom: samples + base model (+ parent adapter) -> a LoRA adapter.
+"""One training job, top to bottom: samples + base model (+ parent adapter and Fisher) -> a LoRA adapter.
 
-1. Seed everything, read the samples, load the model (fresh LoRA or the parent adapter, trainable).
-2. Measure the weighted eval loss on the samples (eval mode, no dropout).
-3. Train with AdamW for ``epochs``: each sample's mean token NLL over its completion tokens times its
-   weight, divided by the batch's weight sum, plus an optional penalty (the EWC seam). A loss that
-   is NaN or infinite stops the job with a :class:`TrainingError` naming the step.
-4. Measure the loss again, save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors``
-   only, never pickle) and write ``result.json`` last, so its presence marks a complete output.
+1. Join the processes (one, or several under torchrun: :mod:`dist`), seed everything, read the samples
+   (every line: window, replay and anchor) and the eval sets, load the model (fresh LoRA or the parent
+   adapter, trainable; a quantized base must first pass :func:`quant.check_quantized_gradients`).
+2. Measure the weighted NLL on the training samples and on every eval set (eval mode, no dropout):
+   the "before" numbers, at the parent adapter or the base.
+3. Train with AdamW for ``epochs``. Task loss: SFT (each desirable sample's mean token NLL over its
+   completion tokens times its weight, over the batch's weight sum) or KTO (:mod:`kto`, against the
+   model as it was at step 0). Plus the EWC penalty from the parent's Fisher (:mod:`ewc`) and any
+   extra ``penalty``. Each step reports task loss and penalty separately. A NaN or infinite objective
+   stops the job with a :class:`TrainingError` naming the step.
+4. Measure again ("after"), save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors``
+   only, never pickle), compute the exact Fisher of the window's samples at the trained adapter and
+   write ``fisher.safetensors`` (online EWC: the parent's importances decayed by gamma plus this
+   window's, and the anchor), then ``result.json`` last, so its presence marks a complete output.
 
-Run as a process by the worker: ``python -m streamengine.training.recipe SPEC.json`` prints one JSON
+Run by the worker as a process (the argv of :func:`dist.training_command`): rank 0 prints one JSON
 object per stdout line (``progress`` records, then ``result``) and exits 0; on a :class:`TrainingError`
 it prints ``{"event": "error", "message": ...}`` and exits 2 (1 for any other crash).
 """
@@ -16,74 +23,40 @@ it prints ``{"event": "error", "message": ...}`` and exits 2 (1 for any other cr
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from transformers import set_seed
 from transformers.utils import logging as hf_logging
 
 from streamengine.errors import TrainingError
-from streamengine.training.data import IGNORE_INDEX, Batch, Encoded, collate, encode, pad_id, read_samples
-from streamengine.training.model import load_for_training
+from streamengine.training.data import Encoded, Example, collate, encode, pad_id, read_samples
+from streamengine.training.dist import Dist
+from streamengine.training.ewc import EwcPenalty
+from streamengine.training.fisher import FISHER_FILE, accumulate, fisher_sums, load_fisher, lora_parameters, save_fisher
+from streamengine.training.kto import KtoReference, kto_step_loss, mismatched_examples, sequence_logps
+from streamengine.training.losses import batch_losses, batches, evaluate, sample_losses, weighted_loss
+from streamengine.training.model import dtype_for, load_for_training
+from streamengine.training.quant import check_quantized_gradients
 from streamengine.training.spec import Progress, TrainResult, TrainSpec, event_line
 
+__all__ = ["batch_losses", "batches", "evaluate", "main", "sample_losses", "train", "weighted_loss"]
+
 ProgressCallback = Callable[[Progress], None]
-# A term added to each step's loss, given the model (EWC will be one: lambda/2 * F * (theta - theta*)^2).
+# A term added to each step's loss, given the model (the EWC penalty is one).
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESULT_FILE = "result.json"
-
-
-def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean token NLL ``[B]`` of next-token predictions over the unmasked labels."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    counted = (targets != IGNORE_INDEX).float()
-    return (nll * counted).sum(dim=1) / counted.sum(dim=1).clamp_min(1.0)
-
-
-def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum(w_i * loss_i) / sum(w_i)``: a zero-weight sample changes neither the value nor the gradient."""
-    weights = weights.to(losses.device, losses.dtype)
-    return (losses * weights).sum() / weights.sum()
-
-
-def batch_losses(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        use_cache=False,
-    )
-    return sample_losses(out.logits, batch["labels"].to(device))
-
-
-def batches(encoded: list[Encoded], order: list[int], size: int) -> Iterator[list[Encoded]]:
-    for start in range(0, len(order), size):
-        yield [encoded[i] for i in order[start : start + size]]
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, encoded: list[Encoded], size: int, pad: int, device: torch.device) -> float:
-    """Weighted mean of the per-sample losses over all of ``encoded``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total = weight = 0.0
-    for chunk in batches(encoded, list(range(len(encoded))), size):
-        batch = collate(chunk, pad)
-        losses = batch_losses(model, batch, device)
-        total += float((losses * batch["weights"].to(device)).sum())
-        weight += float(batch["weights"].sum())
-    model.train(was_training)
-    return total / weight
 
 
 def _save_adapter(model: PeftModel, output_dir: Path) -> None:
@@ -97,53 +70,111 @@ def _save_adapter(model: PeftModel, output_dir: Path) -> None:
             shutil.move(str(Path(scratch) / name), output_dir / name)
 
 
+def _read_training_samples(spec: TrainSpec) -> list[Example]:
+    """Positive-weight samples; SFT learns desirable ones only, KTO uses both labels."""
+    kto = spec.effective_objective == "kto"
+    examples = [e for e in read_samples(spec.samples_path) if e.weight > 0 and (kto or e.label > 0)]
+    if not examples:
+        kind = "" if kto else "desirable "
+        raise TrainingError(f"no {kind}sample with a positive weight in {spec.samples_path}")
+    return examples
+
+
+def _sft_share(
+    model: torch.nn.Module, items: list[Encoded], batch_weight: float, pad: int, device: torch.device, world: int
+) -> torch.Tensor:
+    """This process's share of the batch's weighted SFT loss (the whole loss in one process)."""
+    batch = collate(items, pad)
+    losses = batch_losses(model, batch, device)
+    if world == 1:
+        return weighted_loss(losses, batch["weights"])
+    return (losses * batch["weights"].to(device)).sum() / batch_weight
+
+
 def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Penalty | None = None) -> TrainResult:
     """Run one training job (see the module docstring); ``penalty`` is added to every step's loss."""
     started = time.monotonic()
-    cfg = spec.training
+    cfg, objective = spec.training, spec.effective_objective
+    dist = Dist.start(cfg.device)
     set_seed(cfg.seed)
 
-    # Zero-weight samples would contribute nothing; leaving them out keeps every batch's weight sum > 0.
-    examples = [e for e in read_samples(spec.samples_path) if e.weight > 0]
-    if not examples:
-        raise TrainingError(f"no sample with a positive weight in {spec.samples_path}")
-    loaded = load_for_training(spec.base_model, spec.lora, spec.parent_adapter, cfg.device)
-    model, device, pad = loaded.model, loaded.device, pad_id(loaded.tokenizer)
-    encoded = [encode(loaded.tokenizer, e, cfg.max_length) for e in examples]
+    # 1. Samples, eval sets, parent Fisher and model; every input problem surfaces before training.
+    examples = _read_training_samples(spec)
+    eval_examples = {n: [e for e in read_samples(p) if e.weight > 0 and e.label > 0] for n, p in spec.eval_sets.items()}
+    parent_fisher = load_fisher(spec.parent_fisher) if spec.parent_fisher else None
+    loaded = load_for_training(spec.base_model, spec.lora, spec.parent_adapter, dist.device, spec.quantization)
+    model, device, tokenizer = loaded.model, loaded.device, loaded.tokenizer
+    pad = pad_id(tokenizer)
+    if spec.quantization != "none":
+        check_quantized_gradients(model, spec.quantization, device, dtype_for(device))
+    encoded = [encode(tokenizer, e, cfg.max_length) for e in examples]
+    scored = [e for e in encoded if e.label > 0] or encoded
+    eval_sets = {n: [encode(tokenizer, e, cfg.max_length) for e in exs] for n, exs in eval_examples.items() if exs}
+    penalties: list[Penalty] = [penalty] if penalty is not None else []
+    if parent_fisher is not None and spec.ewc.lambda_ > 0:
+        penalties.append(EwcPenalty(lora_parameters(model), parent_fisher, spec.ewc.lambda_))
 
-    eval_loss_before = evaluate(model, encoded, cfg.batch_size, pad, device)
+    reduce = dist.reduce()
+
+    def measure(items: list[Encoded]) -> float:
+        return evaluate(model, dist.shard(items), cfg.batch_size, pad, device, reduce)
+
+    # 2. Before.
+    eval_loss_before = measure(scored)
     if not math.isfinite(eval_loss_before):
         raise TrainingError(f"the loss before training is {eval_loss_before}: the model is broken")
+    before = {name: measure(items) for name, items in eval_sets.items()}
+    reference = None
+    if objective == "kto":  # the reference is the model as it is now: the parent adapter, or the base
+        kl_encoded = [encode(tokenizer, e, cfg.max_length) for e in mismatched_examples(examples, cfg.seed)]
+        logps = sequence_logps(model, encoded, cfg.batch_size, pad, device).cpu()
+        kl_logps = sequence_logps(model, kl_encoded, cfg.batch_size, pad, device).cpu()
+        reference = KtoReference(logps, kl_logps, kl_encoded)
 
+    # 3. Train.
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    step_model, optimizer = dist.prepare(model, optimizer)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     shuffle = torch.Generator().manual_seed(cfg.seed)
     step = tokens = 0
+    penalty_value = 0.0
     train_started = time.monotonic()
     model.train()
     try:
         for epoch in range(1, cfg.epochs + 1):
             epoch_loss = epoch_weight = 0.0
             order = torch.randperm(len(encoded), generator=shuffle).tolist()
-            for chunk in batches(encoded, order, cfg.batch_size):
+            for indices in batches(list(range(len(encoded))), order, cfg.batch_size):
                 step += 1
-                batch = collate(chunk, pad)
-                loss = weighted_loss(batch_losses(model, batch, device), batch["weights"])
-                objective = loss + penalty(model) if penalty is not None else loss
-                value = float(objective.detach())
+                batch_weight = sum(encoded[i].weight for i in indices)
+                # This process's samples; an empty share runs a zero-weight stand-in (DDP needs a backward).
+                mine = dist.shard(indices)
+                if mine:
+                    items = [encoded[i] for i in mine]
+                else:
+                    mine, items = indices[:1], [replace(encoded[indices[0]], weight=0.0)]
+                if reference is not None:
+                    ref = reference.select(mine)
+                    share, _ = kto_step_loss(step_model, model, items, ref, cfg, batch_weight, pad, device, reduce)
+                else:
+                    share = _sft_share(step_model, items, batch_weight, pad, device, dist.world)
+                extra = sum((p(model) for p in penalties), torch.zeros((), device=device))
+                counted = sum(len(e.input_ids) for e in items if e.weight > 0)
+                stats = dist.sum(torch.tensor([float(share.detach()), float(counted)], dtype=torch.float64))
+                task_value, penalty_value = float(stats[0]), float(extra.detach())
+                value = task_value + penalty_value
                 if not math.isfinite(value):
                     raise TrainingError(f"loss became {value} at step {step}/{total_steps} (epoch {epoch})")
                 optimizer.zero_grad(set_to_none=True)
-                objective.backward()
+                dist.backward(share * dist.world + extra)
                 optimizer.step()
 
-                tokens += int(batch["attention_mask"].sum())
-                batch_weight = float(batch["weights"].sum())
-                epoch_loss += float(loss.detach()) * batch_weight
+                tokens += int(stats[1])
+                epoch_loss += task_value * batch_weight
                 epoch_weight += batch_weight
-                if progress is not None:
+                if progress is not None and dist.is_main:
                     elapsed = max(time.monotonic() - train_started, 1e-9)
                     progress(
                         Progress(
@@ -151,6 +182,8 @@ def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Pe
                             total_steps=total_steps,
                             epoch=epoch,
                             loss=value,
+                            task_loss=task_value,
+                            penalty=penalty_value,
                             tokens_per_s=tokens / elapsed,
                             eta_s=elapsed / step * (total_steps - step),
                         )
@@ -158,12 +191,29 @@ def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Pe
     except torch.OutOfMemoryError as exc:
         raise TrainingError(f"out of memory at step {step}/{total_steps}: {exc}") from None
 
-    eval_loss_after = evaluate(model, encoded, cfg.batch_size, pad, device)
+    # 4. After, the adapter, the Fisher, the result.
+    eval_loss_after = measure(scored)
     if not math.isfinite(eval_loss_after):
         raise TrainingError(f"the loss after training is {eval_loss_after}: training diverged")
-
+    evals = {
+        n: {"before": before[n], "after": measure(items), "samples": float(len(items))}
+        for n, items in eval_sets.items()
+    }
     output_dir = Path(spec.output_dir)
-    _save_adapter(model, output_dir)
+    if dist.is_main:
+        _save_adapter(model, output_dir)
+    fisher_seconds = 0.0
+    if spec.compute_fisher:
+        fisher_started = time.monotonic()
+        window = [enc for enc, ex in zip(encoded, examples, strict=True) if ex.source == "window" and ex.label > 0]
+        sums = fisher_sums(model, dist.shard(window), pad, device, cfg.fisher_chunk_size).reduce(reduce)
+        anchor = {n: p.detach() for n, p in lora_parameters(model).items()}
+        state = accumulate(
+            sums.mean(), anchor, parent_fisher, spec.ewc.gamma, spec.ewc.normalize, sums.samples, sums.weight
+        )
+        if dist.is_main:
+            save_fisher(state, output_dir / FISHER_FILE)
+        fisher_seconds = time.monotonic() - fisher_started
     result = TrainResult(
         train_loss=epoch_loss / epoch_weight,
         eval_loss_before=eval_loss_before,
@@ -172,21 +222,30 @@ def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Pe
         tokens=tokens,
         seconds=time.monotonic() - started,
         samples=len(encoded),
+        eval=evals,
+        fisher_seconds=fisher_seconds,
+        ewc_penalty=penalty_value,
+        objective=objective,
+        processes=dist.world,
     )
-    scratch = output_dir / (RESULT_FILE + ".tmp")
-    scratch.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    scratch.replace(output_dir / RESULT_FILE)
+    if dist.is_main:
+        scratch = output_dir / (RESULT_FILE + ".tmp")
+        scratch.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        scratch.replace(output_dir / RESULT_FILE)
+    dist.barrier()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamengine.training.recipe SPEC.json``: JSON lines on stdout, logs on stderr."""
+    """``python -m streamengine.training.recipe SPEC.json``: JSON lines on stdout (rank 0), logs on stderr."""
     args = sys.argv[1:] if argv is None else argv
     stdout = sys.stdout
+    speaks = int(os.environ.get("RANK", "0")) == 0
 
     def emit(line: str) -> None:
-        stdout.write(line + "\n")
-        stdout.flush()
+        if speaks:
+            stdout.write(line + "\n")
+            stdout.flush()
 
     if len(args) != 1:
         emit(event_line("error", {"message": "usage: python -m streamengine.training.recipe SPEC.json"}))
@@ -195,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr  # whatever a library prints cannot break the JSON lines
     try:
         spec = TrainSpec.read(args[0])
-        # The EWC penalty (built from spec.ewc_lambda and the parent's Fisher) plugs in here.
         result = train(spec, progress=lambda p: emit(event_line("progress", p)))
     except TrainingError as exc:
         emit(event_line("error", {"message": str(exc)}))
@@ -206,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         sys.stdout = stdout
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     emit(event_line("result", result))
     return 0
 

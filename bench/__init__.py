@@ -1,0 +1,1 @@
+"""Benchmarks, each run as ``python -m bench.<name>``: prints a table and writes JSON under bench/results/."""

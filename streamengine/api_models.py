@@ -1,0 +1,132 @@
+"""Request and response models of the admin HTTP API (they make its OpenAPI document, docs/openapi.json)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobState = Literal["queued", "running", "released", "rejected", "failed", "done"]
+
+
+class ErrorBody(BaseModel):
+    """Every error response: 401, 404, 409, 422, 500, 503."""
+
+    error: str = Field(description="Error class: Unauthorized, NotFound, Conflict, ValidationError, ...")
+    message: str = Field(description="What went wrong, fit to show a user (never a secret).")
+    details: list[dict[str, Any]] | None = Field(None, description="Validation errors: loc, msg, type.")
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str = Field("", description="Why a dependency is not ready (no secrets).")
+    seconds: float = Field(description="How long the probe took.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    checks: dict[str, Check] = Field(description="kafka, postgres, s3, ingest, engine.")
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200, description="Model line (default: the configured one).")
+    min_samples: int = Field(1, ge=1, description="Refuse (409) when the open window holds fewer samples.")
+
+
+class TrainResponse(BaseModel):
+    model: str
+    job_id: int
+    window_id: int
+    reason: Literal["manual"] = "manual"
+    samples: int
+    weight: float
+
+
+class AdapterInfo(BaseModel):
+    model: str
+    version: str
+    parent_version: str | None
+    uri: str
+    size_bytes: int
+    created_at: datetime
+    aliases: list[str]
+    reason: str | None
+    metrics: dict[str, Any]
+    window: dict[str, Any] | None
+
+
+class ReleaseResponse(BaseModel):
+    model: str
+    version: str
+    reason: str
+    event_id: str
+
+
+class JobProgress(BaseModel):
+    """What the worker's heartbeats last stored (more keys may appear)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: str | None = Field(None, description="training, releasing, ...")
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: int | None = None
+    loss: float | None = Field(None, description="Loss of the last step (task loss plus EWC penalty).")
+    tokens_per_s: float | None = None
+    eta_s: float | None = Field(None, description="Seconds of training left, estimated.")
+
+
+class FisherRequest(BaseModel):
+    model: str | None = Field(None, description="Model line (default: the configured one).")
+    version: str = Field("production", description="A released version or alias.")
+
+
+class FisherResponse(BaseModel):
+    model: str
+    version: str
+    job_id: int
+
+
+class JobInfo(BaseModel):
+    id: int
+    kind: Literal["train", "fisher"] = "train"
+    target_version: str | None = Field(None, description="The version a Fisher job computes for.")
+    model: str
+    window_id: int
+    reason: str
+    state: JobState
+    attempts: int
+    version: str | None
+    parent_version: str | None
+    progress: JobProgress
+    metrics: dict[str, Any]
+    error: str | None = Field(description="Why the job failed or was rejected.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class OpenWindow(BaseModel):
+    id: int
+    samples: int = Field(description="Trainable samples.")
+    weight: float
+    stored: int = Field(description="All samples stored, trainable or not.")
+    opened_at: datetime
+
+
+class TrainingStatus(BaseModel):
+    model: str
+    production: str | None
+    previous: str | None
+    open_window: OpenWindow | None
+    last_tick_at: datetime | None
+    next_tick_at: datetime | None = Field(description="Next cron tick (window.schedule, window.timezone).")
+    jobs_by_state: dict[str, int] = Field(description="Counts over all jobs of the model line.")
+    jobs: list[JobInfo] = Field(description="Most recent jobs, newest first.")

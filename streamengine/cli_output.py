@@ -1,0 +1,121 @@
+"""Readable tables of the CLI (rich), kept apart from the commands. JSON output is the API's own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from streamengine.settings_ref import SettingInfo, mask
+
+
+def duration(seconds: Any) -> str:
+    """``95`` -> ``1m35s``; ``-`` when unknown."""
+    if not isinstance(seconds, int | float) or seconds < 0:
+        return "-"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def progress_text(job: dict[str, Any]) -> str:
+    """What a job is doing or why it ended: step, loss, throughput and ETA while running; the error after."""
+    if job.get("error"):
+        return str(job["error"])
+    progress = job.get("progress") or {}
+    if job["state"] == "running" and progress.get("step"):
+        parts = [f"step {progress['step']}/{progress.get('total_steps', '?')}"]
+        if progress.get("epoch"):
+            parts.append(f"epoch {progress['epoch']}")
+        parts.append(f"loss {_num(progress.get('loss'))}")
+        if progress.get("tokens_per_s"):
+            parts.append(f"{progress['tokens_per_s']:.0f} tok/s")
+        parts.append(f"eta {duration(progress.get('eta_s'))}")
+        return ", ".join(parts)
+    if job["state"] == "released":
+        metrics = job.get("metrics") or {}
+        before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+        return f"eval loss {_num(before)} -> {_num(after)}" if before is not None else ""
+    return str(progress.get("phase") or "")
+
+
+def status_header(data: dict[str, Any]) -> str:
+    window = data.get("open_window") or {}
+    counts = ", ".join(f"{n} {s}" for s, n in sorted((data.get("jobs_by_state") or {}).items())) or "none"
+    return (
+        f"model [bold]{data['model']}[/]  production [bold]{data.get('production') or '-'}[/]"
+        f"  previous {data.get('previous') or '-'}\n"
+        f"open window: {window.get('samples', 0)} samples, weight {window.get('weight', 0):.2f}"
+        f"  next tick: {str(data.get('next_tick_at') or '-')[:19]}\n"
+        f"jobs: {counts}"
+    )
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table("job", "window", "reason", "state", "attempts", "version", "created", "progress / result / error")
+    for job in jobs:
+        table.add_row(
+            str(job["id"]),
+            str(job["window_id"]),
+            job["reason"],
+            job["state"],
+            str(job["attempts"]),
+            job.get("version") or "-",
+            str(job["created_at"])[:19],
+            progress_text(job),
+        )
+    return table
+
+
+def adapters_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("version", "aliases", "parent", "reason", "samples", "loss before", "loss after", "size", "created")
+    for a in rows:
+        m = a.get("metrics") or {}
+        window = a.get("window") or {}
+        table.add_row(
+            a["version"],
+            ",".join(a["aliases"]) or "-",
+            a["parent_version"] or "-",
+            a.get("reason") or "-",
+            str(window.get("samples", "-")),
+            _num(m.get("eval_loss_before")),
+            _num(m.get("eval_loss_after")),
+            f"{a['size_bytes'] / 1024:.0f} KiB",
+            str(a["created_at"])[:19],
+        )
+    return table
+
+
+def health_table(data: dict[str, Any]) -> Table:
+    table = Table("check", "state", "seconds", "detail")
+    for name, check in data["checks"].items():
+        table.add_row(name, "ok" if check["ok"] else "DOWN", f"{check.get('seconds', 0):.3f}", check.get("detail", ""))
+    return table
+
+
+def settings_table(rows: list[SettingInfo]) -> Table:
+    table = Table("setting", "environment variable", "value", "default")
+    table.columns[0].no_wrap = table.columns[1].no_wrap = True
+    for r in rows:
+        changed = r.value != (mask(r.default) if r.secret else r.default)
+        table.add_row(r.path, r.env, (r.value or "(unset)") + (" *" if changed else ""), r.default or "(unset)")
+    return table
+
+
+def metric_samples(text: str, prefix: str) -> list[dict[str, Any]]:
+    """Samples of the Prometheus text ``text`` whose name starts with ``prefix``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        {"name": sample.name, "labels": sample.labels, "value": sample.value}
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(prefix)
+    ]

@@ -1,0 +1,186 @@
+"""The exact per-sample Fisher (vmap against the per-sample loop), its weighting, masking and file."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from safetensors import safe_open  # noqa: E402
+
+from streamengine.config import LoraSettings  # noqa: E402
+from streamengine.errors import TrainingError  # noqa: E402
+from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.training.data import Example, collate, encode, pad_id  # noqa: E402
+from streamengine.training.fisher import (  # noqa: E402
+    FISHER_FILE,
+    FisherState,
+    accumulate,
+    compute_fisher_file,
+    fisher_sums_loop,
+    fisher_sums_vmap,
+    load_fisher,
+    lora_parameters,
+    normalise,
+    save_fisher,
+)
+from streamengine.training.losses import batch_losses  # noqa: E402
+from streamengine.training.model import load_for_training  # noqa: E402
+from streamengine.training.recipe import train  # noqa: E402
+from tests.training_tools import make_spec, write_samples  # noqa: E402
+
+CPU = torch.device("cpu")
+EXAMPLES = [
+    Example("a", "What is 2+2?", "4", 1.0),
+    Example("b", [{"role": "user", "content": "Say hello"}], "Hello there, friend!", 2.0),
+    Example("c", "Capital of France?", "Paris", 0.5),
+    Example("d", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky?"}], "Blue.", 1.0),
+    Example("e", "A much longer prompt, so that this chunk is padded", "ok", 3.0),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_base: Path) -> Any:
+    loaded = load_for_training(str(tiny_base), LoraSettings(r=4, alpha=8, dropout=0.0), None, "cpu")
+    with torch.no_grad():  # a non-zero B, so that every LoRA weight has a gradient
+        torch.manual_seed(0)
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return loaded
+
+
+def relative_error(a: dict[str, Any], b: dict[str, Any]) -> float:
+    num = sum(float(((a[n] - b[n]) ** 2).sum()) for n in b)
+    return (num / sum(float((b[n] ** 2).sum()) for n in b)) ** 0.5
+
+
+def test_vmap_fisher_matches_the_per_sample_loop(loaded: Any) -> None:
+    encoded = [encode(loaded.tokenizer, e, 128) for e in EXAMPLES]
+    pad = pad_id(loaded.tokenizer)
+    loop = fisher_sums_loop(loaded.model, encoded, pad, CPU)
+    for chunk in (1, 2, 8):  # 2: chunks of unequal lengths, padded on the right
+        fast = fisher_sums_vmap(loaded.model, encoded, pad, CPU, chunk_size=chunk)
+        assert relative_error(fast.mean(), loop.mean()) < 1e-5
+        assert (fast.samples, fast.weight) == (5, 7.5)
+    assert set(loop.sums) == set(lora_parameters(loaded.model))
+    assert all(".default." not in n for n in loop.sums)
+    assert all(float(s.sum()) > 0 for s in loop.sums.values())
+    assert loaded.model.training  # the mode the model came in with
+
+
+def test_fisher_is_the_weighted_mean_of_squared_per_sample_gradients(loaded: Any) -> None:
+    model, tok = loaded.model, loaded.tokenizer
+    pad = pad_id(tok)
+    a, b = (encode(tok, e, 128) for e in EXAMPLES[:2])
+    fisher = fisher_sums_vmap(model, [a, b], pad, CPU).mean()
+    params = lora_parameters(model)
+    model.eval()
+    grads = []
+    for example in (a, b):  # the training loss of one sample: masked prompt, mean over completion tokens
+        loss = batch_losses(model, collate([example], pad), CPU)[0]
+        grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)))
+    model.train()
+    expected = {n: (a.weight * grads[0][n] ** 2 + b.weight * grads[1][n] ** 2) / (a.weight + b.weight) for n in params}
+    assert relative_error(fisher, expected) < 1e-5
+    # A sample counted twice is the same as its weight doubled; a zero-weight sample changes nothing.
+    doubled = fisher_sums_vmap(model, [a, a, b], pad, CPU).mean()
+    weighted = fisher_sums_vmap(model, [replace(a, weight=2 * a.weight), b], pad, CPU).mean()
+    assert relative_error(doubled, weighted) < 1e-6
+    zero = fisher_sums_vmap(model, [a, b, replace(encode(tok, EXAMPLES[4], 128), weight=0.0)], pad, CPU).mean()
+    assert relative_error(zero, fisher) < 1e-6
+
+
+def test_prompt_tokens_do_not_count_but_condition(loaded: Any) -> None:
+    tok, pad = loaded.tokenizer, pad_id(loaded.tokenizer)
+    base = encode(tok, Example("x", "Question one?", "Answer", 1.0), 128)
+    other_prompt = encode(tok, Example("y", "A different question", "Answer", 1.0), 128)
+    f1 = fisher_sums_vmap(loaded.model, [base], pad, CPU).mean()
+    f2 = fisher_sums_vmap(loaded.model, [other_prompt], pad, CPU).mean()
+    assert relative_error(f1, f2) > 1e-3  # the prompt conditions the completion...
+    # ...but only completion tokens are scored: labels on the prompt would change the Fisher.
+    unmasked = type(base)(base.input_ids, list(base.input_ids), 1.0)
+    f3 = fisher_sums_vmap(loaded.model, [unmasked], pad, CPU).mean()
+    assert relative_error(f3, f1) > 1e-3
+
+
+def test_normalise_and_online_accumulation(tmp_path: Path) -> None:
+    new = {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([[2.0, 2.0]])}
+    scaled, raw_mean = normalise(new, "mean")
+    assert raw_mean == 2.0 and torch.equal(scaled["a"], torch.tensor([0.5, 1.5]))
+    assert normalise(new, "none")[0] is new
+    summed, _ = normalise(new, "sum")
+    assert torch.equal(summed["a"], torch.tensor([0.125, 0.375])) and torch.equal(summed["b"], torch.tensor([[0.25, 0.25]]))
+    assert normalise({"a": torch.zeros(3)}, "mean")[0]["a"].sum() == 0  # nothing learned: stays zero
+    with pytest.raises(TrainingError, match="unknown Fisher normalisation"):
+        normalise(new, "max")
+
+    anchor1 = {"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([[0.3, 0.4]])}
+    first = accumulate(new, anchor1, None, gamma=0.5, normalize="mean", samples=10, weight=12.0)
+    assert first.meta["windows"] == "1" and first.meta["samples"] == "10" and first.normalize == "mean"
+    path = save_fisher(first, tmp_path / FISHER_FILE)
+    loaded = load_fisher(path)
+    assert torch.equal(loaded.importance["a"], scaled["a"]) and torch.equal(loaded.anchor["b"], anchor1["b"])
+    with safe_open(str(path), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["anchor.a", "anchor.b", "fisher.a", "fisher.b"]
+
+    newer = {"a": torch.tensor([4.0, 0.0]), "b": torch.tensor([[0.0, 4.0]])}  # mean 2
+    anchor2 = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([[1.0, 1.0]])}
+    second = accumulate(newer, anchor2, loaded, gamma=0.5, normalize="mean", samples=5)
+    assert torch.allclose(second.importance["a"], 0.5 * scaled["a"] + torch.tensor([2.0, 0.0]))
+    assert torch.allclose(second.importance["b"], 0.5 * scaled["b"] + torch.tensor([[0.0, 2.0]]))
+    assert torch.equal(second.anchor["a"], anchor2["a"])  # the anchor is the newest version's
+    assert (second.meta["windows"], second.meta["samples"]) == ("2", "15")
+
+    with pytest.raises(TrainingError, match="normalised with 'mean'"):
+        accumulate(newer, anchor2, loaded, gamma=1.0, normalize="none")
+    with pytest.raises(TrainingError, match="does not match the adapter's LoRA parameters"):
+        accumulate({"a": newer["a"]}, {"a": anchor2["a"]}, loaded, gamma=1.0, normalize="mean")
+    bad = tmp_path / "bad.safetensors"
+    save_fisher(FisherState({"a": torch.ones(1)}, {"a": torch.ones(1)}, {"format": "other"}), bad)
+    with pytest.raises(TrainingError, match="not a streamengine Fisher file"):
+        load_fisher(bad)
+    with pytest.raises(TrainingError, match="cannot read the Fisher file"):
+        load_fisher(tmp_path / "missing.safetensors")
+
+
+def test_recipe_writes_the_window_fisher_and_compute_fisher_file_agrees(tiny_base: Path, tmp_path: Path) -> None:
+    rows = [
+        ("What is 2+2?", "4", 1.0, 1, "window"),
+        ("Capital of France?", "Paris", 2.0, 1, "window"),
+        ("Name a fruit", "apple", 1.0, 1, "replay"),  # trained on, not in this window's Fisher
+        ("Opposite of hot", "cold", 1.0, 1, "anchor"),
+        ("Say something rude", "no", 1.0, -1, "window"),  # undesirable: not trained by SFT, no Fisher
+    ]
+    samples = write_samples(tmp_path / "s.jsonl", rows)
+    result = train(make_spec(tiny_base, samples, tmp_path / "v1", epochs=2))
+    assert result.samples == 4 and result.fisher_seconds > 0
+    fisher = load_fisher(tmp_path / "v1" / FISHER_FILE)
+    assert fisher.meta["samples"] == "2" and float(fisher.meta["weight"]) == 3.0
+    assert fisher.meta["normalize"] == "sum" and fisher.meta["windows"] == "1"  # the default
+    assert sum(float(t.sum()) for t in fisher.importance.values()) == pytest.approx(1.0, rel=1e-5)
+
+    again = compute_fisher_file(str(tiny_base), tmp_path / "v1", samples, tmp_path / "again.safetensors", device="cpu")
+    recomputed = load_fisher(again)
+    assert relative_error(recomputed.importance, fisher.importance) < 1e-5
+    assert all(torch.equal(recomputed.anchor[n], fisher.anchor[n]) for n in fisher.anchor)
+
+    chained = compute_fisher_file(
+        str(tiny_base), tmp_path / "v1", samples, tmp_path / "chained.safetensors", again, gamma=0.25, device="cpu"
+    )
+    expected = {n: 1.25 * t for n, t in fisher.importance.items()}
+    assert relative_error(load_fisher(chained).importance, expected) < 1e-5
+    assert load_fisher(chained).meta["windows"] == "2"
+    only_replay = write_samples(tmp_path / "r.jsonl", [("q", "a", 1.0, 1, "replay")])
+    with pytest.raises(TrainingError, match="no desirable window sample"):
+        compute_fisher_file(str(tiny_base), tmp_path / "v1", only_replay, tmp_path / "x.safetensors", device="cpu")

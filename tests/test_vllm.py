@@ -1,0 +1,270 @@
+"""The HTTP swapper against a local stand-in for vLLM (and for SGLang and MAX Serve), over real HTTP.
+
+``FakeLoraServer`` stands in for an inference server: it implements the runtime LoRA endpoints as the
+servers document them (vLLM: ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` with
+``{"lora_name", "lora_path"}``, plain-text success, 400 when a name is already loaded, 404 when the
+adapter or name is unknown, ``GET /v1/models`` listing loaded adapters; SGLang: the same without
+``/v1`` and answering ``{"success": ...}``; MAX Serve: ``/v1/...`` answering ``{"status": ...}``), plus
+``POST /v1/completions`` answering only for a loaded model name. It runs on 127.0.0.1, a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from streamengine.embedded import free_port
+from streamengine.errors import ServiceUnavailable
+from streamengine.serving import HttpSwapper, Subscriber, lora_name
+from streamengine.serving.http import AdapterRejected
+from tests.test_subscriber import Fleet
+
+BASE = "base-model"
+
+
+class FakeLoraServer:
+    """Stands in for vLLM / SGLang / MAX Serve: the runtime LoRA endpoints, as documented."""
+
+    def __init__(self, flavour: str = "vllm", api_key: str | None = None) -> None:
+        self.flavour, self.api_key = flavour, api_key
+        self.loaded: dict[str, str] = {}  # name -> path
+        self.calls: list[tuple[str, str]] = []  # (endpoint, lora_name)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = self._build()
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _ok(self, message: str) -> Response:
+        if self.flavour == "sglang":
+            return JSONResponse({"success": True, "error_message": "", "loaded_adapters": dict(self.loaded)})
+        if self.flavour == "max":
+            return JSONResponse({"status": "success", "message": message})
+        return PlainTextResponse(f"Success: {message}")
+
+    def _error(self, message: str, status: int) -> Response:
+        if self.flavour == "sglang":
+            return JSONResponse({"success": False, "error_message": message}, status_code=status)
+        if self.flavour == "max":
+            return JSONResponse({"status": "error", "message": message}, status_code=status)
+        return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+        prefix = "" if self.flavour == "sglang" else "/v1"
+
+        @app.middleware("http")
+        async def auth(request: Request, call_next: Any) -> Response:
+            if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            response: Response = await call_next(request)
+            return response
+
+        @app.post(prefix + "/load_lora_adapter")
+        async def load(body: dict[str, Any]) -> Response:
+            name, path = body.get("lora_name"), body.get("lora_path")
+            self.calls.append(("load", str(name)))
+            if not name or not path:
+                return self._error("Both 'lora_name' and 'lora_path' must be provided.", 400)
+            if name in self.loaded:
+                return self._error(f"The lora adapter '{name}' has already been loaded.", 400)
+            if not (Path(path) / "adapter_config.json").is_file():
+                return self._error(f"Loading lora {name} failed: No adapter found for {path}", 404)
+            json.loads((Path(path) / "adapter_config.json").read_text())
+            self.loaded[name] = path
+            return self._ok(f"LoRA adapter '{name}' added successfully.")
+
+        @app.post(prefix + "/unload_lora_adapter")
+        async def unload(body: dict[str, Any]) -> Response:
+            name = str(body.get("lora_name"))
+            self.calls.append(("unload", name))
+            if self.loaded.pop(name, None) is None:
+                return self._error(f"The lora adapter '{name}' cannot be found.", 404)
+            return self._ok(f"LoRA adapter '{name}' removed successfully.")
+
+        if self.flavour == "vllm":
+
+            @app.get("/v1/models")
+            async def models() -> dict[str, Any]:
+                cards = [{"id": BASE, "object": "model", "root": BASE}]
+                cards += [{"id": n, "object": "model", "root": p, "parent": BASE} for n, p in self.loaded.items()]
+                return {"object": "list", "data": cards}
+
+        @app.post("/v1/completions")
+        async def completions(body: dict[str, Any]) -> Response:
+            model = body.get("model")
+            if model != BASE and model not in self.loaded:
+                return self._error(f"The model `{model}` does not exist.", 404)
+            return JSONResponse({"model": model, "choices": [{"text": f"answer from {model}"}]})
+
+        return app
+
+    def restart(self) -> None:
+        """What a restart does to runtime-loaded adapters: they are gone."""
+        self.loaded.clear()
+
+    async def __aenter__(self) -> FakeLoraServer:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None and self._task is not None
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def _adapter(root: Path, version: str) -> Path:
+    folder = root / "m" / version
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+@pytest.fixture
+async def vllm() -> AsyncIterator[FakeLoraServer]:
+    async with FakeLoraServer("vllm", api_key="vllm-key") as server:
+        yield server
+
+
+async def test_vllm_swapper_loads_each_version_under_its_own_name(vllm: FakeLoraServer, tmp_path: Path) -> None:
+    folders = {v: _adapter(tmp_path, v) for v in ("v1.0", "v1.1", "v1.2", "v1.3")}
+    swapper = HttpSwapper(vllm.url, "vllm", api_key="vllm-key")
+    try:
+        for version in ("v1.0", "v1.1", "v1.2"):
+            await swapper.swap("m", version, folders[version])
+        assert vllm.calls == [
+            ("load", "m@v1.0"), ("load", "m@v1.1"), ("load", "m@v1.2"), ("unload", "m@v1.0")
+        ]  # fmt: skip
+        assert set(vllm.loaded) == {"m@v1.1", "m@v1.2"}  # current and previous
+        assert vllm.loaded["m@v1.2"] == str(folders["v1.2"].absolute())
+        assert (swapper.current, swapper.previous) == ("v1.2", "v1.1")
+
+        vllm.calls.clear()
+        await swapper.swap("m", "v1.1", folders["v1.1"])  # rollback: still loaded, never reloaded
+        assert vllm.calls == [] and set(vllm.loaded) == {"m@v1.1", "m@v1.2"}
+        await swapper.swap("m", "v1.3", folders["v1.3"])
+        assert vllm.calls == [("load", "m@v1.3"), ("unload", "m@v1.2")]
+        assert set(vllm.loaded) == {"m@v1.3", "m@v1.1"}
+
+        # A subscriber that restarts finds its versions on the server and does not load them again.
+        again = HttpSwapper(vllm.url, "vllm", api_key="vllm-key")
+        vllm.calls.clear()
+        await again.swap("m", "v1.3", folders["v1.3"])
+        assert vllm.calls == [("unload", "m@v1.1")]  # only the current one is known to be wanted
+        await again.aclose()
+
+        # The server restarted and lost its runtime adapters: reconcile loads the current one again.
+        vllm.restart()
+        assert await swapper.reconcile(folders["v1.3"]) is True
+        assert set(vllm.loaded) == {"m@v1.3"}
+        assert await swapper.reconcile(folders["v1.3"]) is False
+    finally:
+        await swapper.aclose()
+
+
+async def test_vllm_swapper_failures_keep_the_current_version(vllm: FakeLoraServer, tmp_path: Path) -> None:
+    good = _adapter(tmp_path, "v1.0")
+    swapper = HttpSwapper(vllm.url, "vllm", api_key="vllm-key")
+    await swapper.swap("m", "v1.0", good)
+    with pytest.raises(AdapterRejected, match="No adapter found"):
+        await swapper.swap("m", "v1.1", tmp_path / "nowhere")
+    assert swapper.current == "v1.0" and set(vllm.loaded) == {"m@v1.0"}
+    await swapper.aclose()
+
+    wrong_key = HttpSwapper(vllm.url, "vllm", api_key="not-it")
+    with pytest.raises(AdapterRejected, match="401"):
+        await wrong_key.swap("m", "v1.0", good)  # /v1/models answers 401 without JSON data: load is refused
+    await wrong_key.aclose()
+
+    down = HttpSwapper(f"http://127.0.0.1:{free_port()}", "vllm", timeout_s=2)
+    with pytest.raises(ServiceUnavailable, match="vLLM"):
+        await down.swap("m", "v1.0", good)
+    assert down.current is None
+    await down.aclose()
+
+
+def test_server_path_maps_the_download_dir(tmp_path: Path) -> None:
+    swapper = HttpSwapper("http://x", "vllm", local_dir=tmp_path / "adapters", server_dir="/mnt/adapters")
+    assert swapper.server_path(tmp_path / "adapters" / "m" / "v1.2") == "/mnt/adapters/m/v1.2"
+    plain = HttpSwapper("http://x", "vllm")
+    assert plain.server_path(tmp_path / "m" / "v1.2") == str(tmp_path / "m" / "v1.2")
+
+
+@pytest.mark.parametrize("flavour", ["sglang", "max"])
+async def test_sglang_and_max_serve_configurations(flavour: str, tmp_path: Path) -> None:
+    folders = {v: _adapter(tmp_path, v) for v in ("v1.0", "v1.1", "v1.2")}
+    async with FakeLoraServer(flavour) as server:
+        swapper = HttpSwapper(server.url, flavour)
+        for version in ("v1.0", "v1.1", "v1.2"):
+            await swapper.swap("m", version, folders[version])
+        assert server.calls == [("load", "m@v1.0"), ("load", "m@v1.1"), ("load", "m@v1.2"), ("unload", "m@v1.0")]
+        assert set(server.loaded) == {"m@v1.1", "m@v1.2"}
+        server.loaded["m@v1.9"] = "/elsewhere"  # loaded before this subscriber started: "already loaded"
+        await swapper.swap("m", "v1.9", folders["v1.0"])
+        assert swapper.current == "v1.9"
+        with pytest.raises(AdapterRejected, match="No adapter found"):
+            await swapper.swap("m", "v2.0", tmp_path / "nowhere")
+        await swapper.aclose()
+
+
+async def test_subscriber_drives_vllm_end_to_end(make_settings, tmp_path: Path, vllm: FakeLoraServer) -> None:
+    import httpx
+
+    settings = make_settings(serving={"swapper": "vllm", "server_url": vllm.url, "api_key": "vllm-key"})
+    fleet = Fleet(settings, "tiny-llama")
+    adapters = [_adapter(tmp_path / "out", v) for v in ("v1.0", "v1.1", "v1.2")]
+    await fleet.produce(fleet.release(adapters[0], "v1.0"))
+    from streamengine.serving.run import build_swapper
+
+    swapper = build_swapper(settings)
+    assert isinstance(swapper, HttpSwapper)
+    async with Subscriber(settings, swapper) as sub:
+        assert sub.current == "v1.0" and set(vllm.loaded) == {"tiny-llama@v1.0"}
+        for i, version in enumerate(("v1.1", "v1.2"), 1):
+            await fleet.produce(fleet.release(adapters[i], version))
+            await sub.wait_for_version(version, 20)
+        assert set(vllm.loaded) == {"tiny-llama@v1.1", "tiny-llama@v1.2"}
+        path = Path(vllm.loaded["tiny-llama@v1.2"])
+        assert path == (sub.download_dir / "v1.2").absolute() and (path / "adapter_model.safetensors").is_file()
+        # A client (or router) reads the served name and asks for it.
+        current = json.loads((sub.download_dir / "current.json").read_text())
+        assert current["served_name"] == lora_name("tiny-llama", "v1.2")
+        async with httpx.AsyncClient(headers={"Authorization": "Bearer vllm-key"}) as client:
+            answer = await client.post(f"{vllm.url}/v1/completions", json={"model": current["served_name"]})
+        assert answer.json()["choices"][0]["text"] == "answer from tiny-llama@v1.2"
+    await swapper.aclose()
+
+
+def test_build_swapper_from_settings(tmp_path: Path) -> None:
+    from streamengine.config import load_settings
+    from streamengine.errors import ConfigError
+    from streamengine.serving import CallbackSwapper, PeftSwapper
+    from streamengine.serving.run import build_swapper
+
+    serving = {"download_dir": tmp_path, "server_url": "http://vllm:8000", "server_adapter_dir": "/mnt/a"}
+    for kind, paths in (("vllm", "/v1/load_lora_adapter"), ("sglang", "/load_lora_adapter"),
+                        ("max", "/v1/load_lora_adapter")):  # fmt: skip
+        swapper = build_swapper(load_settings(serving={**serving, "swapper": kind}))
+        assert isinstance(swapper, HttpSwapper) and swapper.api.load_path == paths
+        assert swapper.base_url == "http://vllm:8000"
+        assert swapper.server_path(tmp_path / "m" / "v1.0") == "/mnt/a/m/v1.0"
+    assert isinstance(build_swapper(load_settings(serving={"swapper": "print"})), CallbackSwapper)
+    assert isinstance(build_swapper(load_settings(), base="/models/x"), PeftSwapper)
+    assert isinstance(build_swapper(load_settings(serving={"swapper": "vllm"}), kind="print"), CallbackSwapper)
+    with pytest.raises(ConfigError, match="STREAMENGINE_MODEL__BASE"):
+        build_swapper(load_settings(model={"base": ""}))

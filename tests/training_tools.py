@@ -1,0 +1,75 @@
+"""Helpers shared by the training tests: sample files, specs and the recipe as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamengine.training.spec import TrainSpec
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def sample_line(
+    event_id: str, prompt: Any, completion: str, weight: float = 1.0, label: int = 1, source: str = "window"
+) -> str:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "prompt": json.dumps(prompt),
+            "completion": completion,
+            "weight": weight,
+            "label": label,
+            "source": source,
+        }
+    )
+
+
+def write_samples(path: Path, rows: list[tuple[Any, ...]]) -> Path:
+    """``rows``: (prompt, completion[, weight[, label[, source]]]) each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(sample_line(f"e{i}", *row) + "\n" for i, row in enumerate(rows)))
+    return path
+
+
+def make_spec(base: Path, samples: Path, out: Path, **training: Any) -> TrainSpec:
+    """A CPU float32 spec for the tiny model (LoRA r8 on q/k/v/o, no dropout)."""
+    settings: dict[str, Any] = {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "max_length": 128}
+    settings |= {"seed": 0, "device": "cpu"}
+    settings.update(training)
+    return TrainSpec(
+        base_model=str(base),
+        samples_path=str(samples),
+        output_dir=str(out),
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
+        training=settings,
+        model_name="tiny-llama",
+        version="v1.0",
+    )
+
+
+def run_command(argv: list[str], timeout: float = 180) -> tuple[int, list[dict[str, Any]], str]:
+    """Run a training command line; returns (exit code, JSON lines of stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    records = []
+    for line in proc.stdout.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return proc.returncode, records, proc.stderr
+
+
+def write_spec(spec: TrainSpec, path: Path) -> Path:
+    path.write_text(spec.model_dump_json(by_alias=True))
+    return path
+
+
+def python() -> str:
+    return sys.executable
