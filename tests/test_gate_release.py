@@ -1,0 +1,63 @@
+"""The release gate on the real worker: a rejected candidate is recorded and never released."""
+
+from __future__ import annotations
+
+import pytest
+from minio import Minio
+
+from streamengine.core.samples import SamplePolicy, to_sample
+from streamengine.core.windows import WindowPolicy
+from streamengine.events import FeedbackEvent
+from streamengine.jobs.worker import Worker
+from streamengine.store import registry, windows
+from streamengine.store.db import Database
+from streamengine.store.objects import ObjectStore
+from tests.test_worker import TRAINING
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def fill(db: Database, start: int, count: int = 24) -> None:
+    policy = SamplePolicy(kind_weights={"thumbs_up": 1.0}, holdout_fraction=0.25)
+    rows = []
+    for i in range(start, start + count):
+        event = FeedbackEvent(
+            event_id=f"g-{i}", model="tiny-llama", prompt=f"Q{i % 4}?", response=f"A{i % 4}", kind="thumbs_up"
+        )
+        rows.append((to_sample(event, policy), 0, i))
+    closed = await windows.write_batch(db, rows, WindowPolicy(max_samples=count))
+    assert len(closed.closed) == 1
+
+
+async def test_rejected_candidate_is_not_released(make_settings, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    strict = make_settings(model={"base": str(tiny_model)}, training=TRAINING, learning={"min_improvement": 5.0})
+    db = await Database.connect(strict.database)
+    try:
+        await fill(db, 0)
+        assert await db.fetchval("SELECT count(*) FROM samples WHERE holdout") > 0
+        job = await Worker(strict, db, ObjectStore.from_settings(strict.storage), owner="strict").run_once()
+        assert job is not None
+        row = await db.fetchrow("SELECT state, error, metrics, version FROM jobs WHERE id = $1", job.id)
+        assert row["state"] == "rejected" and row["version"] is None
+        assert "no improvement on the new window's holdout" in row["error"]
+        assert row["metrics"]["holdout_loss_after"] < row["metrics"]["holdout_loss_before"]  # learned, not enough
+        assert await db.fetchval("SELECT count(*) FROM adapters") == 0
+        assert await db.fetchval("SELECT count(*) FROM outbox") == 0
+        client = Minio(
+            strict.storage.endpoint,
+            strict.storage.access_key.get_secret_value(),
+            strict.storage.secret_key.get_secret_value(),
+            secure=False,
+        )
+        if client.bucket_exists(strict.storage.bucket):
+            assert list(client.list_objects(strict.storage.bucket, recursive=True)) == []
+
+        normal = make_settings(model={"base": str(tiny_model)}, training=TRAINING)
+        await fill(db, 100)
+        await Worker(normal, db, ObjectStore.from_settings(normal.storage), owner="normal").run_once()
+        released = await registry.get_adapter(db, "tiny-llama", "production")
+        assert (released.version, released.parent_version) == ("v1.0", None)  # not built on the rejected one
+        assert released.manifest["metrics"]["holdout_improvement"] > 0
+        assert released.manifest["metrics"]["retention_loss_before"] is not None  # window 1's holdout
+    finally:
+        await db.close()
