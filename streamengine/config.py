@@ -37,6 +37,9 @@ class KafkaSettings(_Section):
     dlq_topic: str = "feedback.events.dlq"
     released_topic: str = "adapter.released"
     group_id: str = "streamengine-ingest"
+    consumer: Literal["aiokafka", "faust"] = Field(
+        "aiokafka", description="Ingest consumer: plain aiokafka (fastest) or a faust-streaming agent."
+    )
     partitions: int = Field(6, ge=1, description="Partitions for topics streamengine creates.")
     replication_factor: int = Field(1, ge=1)
     batch_max_records: int = Field(1000, ge=1, description="Most records ingested in one batch.")

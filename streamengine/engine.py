@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -60,7 +61,9 @@ class LagObserver:
             highwater = consumer.highwater(tp)
             if highwater is None:  # nothing fetched yet
                 continue
-            done = consumer.committed_offsets.get(tp)
+            # aiokafka consumer: committed_offsets; faust's consumer: _committed_offset
+            done = getattr(consumer, "committed_offsets", None) or getattr(consumer, "_committed_offset", {})
+            done = done.get(tp)
             if done is None:
                 done = await consumer.position(tp)
             lags[tp.partition] = max(0, int(highwater) - int(done or 0))
@@ -134,7 +137,8 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
         raise
     if stop is not None:
         ctx.stop = stop
-    app = build_app(settings, IngestPipeline(settings, ctx.db, ctx.producer))
+    datadir = Path(settings.worker.work_dir).parent / "faust"
+    app = build_app(settings, IngestPipeline(settings, ctx.db, ctx.producer), datadir)
     observer = LagObserver(app, settings.kafka.feedback_topic)
     assert ctx.schedule is not None
     schedule = ctx.schedule

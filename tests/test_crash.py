@@ -16,9 +16,12 @@ from tests.kafka_tools import feedback, produce, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-async def test_sigkill_run_loses_and_duplicates_nothing(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("consumer", ["aiokafka", "faust"])
+async def test_sigkill_run_loses_and_duplicates_nothing(make_settings, tmp_path, consumer) -> None:  # type: ignore[no-untyped-def]
     total, window, kills = 4000, 100, 3
-    settings = make_settings(window={"max_samples": window}, kafka={"batch_max_records": 200, "partitions": 3})
+    settings = make_settings(
+        window={"max_samples": window}, kafka={"batch_max_records": 200, "partitions": 3, "consumer": consumer}
+    )
     k = settings.kafka
     await ensure_topics(k)
     config = process_tools.write_config(settings, tmp_path / "config.yaml")

@@ -20,9 +20,15 @@ from tests.kafka_tools import feedback, produce, read_all, wait_for
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=["aiokafka", "faust"])
+def consumer(request: pytest.FixtureRequest) -> str:
+    """Both ingest consumers (kafka.consumer) must behave the same."""
+    return str(request.param)
+
+
 @contextlib.asynccontextmanager
 async def ingest_replica(settings: Settings, datadir: Path):  # type: ignore[no-untyped-def]
-    """One ingest replica: faust app + pipeline, as `streamengine run` wires them."""
+    """One ingest replica: consumer + pipeline, as `streamengine run` wires them."""
     db = await Database.connect(settings.database)
     producer = await start_producer(settings.kafka)
     app = build_app(settings, IngestPipeline(settings, db, producer), datadir)
@@ -39,8 +45,10 @@ async def count(db: Database, query: str, *args: object) -> int:
     return int(await db.fetchval(query, *args))
 
 
-async def test_valid_invalid_and_duplicate_records(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    settings: Settings = make_settings(window={"max_samples": 1000}, kafka={"max_record_bytes": 10_000})
+async def test_valid_invalid_and_duplicate_records(make_settings, tmp_path, consumer) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings = make_settings(
+        window={"max_samples": 1000}, kafka={"max_record_bytes": 10_000, "consumer": consumer}
+    )
     await ensure_topics(settings.kafka)
     k = settings.kafka
     valid = [feedback(i) for i in range(50)]
@@ -85,8 +93,10 @@ async def _records(bootstrap: str, topic: str, expected: int):  # type: ignore[n
     return records if len(records) >= expected else None
 
 
-async def test_two_replicas_close_each_window_exactly_once(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    settings: Settings = make_settings(window={"max_samples": 25}, kafka={"batch_max_records": 7, "partitions": 4})
+async def test_two_replicas_close_each_window_exactly_once(make_settings, tmp_path, consumer) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings = make_settings(
+        window={"max_samples": 25}, kafka={"batch_max_records": 7, "partitions": 4, "consumer": consumer}
+    )
     await ensure_topics(settings.kafka)
     k = settings.kafka
     total = 400

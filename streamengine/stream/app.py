@@ -9,7 +9,8 @@ a record whose side effects are not durable. A rebalance waits for the batch in 
 committed before the partitions are given up; a commit that still loses the race (the partition moved
 on) is harmless, as inserts are idempotent. State lives in PostgreSQL.
 
-Earlier versions used a faust-streaming agent (``noack_take``); faust's per-event machinery cost about
+This is the default (``kafka.consumer: aiokafka``); ``kafka.consumer: faust`` runs the same pipeline in
+a faust-streaming agent (:mod:`streamengine.stream.faust_app`), whose per-event machinery costs about
 150 us of CPU per event, ten times the rest of the pipeline (``bench/ingest.py``, docs/performance.md).
 """
 
@@ -21,6 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -225,6 +227,14 @@ class IngestApp:
         self.consumer.committed_offsets.update(offsets)
 
 
-def build_app(settings: Settings, pipeline: IngestPipeline, datadir: Path | None = None) -> IngestApp:
-    """The ingest replica of ``streamengine run`` (``datadir``: unused, kept for callers of the faust era)."""
+def build_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> Any:
+    """The ingest consumer of ``streamengine run``, as ``kafka.consumer`` chooses.
+
+    Both have ``start()``/``stop()``, ``crashed``/``should_stop`` and a ``consumer`` whose assignment,
+    highwater and committed offsets the engine reads. ``datadir`` is the faust app's folder.
+    """
+    if settings.kafka.consumer == "faust":
+        from streamengine.stream.faust_app import build_faust_app
+
+        return build_faust_app(settings, pipeline, datadir)
     return IngestApp(settings, pipeline)
