@@ -82,6 +82,19 @@ class FeedbackEvent(BaseModel):
             raise ValueError("kind 'correction' needs a non-empty 'correction' field")
         return self
 
+    @model_validator(mode="after")
+    def _no_nul(self) -> FeedbackEvent:
+        """PostgreSQL text cannot hold U+0000: refuse it here (DLQ) rather than fail the batch write."""
+        texts = [self.event_id, self.model, self.response, self.correction, self.user_id, self.session_id,
+                 self.adapter_version]  # fmt: skip
+        if isinstance(self.prompt, str):
+            texts.append(self.prompt)
+        else:
+            texts += [text for m in self.prompt for text in (m.role, m.content)]
+        if any(text and "\x00" in text for text in texts):
+            raise ValueError("a text field contains a NUL character (\\u0000), which cannot be stored")
+        return self
+
 
 class LoraSpec(BaseModel):
     r: int

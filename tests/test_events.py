@@ -235,3 +235,14 @@ def test_arbitrary_bytes_only_ever_raise_event_rejected(raw: bytes) -> None:
     else:
         assert isinstance(event, FeedbackEvent)
         assert event.event_id and event.model
+
+
+def test_nul_characters_are_rejected_not_stored() -> None:
+    """PostgreSQL text cannot hold U+0000: such an event must go to the DLQ, not stall the batch write."""
+    for field, value in [("response", "a\u0000b"), ("prompt", [{"role": "user", "content": "x\u0000"}]),
+                         ("user_id", "\u0000")]:  # fmt: skip
+        raw = json.dumps({"event_id": "n1", "model": "m", "prompt": "p", "response": "r", "kind": "thumbs_up",
+                          field: value}).encode()  # fmt: skip
+        with pytest.raises(EventRejected) as caught:
+            decode_feedback(raw, 10_000)
+        assert caught.value.error_class == "schema" and "NUL" in str(caught.value)
