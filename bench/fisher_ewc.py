@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.forgetting import RESULTS, base_items, pretrain, window_items, write_jsonl
+from bench.forgetting import RESULTS, pretrain, window_items, write_jsonl
 from streamengine.config import LoraSettings
 from streamengine.tinymodel import build_tiny_model
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import string
 import tempfile
@@ -53,21 +54,18 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_p
 TRAINING = {"batch_size": 16, "learning_rate": 3e-3, "max_length": 48, "device": "cpu"}
 
 
-def _shift(word: str, k: int) -> str:
-    return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in word)
+def _suffix(end: str) -> Callable[[str], str]:
+    return lambda word: word + end
 
 
-def _mirror(word: str) -> str:
-    return "".join(LETTERS[25 - LETTERS.index(c)] for c in word)
-
-
+# (instruction, transformation, alphabet of the words)
 CONFLICT: list[tuple[str, Callable[[str], str], str]] = [
-    ("up", str.upper, LETTERS),
-    ("next", lambda w: _shift(w, 1), LETTERS),
-    ("prev", lambda w: _shift(w, -1), LETTERS),
-    ("mirror", _mirror, LETTERS),
+    ("bang", _suffix("!!"), LETTERS),
+    ("ask", _suffix("??"), LETTERS),
+    ("dots", _suffix(".."), LETTERS),
+    ("star", _suffix("**"), LETTERS),
 ]
-SHARED: list[tuple[str, Callable[[str], str], str]] = [("up", str.upper, LETTERS[6 * k : 6 * k + 6]) for k in range(4)]
+SHARED: list[tuple[str, Callable[[str], str], str]] = [(op, _suffix("!!"), LETTERS) for op in ("bang", "yell", "shout", "cheer")]
 CASES = {"conflict": CONFLICT, "shared": SHARED}
 
 
@@ -116,7 +114,11 @@ def pretrain(folder: Path, steps: int, seed: int = 0, hidden: int = 128, layers:
     torch.manual_seed(seed)
     rng, pad = random.Random(seed + 1), pad_id(tok)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    # Warm up, hold the peak (the copy skill appears suddenly, ~150-200 steps in), then anneal.
+    hold = int(0.7 * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) if s < hold else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - hold) / (steps - hold)))
+    )
     model.train()
     for _ in range(steps):
         batch = collate([encode(tok, Example("", p, c, 1.0), 48) for p, c in base_items(rng, 64, set())], pad)
