@@ -129,3 +129,27 @@ async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings
             await job_store.reserve_version(db, 1, state["lease_owner"])
     finally:
         await db.close()
+
+
+async def test_a_stopping_worker_gives_its_job_back(make_settings, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    settings = _settings(make_settings, tiny_model, worker={"heartbeat_s": 0.5, "poll_s": 0.2},
+                         training={**TRAINING, "epochs": 500})  # fmt: skip
+    db = await Database.connect(settings.database)
+    try:
+        await fill_window(db, 0)
+        stop = asyncio.Event()
+        worker = Worker(settings, db, ObjectStore.from_settings(settings.storage), owner="leaving")
+        running = asyncio.create_task(worker.run(stop))
+
+        async def training_started() -> bool:
+            progress = await db.fetchval("SELECT progress FROM jobs WHERE id = 1")
+            return bool(progress and progress.get("step"))
+
+        await wait_for(training_started, timeout_s=240)
+        stop.set()
+        await asyncio.wait_for(running, 30)  # does not wait for the long training to end
+        job = await db.fetchrow("SELECT state, attempts, lease_owner FROM jobs WHERE id = 1")
+        assert (job["state"], job["attempts"], job["lease_owner"]) == ("queued", 0, None)
+        assert await db.fetchval("SELECT count(*) FROM adapters") == 0
+    finally:
+        await db.close()

@@ -56,17 +56,28 @@ class Worker:
         self.gate = GatePolicy(learning.gate, learning.max_forgetting, learning.min_improvement)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and process jobs until ``stop`` is set."""
+        """Claim and process jobs until ``stop`` is set; a job in progress then goes back to the queue."""
         log.info("worker %s polling for jobs", self.owner)
-        while not stop.is_set():
-            try:
-                job = await self.run_once()
-            except StreamEngineError as exc:
-                log.warning("worker: %s", exc)
-                job = None
-            if job is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.settings.worker.poll_s)
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                current = asyncio.create_task(self.run_once())
+                await asyncio.wait({current, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not current.done():
+                    current.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await current
+                    break
+                try:
+                    job = current.result()
+                except StreamEngineError as exc:
+                    log.warning("worker: %s", exc)
+                    job = None
+                if job is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stopping), timeout=self.settings.worker.poll_s)
+        finally:
+            stopping.cancel()
 
     async def run_once(self) -> job_store.Job | None:
         """Claim one job and take it to its end state; None when the queue is empty."""
@@ -91,6 +102,10 @@ class Worker:
         except StreamEngineError as exc:
             state = await self._finish(job, "failed", str(exc), retry=True)
             log.error("job %d: %s; job is now %s", job.id, exc, state)
+        except asyncio.CancelledError:
+            await asyncio.shield(job_store.give_back(self.db, job.id, self.owner))
+            log.warning("job %d given back to the queue: the worker is stopping", job.id)
+            raise
         return job
 
     async def _finish(self, job: job_store.Job, state: str, error: str, retry: bool) -> str:

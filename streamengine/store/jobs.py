@@ -271,3 +271,13 @@ async def finish_fisher(db: Database, job_id: int, owner: str, model: str, versi
             job_id,
             {"fisher_file": name, "fisher_sha256": sha},
         )
+
+
+async def give_back(db: Database, job_id: int, owner: str) -> None:
+    """Return a job this worker holds to the queue at once (a clean stop), without using up an attempt."""
+    await db.execute(
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+        " attempts = greatest(attempts - 1, 0) WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        job_id,
+        owner,
+    )
