@@ -4,14 +4,14 @@
 for the lambda / replay grid the defaults were chosen from). Deterministic for a given seed.
 
 1. Base knowledge: a tiny Llama (hidden 128, 4 layers, byte tokenizer, 0.75M parameters) is
-   pretrained in full on a base skill, ``copy <word>`` -> ``<word>`` and ``low <WORD>`` -> ``<word>``
-   (cached under bench/results/cache/).
-2. Windows, two cases, each four windows of 160 training and 40 held-out samples:
-   - ``conflict``: each window teaches a different letter map under its own instruction
-     (``up`` upper case, ``next`` each letter +1, ``prev`` each letter -1, ``mirror`` a<->z): the same
-     inputs need different outputs, so learning one overwrites the others (the hard case).
-   - ``shared``: one skill (``up``) whose domain shifts: window k uses only letters of its own group
-     (a-f, g-l, m-r, s-x): shared structure, a domain shift.
+   pretrained in full (700 steps) on a base skill, ``copy <word>`` -> ``<word>`` and ``low <WORD>`` ->
+   ``<word>``, to 99% exact match on held-out words (cached under bench/results/cache/).
+2. Windows, two cases, each four windows of 160 training and 40 held-out samples (random words):
+   - ``conflict``: each window teaches its own instruction to copy the word and end it with its own
+     mark (``bang w`` -> ``w!!``, ``ask w`` -> ``w??``, ``dots w`` -> ``w..``, ``star w`` -> ``w**``):
+     the same skill with conflicting endings, so learning one overwrites the others.
+   - ``shared``: four new instructions that all mean the same (``bang``, ``yell``, ``shout``, ``cheer``
+     -> ``w!!``): windows that share structure (a style learned once, reused).
 3. Methods, every job through the product's own code (``recipe.train``: LoRA r16 on q/k/v/o, the
    exact Fisher at the end of each job, EWC from the parent's ``fisher.safetensors``, replay and anchor
    lines mixed into the samples file as the worker does): ``naive`` sequential LoRA, ``ewc``,
@@ -65,7 +65,9 @@ CONFLICT: list[tuple[str, Callable[[str], str], str]] = [
     ("dots", _suffix(".."), LETTERS),
     ("star", _suffix("**"), LETTERS),
 ]
-SHARED: list[tuple[str, Callable[[str], str], str]] = [(op, _suffix("!!"), LETTERS) for op in ("bang", "yell", "shout", "cheer")]
+SHARED: list[tuple[str, Callable[[str], str], str]] = [
+    (op, _suffix("!!"), LETTERS) for op in ("bang", "yell", "shout", "cheer")
+]
 CASES = {"conflict": CONFLICT, "shared": SHARED}
 
 
@@ -80,7 +82,9 @@ def words(rng: random.Random, alphabet: str, n: int, avoid: set[str]) -> list[st
 
 
 def base_items(rng: random.Random, n: int, avoid: set[str]) -> list[Item]:
-    return [(f"copy {w}", w) if i % 2 == 0 else (f"low {w.upper()}", w) for i, w in enumerate(words(rng, LETTERS, n, avoid))]
+    return [
+        (f"copy {w}", w) if i % 2 == 0 else (f"low {w.upper()}", w) for i, w in enumerate(words(rng, LETTERS, n, avoid))
+    ]
 
 
 def window_items(case: str, seed: int, train_n: int, holdout_n: int) -> list[tuple[list[Item], list[Item]]]:
@@ -117,7 +121,12 @@ def pretrain(folder: Path, steps: int, seed: int = 0, hidden: int = 128, layers:
     # Warm up, hold the peak (the copy skill appears suddenly, ~150-200 steps in), then anneal.
     hold = int(0.7 * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) if s < hold else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - hold) / (steps - hold)))
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / 20)
+            if s < hold
+            else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - hold) / (steps - hold)))
+        ),
     )
     model.train()
     for _ in range(steps):
@@ -195,7 +204,11 @@ def run_joint(base: Path, windows: list[tuple[list[Item], list[Item]]], base_hol
         lora=LORA, training={**TRAINING, "epochs": epochs, "seed": seed}, compute_fisher=False,
     )  # fmt: skip
     result = train(spec)
-    return {"final": evaluate_adapter(base, work / "joint", windows, base_holdout), "curve": [], "seconds": result.seconds}
+    return {
+        "final": evaluate_adapter(base, work / "joint", windows, base_holdout),
+        "curve": [],
+        "seconds": result.seconds,
+    }
 
 
 def evaluate_adapter(base: Path, adapter: Path, windows: list[tuple[list[Item], list[Item]]],
@@ -219,15 +232,28 @@ def summarise(final: dict[str, dict[str, float]], k: int) -> dict[str, float]:
     }
 
 
+def mean_of(values: list[Any]) -> Any:
+    """Element-wise mean of equally shaped nested dicts of floats."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: mean_of([v[k] for v in values]) for k in first}
+    return sum(values) / len(values)
+
+
+def sd_of(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
 def table(case: str, rows: dict[str, dict[str, Any]], k: int) -> str:
-    head = "| method | " + " | ".join(f"w{i} EM (loss)" for i in range(1, k + 1)) + " | earlier EM | newest EM | base EM (loss) |"
-    lines = [f"case `{case}`", "", head, "|" + "---|" * (k + 4)]
+    head = "| method | " + " | ".join(f"w{i} EM (loss)" for i in range(1, k + 1))
+    lines = [f"case `{case}`", "", head + " | earlier EM (sd) | newest EM | base EM (loss) |", "|" + "---|" * (k + 4)]
     for name, row in rows.items():
         final, summary = row["final"], row["summary"]
         cells = [f"{final[f'w{i}']['em']:.2f} ({final[f'w{i}']['loss']:.2f})" for i in range(1, k + 1)]
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {summary['earlier_em']:.2f} | {summary['newest_em']:.2f} | "
-            f"{final['base']['em']:.2f} ({final['base']['loss']:.2f}) |"
+            f"| {name} | " + " | ".join(cells) + f" | {summary['earlier_em']:.2f} ({row['earlier_em_sd']:.2f}) | "
+            f"{summary['newest_em']:.2f} | {final['base']['em']:.2f} ({final['base']['loss']:.2f}) |"
         )
     return "\n".join(lines)
 
@@ -235,25 +261,24 @@ def table(case: str, rows: dict[str, dict[str, Any]], k: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "forgetting.json")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="data and training seeds (mean reported)")
     parser.add_argument("--lambda", dest="lam", type=float, default=500.0, help="EWC lambda of the ewc methods")
     parser.add_argument("--replay", type=float, default=0.25, help="replay share of each job's samples")
-    parser.add_argument("--anchor", type=float, default=0.1, help="anchor share in replay+anchor")
+    parser.add_argument("--anchor", type=float, default=0.1, help="anchor share in the +anchor methods")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--cases", default="conflict,shared")
     parser.add_argument("--sweep", action="store_true", help="lambda x replay grid instead of the method table")
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer samples and epochs")
+    parser.add_argument("--sweep-lambda", type=float, nargs="+", default=[0.0, 100.0, 1000.0, 1e4, 1e5])
+    parser.add_argument("--sweep-replay", type=float, nargs="+", default=[0.0, 0.25])
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer samples, steps and epochs")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_n, holdout_n, epochs = (48, 16, 2) if args.quick else (160, 40, args.epochs)
     started = time.monotonic()
-    base = pretrain(RESULTS / "cache" / f"base-{args.seed}-{120 if args.quick else 400}", 120 if args.quick else 400)
-    rng = random.Random(args.seed + 7)
-    base_holdout = base_items(rng, holdout_n, set())
-    anchor_pool = base_items(rng, 4 * train_n, set())
+    steps = 120 if args.quick else 700
+    base = pretrain(RESULTS / "cache" / f"base-0-{steps}", steps)  # one base model for every seed
     if args.sweep:
         methods = {f"lambda={lam:g} replay={rep:g}": (lam, rep, 0.0)
-                   for rep in (0.0, 0.25, 0.5) for lam in (0.0, 50.0, 500.0, 5000.0)}  # fmt: skip
+                   for rep in args.sweep_replay for lam in args.sweep_lambda}  # fmt: skip
     else:
         methods = {
             "naive": (0.0, 0.0, 0.0),
@@ -261,31 +286,46 @@ def main(argv: list[str] | None = None) -> int:
             "replay": (0.0, args.replay, 0.0),
             "ewc+replay": (args.lam, args.replay, 0.0),
             "replay+anchor": (0.0, args.replay, args.anchor),
+            "ewc+replay+anchor": (args.lam, args.replay, args.anchor),
         }
-    report: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "train_n": train_n,
-                                         "holdout_n": holdout_n, "lora": LORA, "training": TRAINING}, "cases": {}}  # fmt: skip
+    config = {**vars(args), "out": str(args.out), "train_n": train_n, "holdout_n": holdout_n, "lora": LORA,
+              "training": TRAINING, "pretrain_steps": steps}  # fmt: skip
+    report: dict[str, Any] = {"config": config, "cases": {}}
     tables = []
     for case in args.cases.split(","):
-        windows = window_items(case, args.seed + 11, train_n, holdout_n)
-        rows: dict[str, dict[str, Any]] = {}
-        for name, (lam, rep, anc) in methods.items():
-            with tempfile.TemporaryDirectory(prefix="forgetting-") as work:
-                rows[name] = run_method(base, case, windows, base_holdout, anchor_pool, Path(work), lam, rep, anc,
-                                        epochs, args.seed)  # fmt: skip
-            rows[name]["summary"] = summarise(rows[name]["final"], len(windows))
-            rows[name]["settings"] = {"lambda": lam, "replay": rep, "anchor": anc}
-            print(f"{case} {name}: {json.dumps(rows[name]['summary'])} ({rows[name]['seconds']:.0f} s)", flush=True)
-        if not args.sweep:
-            with tempfile.TemporaryDirectory(prefix="forgetting-") as work:
-                rows["joint"] = run_joint(base, windows, base_holdout, Path(work), epochs, args.seed)
-            rows["joint"]["summary"] = summarise(rows["joint"]["final"], len(windows))
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*methods, *([] if args.sweep else ["joint"])]}
+        for seed in args.seeds:
+            windows = window_items(case, seed + 11, train_n, holdout_n)
+            rng = random.Random(seed + 7)
+            base_holdout, anchor_pool = base_items(rng, holdout_n, set()), base_items(rng, 4 * train_n, set())
+            for name in runs:
+                with tempfile.TemporaryDirectory(prefix="forgetting-") as work:
+                    if name == "joint":
+                        run = run_joint(base, windows, base_holdout, Path(work), epochs, seed)
+                    else:
+                        lam, rep, anc = methods[name]
+                        run = run_method(base, case, windows, base_holdout, anchor_pool, Path(work), lam, rep, anc,
+                                         epochs, seed)  # fmt: skip
+                run["summary"] = summarise(run["final"], len(windows))
+                runs[name].append(run)
+                print(f"{case} seed {seed} {name}: {json.dumps(run['summary'])} ({run['seconds']:.0f} s)", flush=True)
+        rows = {
+            name: {
+                "settings": dict(zip(("lambda", "replay", "anchor"), methods.get(name, (0.0, 0.0, 0.0)), strict=True)),
+                "final": mean_of([r["final"] for r in seeds]),
+                "summary": mean_of([r["summary"] for r in seeds]),
+                "earlier_em_sd": sd_of([r["summary"]["earlier_em"] for r in seeds]),
+                "seeds": seeds,
+            }
+            for name, seeds in runs.items()
+        }
         report["cases"][case] = rows
-        tables.append(table(case, rows, len(windows)))
+        tables.append(table(case, rows, len(CASES[case])))
     report["seconds"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print("\n\n".join(tables))
-    print(f"\n{report['seconds']:.0f} s; JSON in {args.out}")
+    print(f"\n{report['seconds']:.0f} s ({len(args.seeds)} seed(s)); JSON in {args.out}")
     return 0
 
 

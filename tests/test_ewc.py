@@ -110,7 +110,7 @@ def test_recipe_applies_and_logs_the_penalty(tiny_base: Path, tmp_path: Path) ->
     old = write_samples(tmp_path / "old.jsonl", ROWS)
     train(make_spec(tiny_base, old, tmp_path / "v1", epochs=4))
     free, free_records = continue_with(tiny_base, tmp_path, "free", 0.0)
-    held, held_records = continue_with(tiny_base, tmp_path, "held", 1e4)
+    held, held_records = continue_with(tiny_base, tmp_path, "held", 1e6)
 
     assert all(r.penalty == 0.0 and r.loss == r.task_loss for r in free_records) and free.ewc_penalty == 0.0
     assert held_records[0].penalty == 0.0  # step 1 starts at the anchor (the parent adapter)

@@ -120,7 +120,9 @@ def test_normalise_and_online_accumulation(tmp_path: Path) -> None:
     assert raw_mean == 2.0 and torch.equal(scaled["a"], torch.tensor([0.5, 1.5]))
     assert normalise(new, "none")[0] is new
     summed, _ = normalise(new, "sum")
-    assert torch.equal(summed["a"], torch.tensor([0.125, 0.375])) and torch.equal(summed["b"], torch.tensor([[0.25, 0.25]]))
+    assert torch.equal(summed["a"], torch.tensor([0.125, 0.375])) and torch.equal(
+        summed["b"], torch.tensor([[0.25, 0.25]])
+    )
     assert normalise({"a": torch.zeros(3)}, "mean")[0]["a"].sum() == 0  # nothing learned: stays zero
     with pytest.raises(TrainingError, match="unknown Fisher normalisation"):
         normalise(new, "max")
