@@ -26,6 +26,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -114,30 +116,52 @@ def best_of(repeats: int, fns: dict[str, Callable[[], Any]]) -> dict[str, float]
     return best
 
 
-def speed(n: int, hidden: int, layers: int, chunk: int, repeats: int, device: torch.device) -> dict[str, Any]:
+def setup(n: int, hidden: int, layers: int, device: torch.device) -> tuple[Any, Any, list[Encoded]]:
+    """The benchmark model (LoRA r16 on q/k/v/o with a non-zero B, like a trained adapter) and samples."""
     with tempfile.TemporaryDirectory() as folder:
         base = build_tiny_model(folder, hidden_size=hidden, layers=layers, heads=4)
         loaded = load_for_training(str(base), LoraSettings(r=16, alpha=32, dropout=0.0), None, device)
     model, tok = loaded.model, loaded.tokenizer
-    with torch.no_grad():  # a trained-looking adapter: non-zero B
+    with torch.no_grad():
         torch.manual_seed(0)
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
-    pad, encoded = pad_id(tok), samples(tok, n)
+    return model, tok, samples(tok, n)
+
+
+def training_pass(model: Any, encoded: list[Encoded], pad: int, device: torch.device) -> None:
+    """Forward and backward over all of ``encoded`` in batches of 8 (no optimizer step)."""
+    model.train()
+    for start in range(0, len(encoded), 8):
+        batch = collate(encoded[start : start + 8], pad)
+        weighted_loss(batch_losses(model, batch, device), batch["weights"]).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def memory_child(what: str, n: int, hidden: int, layers: int, chunk: int, device: torch.device) -> float:
+    """Peak memory (MiB) of one ``what`` above the loaded model, in this (fresh) process."""
+    model, tok, encoded = setup(n, hidden, layers, device)
+    pad = pad_id(tok)
+    run = {
+        "train_pass": lambda: training_pass(model, encoded, pad, device),
+        "fisher_vmap": lambda: fisher_sums_vmap(model, encoded, pad, device, chunk),
+        "fisher_loop": lambda: fisher_sums_loop(model, encoded, pad, device),
+    }[what]
+    with PeakMemory(device) as peak:
+        run()
+    return peak.mib
+
+
+def speed(n: int, hidden: int, layers: int, chunk: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    model, tok, encoded = setup(n, hidden, layers, device)
+    pad = pad_id(tok)
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
     fisher = accumulate(fisher_sums_vmap(model, encoded[:16], pad, device, chunk).mean(),
                         {k: p.detach() for k, p in params.items()}, None, 1.0, "sum")  # fmt: skip
     penalty = EwcPenalty(params, fisher, 500.0)
     batch = collate(encoded[:8], pad)
-
-    def training_pass() -> None:
-        model.train()
-        for start in range(0, n, 8):
-            chunk_batch = collate(encoded[start : start + 8], pad)
-            weighted_loss(batch_losses(model, chunk_batch, device), chunk_batch["weights"]).backward()
-        model.zero_grad(set_to_none=True)
 
     def step(with_penalty: bool) -> None:
         model.train()
@@ -154,7 +178,7 @@ def speed(n: int, hidden: int, layers: int, chunk: int, repeats: int, device: to
         penalty(model).backward()
 
     times = best_of(repeats, {
-        "train_pass": training_pass,
+        "train_pass": lambda: training_pass(model, encoded, pad, device),
         "fisher_vmap": lambda: fisher_sums_vmap(model, encoded, pad, device, chunk),
         "fisher_loop": lambda: fisher_sums_loop(model, encoded, pad, device),
     })  # fmt: skip
@@ -167,12 +191,12 @@ def speed(n: int, hidden: int, layers: int, chunk: int, repeats: int, device: to
     error = math.sqrt(
         sum(float(((fast[k] - loop[k]) ** 2).sum()) for k in loop) / sum(float((v**2).sum()) for v in loop.values())
     )
-    with PeakMemory(device) as train_memory:
-        training_pass()
-    with PeakMemory(device) as fisher_memory:
-        fisher_sums_vmap(model, encoded, pad, device, chunk)
-    with PeakMemory(device) as loop_memory:
-        fisher_sums_loop(model, encoded, pad, device)
+    peaks = {}
+    for what in ("train_pass", "fisher_vmap", "fisher_loop"):  # each in a fresh process: allocators keep memory
+        argv = [sys.executable, "-m", "bench.fisher_ewc", "--memory-child", what, "--samples", str(n), "--hidden",
+                str(hidden), "--layers", str(layers), "--chunk-size", str(chunk), "--device", str(device)]  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        peaks[what] = float(out.stdout.strip().splitlines()[-1])
     return {
         "samples": n, "hidden": hidden, "layers": layers, "chunk_size": chunk, "device": str(device),
         "lora_parameters": sum(p.numel() for p in params.values()),
@@ -184,7 +208,7 @@ def speed(n: int, hidden: int, layers: int, chunk: int, repeats: int, device: to
         "relative_error": error,
         "ewc_overhead": steps["ewc_step"] / steps["plain_step"] - 1,
         "penalty_share": steps["penalty_fwd_bwd"] / steps["plain_step"],
-        "peak_mib": {"train_pass": train_memory.mib, "fisher_vmap": fisher_memory.mib, "fisher_loop": loop_memory.mib},
+        "peak_mib": peaks,
     }  # fmt: skip
 
 
@@ -258,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", action="store_true", help="also run the lambda-scale calibration (minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fisher_ewc.json")
+    parser.add_argument("--memory-child", choices=["train_pass", "fisher_vmap", "fisher_loop"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.memory_child:
+        print(memory_child(args.memory_child, args.samples, args.hidden, args.layers, args.chunk_size, device))
+        return 0
     r = speed(args.samples, args.hidden, args.layers, args.chunk_size, args.repeats, device)
     peaks = r["peak_mib"]
     rows = [
