@@ -110,3 +110,18 @@ def test_spec_objective_falls_back_to_training_settings() -> None:
     assert TrainSpec.model_validate({**base, "training": {"objective": "kto"}}).effective_objective == "kto"
     both = {**base, "objective": "sft", "training": {"objective": "kto"}}
     assert TrainSpec.model_validate(both).effective_objective == "sft"
+
+
+def test_kto_keeps_the_ewc_penalty(tiny_base: Path, tmp_path: Path) -> None:
+    rows: list[tuple[Any, ...]] = []
+    for prompt, good, bad in PAIRS:
+        rows += [(prompt, good, 1.0, 1), (prompt, bad, 1.0, -1)]
+    samples = write_samples(tmp_path / "kto.jsonl", rows)
+    train(make_spec(tiny_base, samples, tmp_path / "v1", epochs=2))  # an SFT parent with its Fisher
+    spec = make_spec(tiny_base, samples, tmp_path / "v2", epochs=2, objective="kto")
+    spec.parent_adapter, spec.parent_fisher = str(tmp_path / "v1"), str(tmp_path / "v1" / "fisher.safetensors")
+    spec.ewc = spec.ewc.model_copy(update={"lambda_": 1e6})
+    records: list[Any] = []
+    result = train(spec, progress=records.append)
+    assert records[0].penalty == 0.0 and all(r.penalty > 0 for r in records[1:])
+    assert result.ewc_penalty == records[-1].penalty > 0 and result.objective == "kto"
