@@ -126,10 +126,13 @@ class LearningSettings(_Section):
         0.25, ge=0, lt=1, description="Share of each job's samples replayed from earlier windows."
     )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of samples held out for evaluation.")
+    min_holdout_samples: int = Field(
+        20, ge=0, description="Fewest holdout samples per window: topped up from its training samples (at most half)."
+    )
     retention_max_samples: int = Field(256, ge=0, description="Most earlier-window holdout samples evaluated.")
     anchor_path: Path | None = Field(None, description="JSONL of base-capability samples (prompt, completion).")
     anchor_fraction: float = Field(
-        0.125, ge=0, lt=1, description="Share of each job's samples drawn from the anchor set."
+        0.1, ge=0, lt=1, description="Share of each job's samples drawn from the anchor set."
     )
     max_user_share: float = Field(0.2, gt=0, le=1, description="Most of a window's weight one user may hold.")
     gate: bool = Field(True, description="Refuse candidates that do not improve or forget too much.")

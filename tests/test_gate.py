@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamengine.core.gate import GatePolicy, decide
-from streamengine.core.samples import is_holdout, user_share_factors
+from streamengine.core.samples import Sample, is_holdout, split_holdout, user_share_factors
 
 POLICY = GatePolicy(enabled=True, max_forgetting=0.1, min_improvement=0.0)
 
@@ -53,6 +53,21 @@ def test_holdout_assignment_is_stable_and_near_the_fraction() -> None:
     assert held == [i for i in ids if is_holdout(i, 0.1)]
     assert not any(is_holdout(i, 0.0) for i in ids[:100])
     assert set(held) <= {i for i in ids if is_holdout(i, 0.5)}  # monotone in the fraction
+
+
+def _sample(event_id: str, label: int = 1, holdout: bool = False) -> Sample:
+    return Sample(event_id, "m", "thumbs_up", '"p"', "c", 1.0, label, None, None, None, None, holdout)
+
+
+def test_small_windows_top_up_their_holdout_to_the_minimum() -> None:
+    window = [_sample(f"e{i}", holdout=i < 3) for i in range(40)] + [_sample("neg", label=-1)]
+    train, holdout = split_holdout(window, 20)
+    assert len(holdout) == 20 and len(train) == 21 and {s.event_id for s in holdout} >= {"e0", "e1", "e2"}
+    assert split_holdout(window, 20) == (train, holdout)  # deterministic
+    assert "neg" in {s.event_id for s in train}  # only desirable samples are moved
+    small_train, small_holdout = split_holdout(window[:10], 20)  # never more than half of the training samples
+    assert len(small_holdout) == 3 + 3 and len(small_train) == 4
+    assert split_holdout(window, 0) == (window[3:], window[:3])
 
 
 def test_user_cap_brings_the_flooder_to_the_share() -> None:

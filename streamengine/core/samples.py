@@ -93,12 +93,30 @@ def to_sample(event: FeedbackEvent, policy: SamplePolicy) -> Sample:
     )
 
 
+def _bucket(event_id: str) -> float:
+    """A stable position in [0, 1) from the event id alone."""
+    return int.from_bytes(hashlib.sha256(event_id.encode()).digest()[:4], "big") / 2**32
+
+
 def is_holdout(event_id: str, fraction: float) -> bool:
     """Stable, content-independent assignment of a sample to the evaluation holdout."""
-    if fraction <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.sha256(event_id.encode()).digest()[:4], "big") / 2**32
-    return bucket < fraction
+    return fraction > 0 and _bucket(event_id) < fraction
+
+
+def split_holdout(window: Sequence[Sample], min_holdout: int) -> tuple[list[Sample], list[Sample]]:
+    """A window's (training, holdout) samples, the holdout topped up to ``min_holdout`` desirable ones.
+
+    Small windows hold out too few samples by hash for the gate's loss to mean anything, so the
+    desirable training samples next in hash order are moved over, never more than half of them.
+    """
+    train = [s for s in window if not s.holdout]
+    holdout = [s for s in window if s.holdout]
+    missing = min_holdout - sum(1 for s in holdout if s.trainable)
+    movable = sorted((s for s in train if s.trainable), key=lambda s: _bucket(s.event_id))
+    moved = {s.event_id for s in movable[: max(0, min(missing, len(movable) // 2))]}
+    if not moved:
+        return train, holdout
+    return [s for s in train if s.event_id not in moved], holdout + [s for s in train if s.event_id in moved]
 
 
 def user_share_factors(weights: Sequence[tuple[str | None, float]], max_share: float) -> dict[str, float]:

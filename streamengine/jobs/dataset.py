@@ -15,7 +15,7 @@ from typing import Any
 
 from streamengine import metrics
 from streamengine.config import Settings
-from streamengine.core.samples import Sample, is_holdout, user_share_factors
+from streamengine.core.samples import Sample, is_holdout, split_holdout, user_share_factors
 from streamengine.errors import ConfigError, TrainingError
 from streamengine.store import samples as sample_store
 from streamengine.store.db import Database
@@ -93,7 +93,7 @@ async def prepare(
 ) -> JobData:
     learning = settings.learning
     window = await sample_store.window_samples(db, window_id, with_negatives)
-    train = [s for s in window if not s.holdout]
+    train, holdout = split_holdout(window, learning.min_holdout_samples)
     if not any(s.label > 0 for s in train):
         raise TrainingError(f"window {window_id} has no trainable samples outside its holdout")
     factors = user_share_factors([(s.user_id, s.weight) for s in train], learning.max_user_share)
@@ -118,7 +118,7 @@ async def prepare(
     lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked)
     samples_path = folder / "samples.jsonl"
     eval_sets: dict[str, list[str]] = {
-        "holdout": [_sample_line(s, "window") for s in window if s.holdout and s.label > 0],
+        "holdout": [_sample_line(s, "window") for s in holdout if s.label > 0],
         "retention": [
             _sample_line(s, "replay")
             for s in await sample_store.earlier_samples(
