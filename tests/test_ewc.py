@@ -15,9 +15,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from streamengine.errors import TrainingError  # noqa: E402
 from streamengine.tinymodel import build_tiny_model  # noqa: E402
-from streamengine.training.dist import training_command  # noqa: E402
 from streamengine.training.ewc import EwcPenalty  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, FisherState, load_fisher, save_fisher  # noqa: E402
+from streamengine.training.launch import training_command  # noqa: E402
 from streamengine.training.recipe import train  # noqa: E402
 from streamengine.training.spec import Progress, TrainSpec  # noqa: E402
 from tests.training_tools import make_spec, run_command, write_samples, write_spec  # noqa: E402

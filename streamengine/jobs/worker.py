@@ -36,7 +36,7 @@ from streamengine.store.db import Database
 from streamengine.store.jobs import FISHER_FILE
 from streamengine.store.objects import ObjectStore
 from streamengine.stream import cloudevents
-from streamengine.training.dist import training_command
+from streamengine.training.launch import training_command
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,6 @@
-"""One training job in one process or several (DDP through accelerate), and how the worker starts it.
+"""One training job in one process or several (DDP through accelerate).
 
-:func:`training_command` is the command line: ``python -m streamengine.training.recipe SPEC`` for one
-process, ``python -m torch.distributed.run --standalone --nproc_per_node N -m
-streamengine.training.recipe SPEC`` (torchrun) for ``N``. Under torchrun the recipe builds an
+The worker starts it with :func:`streamengine.training.launch.training_command`. Under torchrun the recipe builds an
 ``accelerate.Accelerator``, which joins the process group (NCCL on GPUs, one GPU per process; gloo
 on CPU) and wraps the model in DistributedDataParallel. One process runs without accelerate.
 
@@ -15,24 +13,12 @@ gradient, and sums the logged numbers over processes. Only rank 0 prints and wri
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from streamengine.training.model import select_device
-
-RECIPE_MODULE = "streamengine.training.recipe"
-
-
-def training_command(spec_path: str | os.PathLike[str], processes: int = 1, python: str | None = None) -> list[str]:
-    """The argv that runs one training job in ``processes`` processes (stdout: the JSON lines of rank 0)."""
-    python = python or sys.executable
-    if processes <= 1:
-        return [python, "-m", RECIPE_MODULE, str(spec_path)]
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(processes)]
-    return [python, *launcher, "-m", RECIPE_MODULE, str(spec_path)]
 
 
 def launched_world_size() -> int:

@@ -15,7 +15,7 @@
    write ``fisher.safetensors`` (online EWC: the parent's importances decayed by gamma plus this
    window's, and the anchor), then ``result.json`` last, so its presence marks a complete output.
 
-Run by the worker as a process (the argv of :func:`dist.training_command`): rank 0 prints one JSON
+Run by the worker as a process (the argv of :func:`launch.training_command`): rank 0 prints one JSON
 object per stdout line (``progress`` records, then ``result``) and exits 0; on a :class:`TrainingError`
 it prints ``{"event": "error", "message": ...}`` and exits 2 (1 for any other crash).
 """

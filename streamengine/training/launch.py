@@ -1,0 +1,22 @@
+"""The command line that runs one training job (torch-free, so the worker's own process never imports torch).
+
+One process: ``python -m streamengine.training.recipe SPEC``. ``N`` processes: torchrun
+(``python -m torch.distributed.run --standalone --nproc_per_node N -m streamengine.training.recipe SPEC``);
+see :mod:`streamengine.training.dist` for what the processes do then.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+RECIPE_MODULE = "streamengine.training.recipe"
+
+
+def training_command(spec_path: str | os.PathLike[str], processes: int = 1, python: str | None = None) -> list[str]:
+    """The argv that runs one training job in ``processes`` processes (stdout: the JSON lines of rank 0)."""
+    python = python or sys.executable
+    if processes <= 1:
+        return [python, "-m", RECIPE_MODULE, str(spec_path)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(processes)]
+    return [python, *launcher, "-m", RECIPE_MODULE, str(spec_path)]
