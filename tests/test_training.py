@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,12 @@ from streamengine.training.data import (  # noqa: E402
     read_samples,
     render_prompt,
 )
+from streamengine.training.launch import training_command  # noqa: E402
 from streamengine.training.model import load_for_training, missing_target_modules  # noqa: E402
 from streamengine.training.recipe import batch_losses, train, weighted_loss  # noqa: E402
 from streamengine.training.spec import Progress, TrainResult, TrainSpec  # noqa: E402
+from tests.training_tools import TARGETS, make_spec, run_command, sample_line, write_spec  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SAMPLES: list[tuple[Any, str, float]] = [
     ("What is 2+2?", "4", 1.0),
     ([{"role": "user", "content": "Say hello"}], "Hello there!", 1.0),
@@ -44,10 +41,6 @@ SAMPLES: list[tuple[Any, str, float]] = [
     ("Name a fruit", "apple", 1.0),
     ("Opposite of hot", "cold", 1.0),
 ]
-
-
-def sample_line(event_id: str, prompt: Any, completion: str, weight: float) -> str:
-    return json.dumps({"event_id": event_id, "prompt": json.dumps(prompt), "completion": completion, "weight": weight})
 
 
 @pytest.fixture(scope="session")
@@ -72,23 +65,6 @@ def samples_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("samples") / "samples.jsonl"
     path.write_text("".join(sample_line(f"e{i}", *s) + "\n" for i, s in enumerate(SAMPLES)))
     return path
-
-
-def make_spec(base: Path, samples: Path, out: Path, **training: Any) -> TrainSpec:
-    # device cpu: the pinned numbers are CPU float32 numbers.
-    settings: dict[str, Any] = {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "max_length": 128}
-    settings |= {"seed": 0, "device": "cpu"}
-    settings.update(training)
-    return TrainSpec(
-        base_model=str(base),
-        samples_path=str(samples),
-        output_dir=str(out),
-        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
-        training=settings,
-        ewc_lambda=500.0,
-        model_name="tiny-llama",
-        version="v1.0",
-    )
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -263,17 +239,7 @@ def test_no_positive_weight_is_a_training_error(tiny_base: Path, tmp_path: Path)
 
 
 def run_recipe(spec: TrainSpec, tmp_path: Path) -> tuple[int, list[dict[str, Any]], str]:
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(spec.model_dump_json(by_alias=True))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamengine.training.recipe", str(spec_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+    return run_command(training_command(write_spec(spec, tmp_path / "spec.json")), timeout=120)
 
 
 def test_entry_point_writes_a_loadable_adapter(tiny_base: Path, samples_file: Path, tmp_path: Path) -> None:
