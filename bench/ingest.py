@@ -14,6 +14,9 @@ absolute numbers depend on the machine and on whatever else runs on it):
 (d) ``naive``   what a user would write by hand: a faust agent, ``async for value in stream``,
                 ``json.loads`` and one ``INSERT`` (autocommit) per event into a table like ``samples``.
 
+And ``plain``: (c) with ``privacy.redact`` off (no redaction), on a database of its own, so that
+``ingest / plain`` (rate and CPU per event) is what redaction costs in the same run.
+
 Target: (c) >= 0.7 * min(a, b) and (c) >= 5 * (d).
 
 Rates are steady-state: from the end of the first batch (the first event for (d)) to the last record
@@ -71,11 +74,12 @@ except ImportError:  # pragma: no cover - psutil ships with the dev environment
 
 MODEL = "bench-llama"
 RECORD_BYTES = 1024
-PHASES = ("kafka", "copy", "ingest", "naive")
+PHASES = ("kafka", "copy", "ingest", "plain", "naive")
 LABELS = {
     "kafka": "(a) raw aiokafka consumer",
     "copy": "(b) asyncpg COPY",
     "ingest": "(c) streamengine ingest",
+    "plain": "(c) ingest, redaction off",
     "naive": "(d) faust + INSERT per event",
 }
 
@@ -487,9 +491,11 @@ async def run_naive(settings: Settings, dsn: str, n: int, pg: PgBackends, broker
 # --------------------------------------------------------------------------------------------- driver
 
 
-def bench_settings(cfg: Config, bootstrap: str, suffix: str, dsn: str, group: str) -> Settings:
+def bench_settings(cfg: Config, bootstrap: str, suffix: str, dsn: str, group: str, redact: bool = True) -> Settings:
     """Settings as ``streamengine run`` would get them, on the benchmark's broker and database."""
+    privacy = {} if redact else {"privacy": {"redact": []}}
     return load_settings(
+        **privacy,
         kafka={
             "bootstrap_servers": bootstrap,
             "feedback_topic": f"bench.feedback.{suffix}",
@@ -534,7 +540,11 @@ async def _one_repeat(
         settings = bench_settings(cfg, k.bootstrap_servers, suffix, dsn, str(number))
         await (await Database.connect(settings.database)).close()  # migrate: samples exists for LIKE
         pg = PgBackends(admin, name)
-        for phase in cfg.phases:
+        phases = list(cfg.phases)
+        if number % 2 == 0 and "ingest" in phases and "plain" in phases:  # alternate which of the two runs first
+            i, j = phases.index("ingest"), phases.index("plain")
+            phases[i], phases[j] = phases[j], phases[i]
+        for phase in phases:
             if phase == "kafka":
                 result = await run_kafka(k.bootstrap_servers, k.feedback_topic, cfg.events, cfg.batch_max_records,
                                          broker_pid)  # fmt: skip
@@ -542,6 +552,8 @@ async def _one_repeat(
                 result = await run_copy(dsn, rows, cfg.batch_max_records, pg)
             elif phase == "ingest":
                 result = await run_ingest(settings, name, cfg.events, pg, broker_pid)
+            elif phase == "plain":
+                result = await run_plain(cfg, k.bootstrap_servers, suffix, admin, admin_dsn, number, broker_pid)
             else:
                 result = await run_naive(settings, dsn, cfg.naive_events, pg, broker_pid)
             pg.pids.clear()
@@ -551,6 +563,22 @@ async def _one_repeat(
         await admin.close()
         drop_database(admin_dsn, name)
     return results
+
+
+async def run_plain(
+    cfg: Config, bootstrap: str, suffix: str, admin: asyncpg.Connection, admin_dsn: str, number: int,
+    broker_pid: int | None,
+) -> Result:  # fmt: skip
+    """(c) with ``privacy.redact`` off: the same records again, own consumer group and database."""
+    name = f"se_bench_{uuid.uuid4().hex[:10]}"
+    dsn = create_database(admin_dsn, name)
+    try:
+        settings = bench_settings(cfg, bootstrap, suffix, dsn, f"{number}-plain", redact=False)
+        result = await run_ingest(settings, name, cfg.events, PgBackends(admin, name), broker_pid)
+    finally:
+        drop_database(admin_dsn, name)
+    result.phase = "plain"
+    return result
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -575,7 +603,8 @@ def summarise(cfg: Config, runs: list[list[Result]]) -> dict[str, Any]:
         }
     # Ratios per repeat (same-run comparisons), then their median.
     ratios: dict[str, list[float]] = {"ingest_vs_kafka": [], "ingest_vs_copy": [], "ingest_vs_limit": [],
-                                      "ingest_vs_naive": []}  # fmt: skip
+                                      "ingest_vs_naive": [], "ingest_vs_plain": [],
+                                      "ingest_cpu_vs_plain": []}  # fmt: skip
     for run in runs:
         rate = {r.phase: r.events_per_s for r in run}
         if "ingest" not in rate:
@@ -586,6 +615,10 @@ def summarise(cfg: Config, runs: list[list[Result]]) -> dict[str, Any]:
                 ratios[f"ingest_vs_{name}"].append(rate["ingest"] / other)
         if limits:
             ratios["ingest_vs_limit"].append(rate["ingest"] / min(limits))
+        if rate.get("plain"):
+            cpu = {r.phase: r.cpu_us_per_event for r in run}
+            ratios["ingest_vs_plain"].append(rate["ingest"] / rate["plain"])
+            ratios["ingest_cpu_vs_plain"].append(cpu["ingest"] / cpu["plain"])
     medians = {name: _median(values) for name, values in ratios.items()}
     targets = {
         "ingest_vs_limit >= 0.7": None if medians["ingest_vs_limit"] is None else medians["ingest_vs_limit"] >= 0.7,
@@ -644,6 +677,11 @@ def table(summary: dict[str, Any]) -> str:
         lines.append(
             f"{name.replace('_vs_', ' / ')}: {median:.2f} (target >= {target:g}: {verdict}; per repeat {each})"
         )
+    for name, what in (("ingest_vs_plain", "rate"), ("ingest_cpu_vs_plain", "CPU us per event")):
+        median, runs = ratios[name]["median"], ratios[name]["runs"]
+        if median is not None:
+            each = ", ".join(f"{r:.3f}" for r in runs)
+            lines.append(f"redaction on / off, {what}: {median:.3f} (per repeat {each})")
     return "\n".join(lines)
 
 

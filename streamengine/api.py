@@ -1,4 +1,5 @@
-"""The streamengine admin HTTP API: health, manual training, training status, adapters, deploy, rollback, metrics.
+"""The streamengine admin HTTP API: health, manual training, training status, adapters, deploy, rollback, forgetting
+a user, metrics.
 
 Every mutating endpoint (POST) requires ``Authorization: Bearer <token>`` when ``api.token``
 (``STREAMENGINE_API__TOKEN``) is set; reads are open (Prometheus scrapes /metrics). Every error is JSON
@@ -15,6 +16,7 @@ import hmac
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Iterator
 from typing import Annotated, Any
 
@@ -34,6 +36,8 @@ from streamengine.api_models import (
     ErrorBody,
     FisherRequest,
     FisherResponse,
+    ForgetRequest,
+    ForgetResponse,
     Health,
     JobInfo,
     JobProgress,
@@ -45,6 +49,7 @@ from streamengine.api_models import (
     TrainResponse,
 )
 from streamengine.config import Settings
+from streamengine.core.masking import redact, settings_secrets
 from streamengine.engine import EngineContext
 from streamengine.errors import (
     ConfigError,
@@ -55,7 +60,7 @@ from streamengine.errors import (
     StreamEngineError,
 )
 from streamengine.store import jobs as job_store
-from streamengine.store import registry, windows
+from streamengine.store import privacy, registry, windows
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +85,7 @@ _MUTATING: dict[int | str, dict[str, Any]] = {
 }
 _bearer = HTTPBearer(auto_error=False, description="api.token (STREAMENGINE_API__TOKEN), when set")
 
-ModelParam = Annotated[
-    str | None, Query(max_length=200, description="Model line (default: model.name of the engine).")
-]
+ModelParam = Annotated[str | None, Query(max_length=200, description="Model line (default: model.name of the engine).")]
 VersionParam = Annotated[
     str,
     Path(
@@ -301,6 +304,30 @@ def create_app(ctx: EngineContext | None = None) -> FastAPI:
         and sweep S3 folders no registry row claims (failed uploads)."""
         return (await registry.collect_garbage(ctx.db, ctx.store, model_of(ctx, model), keep, dry_run)).as_dict()
 
+    @app.post("/users/forget", response_model=ForgetResponse, tags=["privacy"], **mutating)
+    async def forget_user(ctx: Ctx, request: ForgetRequest) -> ForgetResponse:
+        """Delete every stored sample of a user (all model lines); report the versions trained on them.
+
+        Released adapters are not unlearned: `trained_on` lists the versions whose window held the samples,
+        `later_versions` those that continue from them (and whose replay may have drawn them). The next
+        versions no longer see the data. The user id travels in the body, not the path, to stay out of
+        access logs; the engine logs the request by `request_id`, without the user id."""
+        request_id = uuid.uuid4().hex[:16]
+        result = await privacy.forget_user(ctx.db, request.user_id)
+        metrics.FORGET_REQUESTS.inc()
+        metrics.SAMPLES_FORGOTTEN.inc(result.deleted_samples)
+        log.info(
+            "forget request %s: %d samples deleted from windows %s; versions trained on them: %s;"
+            " later versions: %s; running jobs: %s",
+            request_id,
+            result.deleted_samples,
+            result.windows or "-",
+            ", ".join(f"{a.model} {a.version}" for a in result.trained_on) or "-",
+            ", ".join(f"{a.model} {a.version}" for a in result.later_versions) or "-",
+            result.running_jobs or "-",
+        )
+        return ForgetResponse(request_id=request_id, **result.as_dict())
+
     @app.get("/metrics", tags=["metrics"], response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics(ctx: Ctx) -> Response:
         """Prometheus text format; gauges read from PostgreSQL and consumer lag are refreshed first."""
@@ -320,12 +347,6 @@ def _key(ctx: EngineContext) -> str | None:
     return key.get_secret_value() if key else None
 
 
-def _secrets(settings: Settings) -> list[str]:
-    values = [settings.storage.access_key, settings.storage.secret_key, settings.database.url]
-    values += [s for s in (settings.api.token, settings.signing_key) if s is not None]
-    return [v.get_secret_value() for v in values if len(v.get_secret_value()) >= 4]
-
-
 async def _probe(ctx: EngineContext, probe: Awaitable[Any]) -> Check:
     started = time.perf_counter()
     try:
@@ -338,8 +359,7 @@ async def _probe(ctx: EngineContext, probe: Awaitable[Any]) -> Check:
         detail = type(exc).__name__
     else:
         detail = "bucket is missing" if result is False else ""
-    for secret in _secrets(ctx.settings):
-        detail = detail.replace(secret, "***")
+    detail = redact(detail, settings_secrets(ctx.settings))
     return Check(ok=not detail, detail=detail, seconds=round(time.perf_counter() - started, 4))
 
 

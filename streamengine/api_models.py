@@ -130,3 +130,33 @@ class TrainingStatus(BaseModel):
     next_tick_at: datetime | None = Field(description="Next cron tick (window.schedule, window.timezone).")
     jobs_by_state: dict[str, int] = Field(description="Counts over all jobs of the model line.")
     jobs: list[JobInfo] = Field(description="Most recent jobs, newest first.")
+
+
+class ForgetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=256, description="The `user_id` of the user's feedback events.")
+
+
+class VersionRef(BaseModel):
+    model: str
+    version: str
+    deleted: bool = Field(description="Deleted from the registry and S3 since (a tombstone).")
+
+
+class ForgetResponse(BaseModel):
+    """What a forget request deleted. Released adapters are not unlearned: see docs/operations.md, Privacy."""
+
+    request_id: str = Field(description="Also in the engine's log line of this request (which holds no user data).")
+    deleted_samples: int = Field(description="The user's samples deleted, all model lines.")
+    windows: list[int] = Field(description="Windows that held them.")
+    trained_on: list[VersionRef] = Field(
+        description="Versions trained on a window that held them (still hold what they learned from them)."
+    )
+    later_versions: list[VersionRef] = Field(
+        description="Later versions of the same model lines: each continues from its parent's weights, and replay "
+        "draws from earlier windows, so they may have seen the samples too."
+    )
+    running_jobs: list[int] = Field(
+        description="Jobs running now that may have read the samples before they were deleted."
+    )

@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from streamengine import cli_ops
+from streamengine import cli_ops, logs
 from streamengine.cli_base import (
     State,
     json_option,
@@ -47,7 +47,8 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except StreamEngineError as exc:
-            click.echo(f"streamengine: error: {exc}", err=True)
+            message = ctx.obj.scrub(str(exc)) if isinstance(ctx.obj, State) else str(exc)
+            click.echo(f"streamengine: error: {message}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -73,9 +74,7 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     Feedback events in Kafka become weighted samples in PostgreSQL; full windows train LoRA adapters
     (with EWC) that are stored in S3 and announced on `adapter.released` for serving nodes to hot-swap.
     """
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("aiokafka", "faust", "mode", "httpx", "urllib3", "uvicorn.error"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(log_level.upper())))
+    logs.configure(log_level)  # configured secrets never reach a log line
     ctx.obj = State(config_file)
 
 
@@ -210,8 +209,10 @@ def fisher(state: State, model: str | None, version: str, wait: bool, as_json: b
     if as_json:
         _print_json(result)
     elif wait:
-        click.echo(f"Fisher of {result['model']} {result['version']} stored (job {result['job_id']}: "
-                   f"{result['metrics'].get('fisher_file')})")
+        click.echo(
+            f"Fisher of {result['model']} {result['version']} stored (job {result['job_id']}: "
+            f"{result['metrics'].get('fisher_file')})"
+        )
     else:
         click.echo(f"job {result['job_id']} queued: Fisher of {result['model']} {result['version']}")
 
@@ -323,7 +324,7 @@ def adapters_gc(state: State, keep: int, dry_run: bool, model: str | None, as_js
     click.echo(f"{result['objects']} objects removed" if not dry_run else "dry run: nothing removed")
 
 
-for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi
+for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi, forget
     cli.add_command(_command)
 
 # The seed's flat command names, kept for its users.

@@ -15,6 +15,8 @@ import click
 from rich.console import Console
 
 from streamengine.config import Settings, load_settings
+from streamengine.core.masking import redact, settings_secrets
+from streamengine.logs import HIDDEN
 
 T = TypeVar("T")
 console = Console()
@@ -24,12 +26,19 @@ class State:
     def __init__(self, config_file: str | None) -> None:
         self.config_file = config_file
         self._settings: Settings | None = None
+        self._secrets: list[str] = []
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.config_file)
+            self._secrets = settings_secrets(self._settings)
+            HIDDEN.add(self._secrets)  # from now on never in a log line
         return self._settings
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the secrets of the settings loaded so far (for the one-line error)."""
+        return redact(text, self._secrets)
 
 
 pass_state = click.make_pass_decorator(State)

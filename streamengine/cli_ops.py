@@ -1,5 +1,5 @@
 """The CLI's read commands against the admin API and its reference output: status, metrics, health,
-settings, openapi (registered on the `streamengine` group by :mod:`streamengine.cli`)."""
+settings, openapi; and `forget` (registered on the `streamengine` group by :mod:`streamengine.cli`)."""
 
 from __future__ import annotations
 
@@ -100,4 +100,32 @@ def openapi() -> None:
     click.echo(json.dumps(openapi_document(), indent=2, sort_keys=True))
 
 
-COMMANDS = [status, metrics, health, settings_command, openapi]
+@click.command()
+@click.option("--user-id", required=True, help="The user_id of the user's feedback events.")
+@json_option
+@pass_state
+def forget(state: State, user_id: str, as_json: bool) -> None:
+    """Delete every stored sample of a user and list the adapter versions trained on them.
+
+    Released adapters are not unlearned: the versions whose window held the samples keep what they
+    learned, and so may later versions (each continues from its parent, and replay draws from earlier
+    windows). The next versions no longer see the data. The engine logs the request by its id, without
+    the user id. Feedback that arrives afterwards is stored as usual.
+    """
+    result = client(state).post("/users/forget", {"user_id": user_id})
+    if as_json:
+        print_json(result)
+        return
+
+    def versions(refs: list[dict[str, str]]) -> str:
+        return ", ".join(f"{r['model']} {r['version']}" + (" (deleted)" if r["deleted"] else "") for r in refs) or "-"
+
+    click.echo(f"deleted {result['deleted_samples']} samples (request {result['request_id']})")
+    click.echo(f"released versions trained on them (not unlearned): {versions(result['trained_on'])}")
+    later = versions(result["later_versions"])
+    click.echo(f"later versions that continue from them or may have replayed them: {later}")
+    if result["running_jobs"]:
+        click.echo("jobs running now that may have read them: " + ", ".join(map(str, result["running_jobs"])))
+
+
+COMMANDS = [status, metrics, health, settings_command, openapi, forget]

@@ -9,8 +9,10 @@ lr 2e-4, 3 epochs, max length 2048, weekly tick "0 2 * * 1", bucket ``lora-adapt
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -18,6 +20,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -54,6 +57,19 @@ class DatabaseSettings(_Section):
     url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streamengine")
     pool_min: int = Field(1, ge=0)
     pool_max: int = Field(8, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _dsn(cls, value: SecretStr) -> SecretStr:
+        # Never quotes the value. An unencoded @ / ? # in the password would cut the DSN elsewhere and put
+        # pieces of the password into host names, error messages and logs.
+        dsn = value.get_secret_value()
+        parts = urlsplit(dsn)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("give a postgresql:// DSN (value not shown: it may hold a password)")
+        if parts.fragment or dsn.count("@") > 1 or ("@" in dsn and "@" not in parts.netloc):
+            raise ValueError("percent-encode the special characters (@ : / ? # %) of the user name and password")
+        return value
 
 
 class StorageSettings(_Section):
@@ -117,6 +133,27 @@ class SampleSettings(_Section):
     kind_weights: dict[str, float] = {"thumbs_up": 1.0, "rating": 1.0, "correction": 2.0, "thumbs_down": 1.0}
     positive_rating_min: int = Field(4, ge=1, le=5)
     negative_rating_max: int = Field(2, ge=1, le=5)
+    max_prompt_chars: int = Field(
+        65_536, ge=1, description="Most characters of a prompt (a string, or its messages' contents together)."
+    )
+    max_completion_chars: int = Field(
+        65_536, ge=1, description="Most characters of a response (of a correction, for kind `correction`)."
+    )
+    overlength: Literal["reject", "truncate"] = Field(
+        "reject",
+        description="A longer prompt or completion: `reject` sends the event to the DLQ (reason `too_long`); "
+        "`truncate` keeps the end of the prompt and the start of the completion, counted in "
+        "`streamengine_samples_truncated_total`.",
+    )
+
+    @field_validator("kind_weights")
+    @classmethod
+    def _weights_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        # Bounded like an event's weight, so that summed window weights stay finite in PostgreSQL.
+        bad = [kind for kind, weight in value.items() if not 0 <= weight <= 1_000_000]
+        if bad:
+            raise ValueError(f"weights must be between 0 and 1e6 (not {', '.join(sorted(bad))})")
+        return value
 
 
 class LearningSettings(_Section):
@@ -160,6 +197,13 @@ class WorkerSettings(_Section):
     poll_s: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     work_dir: Path = Path(".streamengine/work")
+    trainer_memory_limit_mb: int | None = Field(
+        None,
+        ge=64,
+        description="Most CPU memory (MiB) a training process may allocate (RLIMIT_DATA; GPU memory does not "
+        "count, CUDA itself takes about 1 GiB of it); above it the job fails with 'out of memory' instead of the "
+        "host swapping or the OOM killer picking a process. Unset: no limit.",
+    )
 
 
 class ApiSettings(_Section):
@@ -180,8 +224,9 @@ class ServingSettings(_Section):
     download_dir: Path = Path(".streamengine/adapters")
     group_id: str = Field("", description="Consumer group of a subscriber (default: none, reads all).")
     swapper: Literal["peft", "vllm", "sglang", "max", "print"] = Field(
-        "peft", description="How `subscribe` serves each verified adapter: in-process PEFT, an inference server's "
-        "runtime LoRA API (vLLM, SGLang, MAX Serve), or print only."
+        "peft",
+        description="How `subscribe` serves each verified adapter: in-process PEFT, an inference server's "
+        "runtime LoRA API (vLLM, SGLang, MAX Serve), or print only.",
     )
     server_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM/SGLang/MAX server.")
     api_key: SecretStr | None = Field(None, description="Bearer token of that server (vLLM --api-key).")
@@ -190,6 +235,52 @@ class ServingSettings(_Section):
     )
     request_timeout_s: float = Field(120.0, gt=0, description="Longest wait for one load/unload call.")
     hotswap: bool = Field(True, description="PEFT: swap weights in place when rank and targets match.")
+
+
+class PrivacySettings(_Section):
+    """Redaction before storage, retention and forgetting (see docs/operations.md, Privacy)."""
+
+    redact: list[Literal["email", "phone", "card"]] = Field(
+        ["email", "phone", "card"],
+        description="Built-in redactions of prompts, responses and corrections before they are stored: matches "
+        "become `[email]`, `[phone]`, `[card]` (Luhn-checked). `[]` turns them off.",
+    )
+    patterns: dict[str, str] = Field(
+        {}, description="Extra redactions: name -> regular expression (Python syntax); matches become `[name]`."
+    )
+    function: str | None = Field(
+        None,
+        description="`package.module:function` (str -> str) applied to every text after the other redactions; "
+        "imported once at start. An event it fails on goes to the DLQ (`redaction_failed`).",
+    )
+    retention_days: int | None = Field(
+        None, ge=1, description="Delete stored samples this many days after they were stored (unset: keep forever)."
+    )
+    retention_batch_size: int = Field(1000, ge=1, description="Most samples the retention loop deletes at once.")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, regex in value.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name) or name in ("email", "phone", "card", "function"):
+                raise ValueError(
+                    f"pattern name {name[:40]!r} must be lower-case letters, digits and _ (at most 32), starting with "
+                    "a letter, and not a built-in kind"
+                )
+            try:
+                compiled = re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"pattern {name!r} is not a valid regular expression: {exc}") from None
+            if compiled.match(""):
+                raise ValueError(f"pattern {name!r} matches the empty string")
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+            raise ValueError("give it as package.module:function")
+        return value
 
 
 class Settings(BaseSettings):
@@ -216,6 +307,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     metrics: MetricsSettings = MetricsSettings()
     serving: ServingSettings = ServingSettings()
+    privacy: PrivacySettings = PrivacySettings()
     signing_key: SecretStr | None = None
 
     @classmethod
@@ -276,3 +368,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             dotted = ".".join(str(p) for p in err["loc"])
             problems.append(f"{dotted} ({env_name(err['loc'])}): {err['msg']}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None
+    except SettingsError as exc:  # a JSON value in the environment that does not parse (never quoted)
+        found = re.search(r'field "([^"]+)"', str(exc))
+        env = env_name((found.group(1) if found else "?",))
+        raise ConfigError(
+            f"invalid setting: {env} or an {env}__* variable holds a value that is not valid JSON"
+        ) from None

@@ -272,7 +272,7 @@ class SeaweedS3(_Server):
         data_dir: str | Path,
         log_dir: str | Path | None = None,
         *,
-        access_key: str = "streamengine",
+        access_key: str = "streamengine-local",  # not a word that log lines hold: secrets are masked in logs
         secret_key: str = "streamengine-secret",
         binary: str | Path | None = None,
     ) -> None:

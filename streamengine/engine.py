@@ -28,6 +28,7 @@ from streamengine.stream.app import build_app
 from streamengine.stream.ingest import IngestPipeline
 from streamengine.stream.outbox import run_relay
 from streamengine.stream.producer import start_producer
+from streamengine.stream.redaction import build_redactor
 from streamengine.stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class EngineContext:
 async def connect(settings: Settings) -> EngineContext:
     """Reach every dependency (one clear error naming the first that fails), migrate, create topics."""
     schedule = schedule_of(settings)  # a bad cron or time zone fails before anything starts
+    build_redactor(settings.privacy)  # so does a privacy.function that cannot be imported (cached for ingest)
     db = await Database.connect(settings.database)
     try:
         await ensure_topics(settings.kafka)

@@ -61,3 +61,14 @@ class TrainingError(StreamEngineError):
     """A training run failed (diverged, out of memory, crashed); the job records the reason."""
 
     exit_code = 7
+
+
+TRANSIENT_DRIVERS = frozenset({"asyncpg", "aiokafka"})
+"""Client libraries whose errors are a dependency's fault (down, restarting, failing over) until proven otherwise."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying with backoff: a connection or timeout failure, or an error of a database/broker driver."""
+    if isinstance(exc, OSError | ConnectionError | TimeoutError | ServiceUnavailable):
+        return True
+    return type(exc).__module__.split(".")[0] in TRANSIENT_DRIVERS

@@ -7,7 +7,7 @@ fails when the files drift from them.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from streamengine.errors import EventRejected
 
 SCHEMA_VERSION = "1"
+MAX_WEIGHT = 1_000_000.0
+"""Largest client ``weight``: sums of many samples stay finite in PostgreSQL (a float8 overflow is an error)."""
 FEEDBACK_TYPE = "io.streamengine.feedback.v1"
 RELEASED_TYPE = "io.streamengine.adapter.released.v1"
 
@@ -27,11 +29,37 @@ class FeedbackKind(StrEnum):
     CORRECTION = "correction"
 
 
+def _unstorable(value: Any) -> str | None:
+    """Why a JSON value cannot be stored as PostgreSQL jsonb (NaN/Infinity, U+0000 in a string or key), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "contains a NUL character (\\u0000)"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"contains the number {item}, which JSON cannot hold"
+        elif isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(min_length=1)
     content: str
+
+    @model_validator(mode="after")
+    def _storable_extra(self) -> ChatMessage:
+        """Extra message fields are stored with the prompt (jsonb): refuse what PostgreSQL would refuse."""
+        if self.model_extra and (why := _unstorable(self.model_extra)):
+            raise ValueError(f"an extra field of a message {why}")
+        return self
 
 
 class FeedbackEvent(BaseModel):
@@ -46,7 +74,7 @@ class FeedbackEvent(BaseModel):
     kind: FeedbackKind
     rating: int | None = Field(None, ge=1, le=5, description="1-5, required for kind `rating`.")
     correction: str | None = Field(None, description="The better answer, required for `correction`.")
-    weight: float | None = Field(None, gt=0, description="Optional positive multiplier.")
+    weight: float | None = Field(None, gt=0, le=MAX_WEIGHT, description="Optional positive multiplier (at most 1e6).")
     user_id: str | None = Field(None, max_length=256)
     session_id: str | None = Field(None, max_length=256)
     adapter_version: str | None = Field(None, max_length=64, description="The adapter that answered.")
@@ -65,6 +93,18 @@ class FeedbackEvent(BaseModel):
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
             raise ValueError("weight must be a finite number")
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _in_range(cls, value: datetime | None) -> datetime | None:
+        # Stored as timestamptz and read back as a Python datetime: the instant must exist in UTC in years
+        # 1-9999 (a naive time is the local time, as the store reads it).
+        if value is not None:
+            try:
+                value.astimezone(UTC)
+            except (OverflowError, ValueError):
+                raise ValueError("timestamp is out of range (years 1-9999 in UTC)") from None
         return value
 
     @field_validator("prompt")

@@ -24,6 +24,12 @@ EVENTS_DEDUPLICATED = Counter(
     "streamengine_events_deduplicated_total", "Valid events dropped because their event_id was already stored."
 )
 SAMPLES_STORED = Counter("streamengine_samples_stored_total", "Samples written to PostgreSQL.", ["model"])
+SAMPLES_TRUNCATED = Counter(
+    "streamengine_samples_truncated_total",
+    "Texts of valid events cut to samples.max_prompt_chars / max_completion_chars (samples.overlength: truncate),"
+    " by field (prompt, completion).",
+    ["field"],
+)
 BATCH_WRITE_SECONDS = Histogram(
     "streamengine_batch_write_seconds",
     "Time to store one ingest batch in PostgreSQL.",
@@ -67,6 +73,21 @@ TICKS = Counter(
 )
 LAST_TICK = Gauge("streamengine_scheduler_last_tick_timestamp_seconds", "Unix time of the last cron tick.", ["model"])
 NEXT_TICK = Gauge("streamengine_scheduler_next_tick_timestamp_seconds", "Unix time of the next cron tick.", ["model"])
+
+# --- privacy (run) ---------------------------------------------------------------------------------
+REDACTIONS = Counter(
+    "streamengine_redactions_total",
+    "Findings replaced in feedback texts before storage, by kind (email, phone, card, a privacy.patterns name,"
+    " or function: a text privacy.function changed).",
+    ["kind"],
+)
+SAMPLES_EXPIRED = Counter(
+    "streamengine_samples_expired_total", "Samples deleted by the retention loop (privacy.retention_days)."
+)
+SAMPLES_FORGOTTEN = Counter(
+    "streamengine_samples_forgotten_total", "Samples deleted by forget requests (POST /users/forget)."
+)
+FORGET_REQUESTS = Counter("streamengine_forget_requests_total", "Forget requests served (POST /users/forget).")
 
 # --- outbox relay (run) ----------------------------------------------------------------------------
 OUTBOX_BACKLOG = Gauge("streamengine_outbox_backlog", "Outbox rows not yet published.")

@@ -21,6 +21,32 @@ async def produce(bootstrap: str, topic: str, values: list[bytes], key: bytes | 
         await producer.stop()
 
 
+async def produce_batched(
+    bootstrap: str, topic: str, values: list[bytes], partitions: int, key: bytes | None = b"user"
+) -> None:
+    """Like :func:`produce`, fast: whole record batches, round-robin over ``partitions`` (about 20x fewer
+    Python calls per record; tens of thousands of events in about a second)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        futures, partition, pending = [], 0, list(values)
+        while pending:
+            batch = producer.create_batch()
+            taken = 0
+            for value in pending:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    break
+                taken += 1
+            if taken == 0:
+                raise ValueError(f"a record of {len(pending[0])} bytes does not fit an empty batch")
+            pending = pending[taken:]
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            partition = (partition + 1) % partitions
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
 async def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` up to the highwater of each partition (from fetch responses)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)

@@ -47,6 +47,23 @@ def start(args: list[str], config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def run_cli(
+    args: list[str], config: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """One `streamengine` command to its end, output captured; no STREAMENGINE_* variables but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMENGINE_")}
+    clean.update(PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200", PYTHONWARNINGS="ignore", **(env or {}))
+    options = ["--config", str(config)] if config is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "streamengine.cli", *options, *args],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def kill(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL the process group (the trainer child too), as a crash would."""
     if process.poll() is None:
@@ -58,3 +75,36 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     return process.wait(timeout=timeout)
+
+
+def children(pid: int | None, marker: str = "") -> list[int]:
+    """Live child processes of ``pid`` (None: any process) whose command line contains ``marker`` (Linux /proc)."""
+    if pid is None:
+        entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+    else:  # each thread's children (cheap enough to poll)
+        ids = set()
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                ids.update(task.read_text().split())
+            except OSError:
+                continue
+        entries = [Path("/proc") / i for i in ids]
+    found = []
+    for entry in entries:
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if pid in (None, int(ppid)) and state != "Z" and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as dead)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -137,8 +137,11 @@ async def test_invalid_requests_get_json_errors(api: Api) -> None:
     assert message.startswith("body.min_samples: ")
     body = (await api.http.post("/train", json={"bogus": 1})).json()
     assert body["details"][0]["loc"] == ["body", "bogus"] and body["details"][0]["type"] == "extra_forbidden"
-    _error(await api.http.post("/train", content=b"{", headers={"content-type": "application/json"}), 422,
-           "ValidationError")
+    _error(
+        await api.http.post("/train", content=b"{", headers={"content-type": "application/json"}),
+        422,
+        "ValidationError",
+    )
     assert "query.limit" in _error(await api.http.get("/training/status?limit=0"), 422, "ValidationError")
     assert "path.version" in _error(await api.http.get("/adapters/v1..2"), 422, "ValidationError")
     assert "GET /nope" in _error(await api.http.get("/nope"), 404, "NotFound")
@@ -164,12 +167,24 @@ async def test_manual_train_and_the_status_of_each_job_state(api: Api) -> None:
     assert status["open_window"] is None and status["next_tick_at"] and status["jobs_by_state"]["queued"] == 1
     job = status["jobs"][0]
     assert (job["id"], job["state"], job["reason"], job["window_id"]) == (
-        first["job_id"], "queued", "manual", first["window_id"])
+        first["job_id"],
+        "queued",
+        "manual",
+        first["window_id"],
+    )
 
     claimed = await job_store.claim(db, "worker-a", 60, 3)
     assert claimed is not None and claimed.id == first["job_id"]
-    progress = {"phase": "training", "step": 3, "total_steps": 12, "epoch": 1, "loss": 1.25, "tokens_per_s": 900.0,
-                "eta_s": 42.0, "penalty": 0.01}
+    progress = {
+        "phase": "training",
+        "step": 3,
+        "total_steps": 12,
+        "epoch": 1,
+        "loss": 1.25,
+        "tokens_per_s": 900.0,
+        "eta_s": 42.0,
+        "penalty": 0.01,
+    }
     assert await job_store.heartbeat(db, claimed.id, "worker-a", 60, progress)
     job = (await api.http.get("/training/status")).json()["jobs"][0]
     assert job["state"] == "running" and job["attempts"] == 1 and job["progress"] == progress
@@ -192,11 +207,16 @@ async def test_adapters_list_info_deploy_and_rollback(api: Api) -> None:
     db = api.db
     for version, parent in (("v1.0", None), ("v1.1", "v1.0"), ("v1.2", "v1.1")):
         await add_adapter(db, version, parent_version=parent)
-    await db.execute("INSERT INTO aliases (model, alias, version) VALUES ('tiny-llama', 'production', 'v1.2'),"
-                     " ('tiny-llama', 'previous', 'v1.1')")
+    await db.execute(
+        "INSERT INTO aliases (model, alias, version) VALUES ('tiny-llama', 'production', 'v1.2'),"
+        " ('tiny-llama', 'previous', 'v1.1')"
+    )
     listed = (await api.anonymous.get("/adapters")).json()
     assert [(a["version"], a["aliases"], a["parent_version"]) for a in listed] == [
-        ("v1.2", ["production"], "v1.1"), ("v1.1", ["previous"], "v1.0"), ("v1.0", [], None)]
+        ("v1.2", ["production"], "v1.1"),
+        ("v1.1", ["previous"], "v1.0"),
+        ("v1.0", [], None),
+    ]
     info = (await api.anonymous.get("/adapters/production")).json()
     assert (info["version"], info["size_bytes"], info["metrics"]["eval_loss_after"]) == ("v1.2", 2048, 1.5)
     assert "v9.9" in _error(await api.anonymous.get("/adapters/v9.9"), 404, "NotFound")
@@ -218,7 +238,9 @@ async def test_adapters_list_info_deploy_and_rollback(api: Api) -> None:
 
     records = await eventually(announced, 20)
     assert [(json.loads(r.value)["version"], json.loads(r.value)["reason"]) for r in records] == [
-        ("v1.0", "manual"), ("v1.2", "rollback")]
+        ("v1.0", "manual"),
+        ("v1.2", "rollback"),
+    ]
     assert all(r.key == b"tiny-llama" for r in records)
 
 
@@ -256,4 +278,3 @@ async def test_a_taken_api_port_is_a_config_error_before_anything_starts(make_se
         with pytest.raises(ConfigError, match=r"api\.port \(STREAMENGINE_API__PORT\): cannot listen"):
             await run_engine(settings)
         assert time.monotonic() - started < 2
-

@@ -296,8 +296,10 @@ async def test_reads_and_operations_against_a_running_engine(engine: Engine) -> 
     assert json.loads((await cli_run(engine, "adapters", "list", "--json")).output) == []
     await add_adapter(engine.db, "v1.0")
     await add_adapter(engine.db, "v1.1", parent_version="v1.0")
-    await engine.db.execute("INSERT INTO aliases (model, alias, version) VALUES ('tiny-llama', 'production', 'v1.1'),"
-                            " ('tiny-llama', 'previous', 'v1.0')")
+    await engine.db.execute(
+        "INSERT INTO aliases (model, alias, version) VALUES ('tiny-llama', 'production', 'v1.1'),"
+        " ('tiny-llama', 'previous', 'v1.0')"
+    )
     listed = await cli_run(engine, "list-adapters")
     assert listed.exit_code == 0 and "v1.1" in listed.output and "production" in listed.output, listed.output
     info = json.loads((await cli_run(engine, "adapter-info", "production", "--json")).output)
@@ -363,6 +365,7 @@ async def test_run_worker_and_subscribe_start_and_stop_cleanly(make_settings, tm
     run = process_tools.start(["run"], config, tmp_path / "run.log")
     subscriber = process_tools.start(["subscribe", "--print-only"], config, tmp_path / "subscribe.log")
     try:
+
         async def healthy() -> bool:
             try:
                 async with httpx.AsyncClient(base_url=settings.api.base_url()) as http:
@@ -372,8 +375,12 @@ async def test_run_worker_and_subscribe_start_and_stop_cleanly(make_settings, tm
 
         assert await eventually(healthy, 60), (tmp_path / "run.log").read_text()[-3000:]
         worker = await asyncio.to_thread(
-            subprocess.run, [*PROGRAM, "--config", str(config), "worker", "--once"], capture_output=True, text=True,
-            timeout=120, env=clean_env(STREAMENGINE_METRICS__PORT="0"),
+            subprocess.run,
+            [*PROGRAM, "--config", str(config), "worker", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=clean_env(STREAMENGINE_METRICS__PORT="0"),
         )
         assert worker.returncode == 0, worker.stderr  # the queue is empty: one look, then exit
     finally:
@@ -385,7 +392,19 @@ async def test_run_worker_and_subscribe_start_and_stop_cleanly(make_settings, tm
 
 @pytest.mark.slow
 def test_up_runs_the_whole_loop_to_a_release(tmp_path: Path) -> None:
-    result = streamengine("up", "--dir", str(tmp_path / "up"), "--events", "60", "--window", "16", "--exit-after", "1",
-                          cwd=tmp_path, env=clean_env(), timeout=280)
+    result = streamengine(
+        "up",
+        "--dir",
+        str(tmp_path / "up"),
+        "--events",
+        "60",
+        "--window",
+        "16",
+        "--exit-after",
+        "1",
+        cwd=tmp_path,
+        env=clean_env(),
+        timeout=280,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "RELEASE tiny-llama v1.0" in result.stdout

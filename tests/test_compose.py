@@ -52,16 +52,21 @@ def _manifests() -> list[dict[str, Any]]:
     return docs
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="docker-compose not installed (apt-get install -y docker-compose)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose not installed (apt-get install -y docker-compose)"
+)
 def test_docker_compose_config_validates() -> None:
-    result = subprocess.run(["docker-compose", "-f", "docker-compose.yaml", "config", "-q"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yaml", "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not installed (apt-get install -y prometheus)")
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install -y prometheus)")
 def test_promtool_checks_and_unit_tests_the_alerts(tmp_path: Path) -> None:
     folder = DEPLOY / "prometheus"
     for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts.test.yaml"]):
@@ -69,8 +74,9 @@ def test_promtool_checks_and_unit_tests_the_alerts(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
     config = (folder / "prometheus.yml").read_text().replace("/etc/prometheus/alerts.yaml", str(folder / "alerts.yaml"))
     (tmp_path / "prometheus.yml").write_text(config)
-    result = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -124,14 +130,20 @@ def test_kubernetes_manifests_run_scalable_engine_and_gpu_worker() -> None:
     keys = set(by_kind["ConfigMap"]["streamengine"]["data"]) | set(by_kind["Secret"]["streamengine"]["stringData"])
     assert keys <= SETTING_ENVS, keys - SETTING_ENVS
     assert {"STREAMENGINE_DATABASE__URL", "STREAMENGINE_API__TOKEN"} <= set(
-        by_kind["Secret"]["streamengine"]["stringData"])
+        by_kind["Secret"]["streamengine"]["stringData"]
+    )
 
 
 def test_alerts_cover_the_issue_and_use_only_real_metrics() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"][0]["rules"]
     names = {rule["alert"] for rule in rules}
-    assert names >= {"StreamengineConsumerLagGrowing", "StreamengineJobsFailing", "StreamengineNoRelease",
-                     "StreamengineForgettingOverBound", "StreamengineOutboxBacklog"}
+    assert names >= {
+        "StreamengineConsumerLagGrowing",
+        "StreamengineJobsFailing",
+        "StreamengineNoRelease",
+        "StreamengineForgettingOverBound",
+        "StreamengineOutboxBacklog",
+    }
     known = _metric_names()
     for rule in rules:
         used = set(re.findall(r"streamengine_[a-z_]+", rule["expr"]))
@@ -143,9 +155,21 @@ def test_dashboard_panels_query_real_metrics() -> None:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {name for expr in exprs for name in re.findall(r"streamengine_[a-z_]+", expr)}
     assert used <= _metric_names(), used - _metric_names()
-    for wanted in ("consumer_lag_records", "events_rejected_total", "window_samples", "jobs", "training_loss",
-                   "training_ewc_penalty", "eval_loss", "forgetting_ratio", "releases_total", "upload_bytes_total",
-                   "outbox_backlog", "subscriber_swaps_total", "subscriber_swap_seconds_bucket"):
+    for wanted in (
+        "consumer_lag_records",
+        "events_rejected_total",
+        "window_samples",
+        "jobs",
+        "training_loss",
+        "training_ewc_penalty",
+        "eval_loss",
+        "forgetting_ratio",
+        "releases_total",
+        "upload_bytes_total",
+        "outbox_backlog",
+        "subscriber_swaps_total",
+        "subscriber_swap_seconds_bucket",
+    ):
         assert f"streamengine_{wanted}" in used, wanted
     provider = DEPLOY / "grafana" / "provisioning" / "dashboards" / "streamengine.yaml"
     provisioning = yaml.safe_load(provider.read_text())

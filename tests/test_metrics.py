@@ -63,8 +63,19 @@ async def test_engine_metrics_match_what_was_ingested(make_settings) -> None:  #
             assert await eventually(lambda: consumed(12))
             after = await _counters(http)
             delta = {key: after[key] - before[key] for key in after}
-            assert delta == {"consumed": 12, "invalid_json": 2, "unknown_model": 1, "deduplicated": 2, "stored": 7,
-                             "closed": 1, "writes": delta["writes"]} and delta["writes"] >= 2
+            assert (
+                delta
+                == {
+                    "consumed": 12,
+                    "invalid_json": 2,
+                    "unknown_model": 1,
+                    "deduplicated": 2,
+                    "stored": 7,
+                    "closed": 1,
+                    "writes": delta["writes"],
+                }
+                and delta["writes"] >= 2
+            )
             # one window closed at 5 samples; the open one holds the other 2; its job is queued
             assert await metric(http, "streamengine_window_samples", model=MODEL) == 2
             assert await metric(http, "streamengine_window_weight", model=MODEL) == 2.0
@@ -141,12 +152,14 @@ async def test_worker_metrics_match_the_release(make_settings, tiny_model) -> No
             for phase in ("before", "after"):
                 if m.get(f"eval_loss_{phase}") is not None:
                     assert value("streamengine_eval_loss", model=MODEL, phase=phase) == pytest.approx(
-                        m[f"eval_loss_{phase}"])
+                        m[f"eval_loss_{phase}"]
+                    )
             # the engine sees the release in PostgreSQL
             assert await metric(http, "streamengine_jobs", state="released") == 1
             created = await db.fetchval("SELECT extract(epoch FROM created_at) FROM adapters WHERE job_id = $1", job.id)
             assert await metric(http, "streamengine_last_release_timestamp_seconds", model=MODEL) == pytest.approx(
-                float(created))
+                float(created)
+            )
 
             async def published() -> bool:
                 return await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0

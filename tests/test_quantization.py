@@ -56,7 +56,9 @@ def test_wrong_quantized_gradients_are_refused(
     original = bnb.nn.Linear4bit.forward
 
     def cut_graph(self: Any, x: Any) -> Any:
-        return original(self, x.detach())
+        # The output is exact (the same kernel on the same input); only its graph back to x is gone.
+        # (Detaching x instead makes bitsandbytes take its inference kernel, whose output may differ.)
+        return original(self, x).detach()
 
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", cut_graph)
     samples = write_samples(tmp_path / "s.jsonl", ROWS)

@@ -1,4 +1,4 @@
-"""Feedback event -> weighted training sample (pure)."""
+"""Feedback event -> weighted training sample (pure), with the length limits of ``samples.*``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
+from streamengine.errors import EventRejected
 from streamengine.events import FeedbackEvent, FeedbackKind
+
+Overlength = Literal["reject", "truncate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,13 @@ class SamplePolicy:
     positive_rating_min: int = 4
     negative_rating_max: int = 2
     holdout_fraction: float = 0.0
+    max_prompt_chars: int | None = None
+    """Most characters of a prompt (a string, or the messages' contents together); None: no limit."""
+    max_completion_chars: int | None = None
+    """Most characters of the completion (the response, or the correction of a correction)."""
+    overlength: Overlength = "reject"
+    """``reject``: the event goes to the DLQ (``too_long``); ``truncate``: the prompt loses characters from its
+    start, the completion from its end (as training truncates tokens), and the sample names the cut fields."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,8 @@ class Sample:
     adapter_version: str | None
     event_time: datetime | None
     holdout: bool = False
+    truncated: tuple[str, ...] = ()
+    """Fields cut to the policy's length limits (``prompt``, ``completion``); not stored."""
 
     @property
     def trainable(self) -> bool:
@@ -66,23 +78,65 @@ def _label_and_scale(event: FeedbackEvent, policy: SamplePolicy) -> tuple[int, f
     return 0, 1.0
 
 
+def _prompt_chars(prompt: str | list[dict[str, Any]]) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+
+
+def _keep_end(prompt: str | list[dict[str, Any]], limit: int) -> str | list[dict[str, Any]]:
+    """The last ``limit`` characters of a prompt: earlier messages go first, then the start of the next one."""
+    if isinstance(prompt, str):
+        return prompt[len(prompt) - limit :]
+    kept: list[dict[str, Any]] = []
+    for message in reversed(prompt):
+        if limit <= 0:
+            break
+        content = message["content"]
+        if len(content) > limit:
+            message = {**message, "content": content[len(content) - limit :]}
+        kept.append(message)
+        limit -= len(message["content"])
+    return kept[::-1]
+
+
+def _over(field: str, length: int, setting: str, limit: int) -> EventRejected:
+    return EventRejected("too_long", f"{field} is {length} characters, over samples.{setting} ({limit})")
+
+
 def to_sample(event: FeedbackEvent, policy: SamplePolicy) -> Sample:
-    """Turn a validated event into the sample stored for it."""
+    """Turn a validated event into the sample stored for it.
+
+    Raises :class:`EventRejected` (``too_long``) when a text is over the policy's limit and it rejects.
+    """
     label, scale = _label_and_scale(event, policy)
     kind = str(event.kind)
-    completion = event.correction if event.kind is FeedbackKind.CORRECTION else event.response
+    is_correction = event.kind is FeedbackKind.CORRECTION
+    completion = (event.correction if is_correction else event.response) or ""
     weight = policy.kind_weights.get(kind, 1.0) * scale * (event.weight or 1.0)
     prompt: str | list[dict[str, Any]]
     if isinstance(event.prompt, str):
         prompt = event.prompt
     else:  # what model_dump() gives (fields, then extra fields), at a fifth of its cost
         prompt = [{"role": m.role, "content": m.content, **(m.model_extra or {})} for m in event.prompt]
+    truncated: list[str] = []
+    limit = policy.max_prompt_chars
+    if limit is not None and (length := _prompt_chars(prompt)) > limit:
+        if policy.overlength == "reject":
+            raise _over("prompt", length, "max_prompt_chars", limit)
+        prompt = _keep_end(prompt, limit)
+        truncated.append("prompt")
+    limit = policy.max_completion_chars
+    if limit is not None and len(completion) > limit:
+        if policy.overlength == "reject":
+            field = "correction" if is_correction else "response"
+            raise _over(field, len(completion), "max_completion_chars", limit)
+        completion = completion[:limit]
+        truncated.append("completion")
     return Sample(
         event_id=event.event_id,
         model=event.model,
         kind=kind,
         prompt=_json_text(prompt),
-        completion=completion or "",
+        completion=completion,
         weight=weight,
         label=label,
         user_id=event.user_id,
@@ -90,6 +144,7 @@ def to_sample(event: FeedbackEvent, policy: SamplePolicy) -> Sample:
         adapter_version=event.adapter_version,
         event_time=event.timestamp,
         holdout=is_holdout(event.event_id, policy.holdout_fraction),
+        truncated=tuple(truncated),
     )
 
 

@@ -1,4 +1,4 @@
-"""The scheduler loop of `streamengine run`: the cron tick and the gauges read from PostgreSQL.
+"""The scheduler loop of `streamengine run`: the cron tick, the gauges read from PostgreSQL and retention.
 
 Windows also close on threshold during ingest; this loop adds the time-based close. Whether a tick
 fires is decided in PostgreSQL, on PostgreSQL's clock (see :func:`streamengine.store.windows.tick`):
@@ -20,9 +20,9 @@ import logging
 from datetime import datetime
 
 from streamengine import metrics
-from streamengine.config import Settings
+from streamengine.config import PrivacySettings, Settings
 from streamengine.core.windows import Schedule
-from streamengine.store import windows
+from streamengine.store import privacy, windows
 from streamengine.store.db import Database
 from streamengine.store.windows import ClosedWindow
 
@@ -89,6 +89,17 @@ async def refresh_gauges(db: Database, model: str, schedule: Schedule) -> None:
         metrics.NEXT_TICK.labels(model).set(schedule.next_after(last).timestamp())
 
 
+async def expire_once(db: Database, settings: PrivacySettings) -> int:
+    """One retention pass when ``privacy.retention_days`` is set (see :mod:`streamengine.store.privacy`)."""
+    if settings.retention_days is None:
+        return 0
+    deleted = await privacy.expire(db, settings.retention_days, settings.retention_batch_size)
+    if deleted:
+        metrics.SAMPLES_EXPIRED.inc(deleted)
+        log.info("retention: %d samples stored over %d days ago deleted", deleted, settings.retention_days)
+    return deleted
+
+
 async def run_scheduler(settings: Settings, db: Database, stop: asyncio.Event, interval_s: float = 5.0) -> None:
     """Tick (and refresh the gauges) every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
     schedule = schedule_of(settings)
@@ -97,6 +108,7 @@ async def run_scheduler(settings: Settings, db: Database, stop: asyncio.Event, i
         try:
             await tick_once(db, model, schedule, settings.window.min_samples)
             await refresh_gauges(db, model, schedule)
+            await expire_once(db, settings.privacy)
         except Exception as exc:
             log.warning("scheduler: %s: %s", type(exc).__name__, exc)
         with contextlib.suppress(TimeoutError):

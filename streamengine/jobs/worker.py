@@ -26,7 +26,7 @@ from streamengine.config import Settings
 from streamengine.core.gate import GateDecision, GatePolicy, decide
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
-from streamengine.errors import Conflict, StreamEngineError, TrainingError
+from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
 from streamengine.events import RELEASED_TYPE, AdapterReleased, LoraSpec
 from streamengine.jobs import dataset
 from streamengine.jobs.trainer_process import TrainingCrashed, run_training
@@ -39,6 +39,9 @@ from streamengine.stream import cloudevents
 from streamengine.training.launch import training_command
 
 log = logging.getLogger(__name__)
+
+OUTAGE_BACKOFF_MAX_S = 30.0
+"""Longest wait between two tries while a dependency (S3) is unreachable (from ``worker.poll_s``, doubling)."""
 
 
 class LeaseLost(Conflict):
@@ -54,6 +57,8 @@ class Worker:
         self.work_dir = Path(settings.worker.work_dir)
         learning = settings.learning
         self.gate = GatePolicy(learning.gate, learning.max_forgetting, learning.min_improvement)
+        self.outages = 0
+        """Jobs in a row that ended on an unreachable dependency: the next claim waits longer each time."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and process jobs until ``stop`` is set; a job in progress then goes back to the queue."""
@@ -70,12 +75,17 @@ class Worker:
                     break
                 try:
                     job = current.result()
-                except StreamEngineError as exc:
-                    log.warning("worker: %s", exc)
+                except Exception as exc:  # PostgreSQL away: wait and back off, never exit (a job in hand expires)
+                    if not (isinstance(exc, StreamEngineError) or is_transient(exc)):
+                        raise
+                    self.outages += 1
+                    log.warning("worker: %s (%s); retrying", exc, type(exc).__name__)
                     job = None
-                if job is None:
+                poll_s = self.settings.worker.poll_s
+                wait_s = min(poll_s * 2**self.outages, OUTAGE_BACKOFF_MAX_S) if self.outages else poll_s
+                if job is None or self.outages:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(stopping), timeout=self.settings.worker.poll_s)
+                        await asyncio.wait_for(asyncio.shield(stopping), timeout=wait_s)
         finally:
             stopping.cancel()
 
@@ -84,8 +94,10 @@ class Worker:
         worker = self.settings.worker
         job = await job_store.claim(self.db, self.owner, worker.lease_s, worker.max_attempts)
         if job is None:
+            self.outages = 0  # PostgreSQL answers and nothing waits
             return None
         log.info("job %d (%s, window %d, attempt %d) claimed", job.id, job.model, job.window_id, job.attempts)
+        outages, self.outages = self.outages, 0
         try:
             if job.kind == "fisher":
                 await self._process_fisher(job)
@@ -99,6 +111,12 @@ class Worker:
         except TrainingError as exc:
             state = await self._finish(job, "failed", str(exc), retry=False)
             log.error("job %d failed: %s", job.id, exc)
+        except ServiceUnavailable as exc:
+            # S3 (or another dependency) is away: not the job's fault, so no attempt limit; the job waits in
+            # the queue (keeping its place: later windows train on top of it) and the worker backs off.
+            self.outages = outages + 1
+            state = await self._finish(job, "failed", str(exc), retry=True, limited=False)
+            log.error("job %d: %s; job is now %s, next try in a while", job.id, exc, state)
         except StreamEngineError as exc:
             state = await self._finish(job, "failed", str(exc), retry=True)
             log.error("job %d: %s; job is now %s", job.id, exc, state)
@@ -108,11 +126,12 @@ class Worker:
             raise
         return job
 
-    async def _finish(self, job: job_store.Job, state: str, error: str, retry: bool) -> str:
+    async def _finish(self, job: job_store.Job, state: str, error: str, retry: bool, limited: bool = True) -> str:
         metrics.JOB_FAILURES.labels(job.model).inc()
+        limit = self.settings.worker.max_attempts if limited else None
         try:
             return await job_store.finish_unreleased(
-                self.db, job.id, self.owner, state, error, retry=retry, max_attempts=self.settings.worker.max_attempts
+                self.db, job.id, self.owner, state, error, retry=retry, max_attempts=limit
             )
         except Conflict:
             return "taken over"
@@ -253,7 +272,8 @@ class Worker:
                     return
 
         heart = asyncio.create_task(beat())
-        child = asyncio.create_task(run_training(argv, log_path, on_progress))
+        limit = self.settings.worker.trainer_memory_limit_mb
+        child = asyncio.create_task(run_training(argv, log_path, on_progress, memory_limit_mb=limit))
         try:
             lost = asyncio.create_task(lease_lost.wait())
             done, _ = await asyncio.wait({child, lost}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import OrderedDict, deque
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["swapped", "failed", "ignored"]
 _SEEN_MAX = 4096
+_CURRENT_TMP = ".current.json.tmp"
+# A download's temporary folder (".v1.2.k3j9x", see ObjectStore.download_uri) or a folder being replaced.
+_PARTIAL = re.compile(r"^\.v\d+\.\d+\..+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,13 +213,30 @@ class Subscriber:
             "served_name": served(version) if callable(served) else None,
             "swapped_at": datetime.now(UTC).isoformat(),
         }
-        tmp = self.download_dir / ".current.json.tmp"
+        tmp = self.download_dir / _CURRENT_TMP
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.download_dir / "current.json")
         for path in self.download_dir.iterdir():
             with contextlib.suppress(ConfigError):
                 if path.is_dir() and Version.parse(path.name) and path.name not in (version, previous):
                     shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        """Remove what a killed subscriber left half-done: download folders (``.v1.2.<random>``), folders
+        being replaced (``.v1.2.old-...``) and ``.current.json.tmp``. Complete version folders stay (each
+        is verified again before use). One subscriber owns a ``download_dir``/model folder."""
+        if not self.download_dir.is_dir():
+            return
+        removed = []
+        for path in self.download_dir.iterdir():
+            if path.name == _CURRENT_TMP or _PARTIAL.match(path.name):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path.name)
+        if removed:
+            log.info("removed %d leftovers of an interrupted download: %s", len(removed), ", ".join(sorted(removed)))
 
     # --- waiting (tests, health) ---------------------------------------------------------------
     async def wait_until(self, predicate: Callable[[], bool], within_s: float = 30.0) -> None:
@@ -278,6 +299,7 @@ class Subscriber:
     # --- Kafka ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect and bootstrap to the latest release of the model (sets ``ready``)."""
+        await asyncio.to_thread(self._remove_leftovers)
         consumer = await follow.open_consumer(
             self.settings.kafka.bootstrap_servers, f"streamengine-subscriber-{self.model}", self.fetch_wait_ms
         )

@@ -6,25 +6,17 @@ import json
 import logging
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from streamengine.config import DatabaseSettings
-from streamengine.errors import ServiceUnavailable
+from streamengine.core.masking import dsn_passwords, redact, target
+from streamengine.errors import ConfigError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 # Any value; serialises concurrent migrations of several replicas starting at once.
 _MIGRATION_LOCK = 0x5E_0001
-
-
-def redacted_target(url: str) -> str:
-    """host:port/db of a DSN, without user or password (safe for logs and errors)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = parts.port or 5432
-    return f"{host}:{port}{parts.path}"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -34,14 +26,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """Owns the pool; repositories (ingest, jobs, registry, outbox) borrow connections from it."""
 
-    def __init__(self, pool: asyncpg.Pool, target: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, target: str, passwords: list[str] | None = None) -> None:
         self.pool = pool
         self.target = target
+        self._passwords = passwords or []
 
     @classmethod
     async def connect(cls, settings: DatabaseSettings, migrate: bool = True) -> Database:
         url = settings.url.get_secret_value()
-        target = redacted_target(url)
+        where, passwords = target(url), dsn_passwords(url)
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -51,8 +44,13 @@ class Database:
                 timeout=10,
             )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise ServiceUnavailable("PostgreSQL", target, _safe_reason(exc, url)) from None
-        db = cls(pool, target)
+            raise ServiceUnavailable("PostgreSQL", where, _safe_reason(exc, passwords)) from None
+        except (asyncpg.InterfaceError, ValueError) as exc:  # asyncpg cannot use the DSN (scheme, port, option)
+            reason = _safe_reason(exc, passwords)
+            raise ConfigError(
+                f"database.url (STREAMENGINE_DATABASE__URL) is not a usable PostgreSQL DSN: {reason}"
+            ) from None
+        db = cls(pool, where, passwords)
         if migrate:
             await db.migrate()
         return db
@@ -64,8 +62,8 @@ class Database:
         try:
             async with self.pool.acquire(timeout=5) as conn:
                 await conn.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise ServiceUnavailable("PostgreSQL", self.target, type(exc).__name__) from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ServiceUnavailable("PostgreSQL", self.target, _safe_reason(exc, self._passwords)) from None
 
     async def migrate(self) -> list[str]:
         """Apply every migration not yet applied, in name order, each in its own transaction."""
@@ -107,9 +105,7 @@ class Database:
             return result
 
 
-def _safe_reason(exc: BaseException, url: str) -> str:
-    text = str(exc) or type(exc).__name__
-    password = urlsplit(url).password
-    if password:
-        text = text.replace(password, "***")
+def _safe_reason(exc: BaseException, passwords: list[str]) -> str:
+    """The first line of an error, the DSN's passwords masked (asyncpg quotes parts of a bad DSN)."""
+    text = redact(str(exc).strip() or type(exc).__name__, passwords)
     return text.splitlines()[0]

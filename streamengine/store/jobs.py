@@ -207,13 +207,13 @@ async def finish_unreleased(
     error: str,
     metrics: dict[str, Any] | None = None,
     retry: bool = False,
-    max_attempts: int = 1,
+    max_attempts: int | None = 1,
 ) -> str:
     """End a job without a release: ``rejected`` (gate) or ``failed``; a retryable failure re-queues
-    it while attempts remain. Returns the state the job is left in."""
+    it while attempts remain (always, when ``max_attempts`` is None). Returns the state the job is left in."""
     async with db.pool.acquire() as conn, conn.transaction():
         job = await _owned(conn, job_id, owner)
-        new_state = "queued" if retry and job["attempts"] < max_attempts else state
+        new_state = "queued" if retry and (max_attempts is None or job["attempts"] < max_attempts) else state
         await conn.execute(
             "UPDATE jobs SET state = $2, error = $3, metrics = $4, lease_owner = NULL, lease_expires_at = NULL,"
             " finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1",

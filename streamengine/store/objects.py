@@ -33,6 +33,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 
 from streamengine.config import StorageSettings
 from streamengine.core.manifest import is_safe_artifact
+from streamengine.core.masking import redact
 from streamengine.core.versions import Version
 from streamengine.errors import ConfigError, Conflict, IntegrityError, NotFound, ServiceUnavailable
 from streamengine.store.folders import CHUNK, check_model, file_sha256, parse_uri, replace_dir, verify
@@ -120,9 +121,7 @@ class ObjectStore:
 
     # --- helpers -------------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text[:300]
+        return redact(text, self._secrets)[:300]
 
     def _call(self, what: str, fn: Callable[[], T], *, attempts: int | None = None) -> T:
         """Run one S3 operation, retrying transient failures; map errors onto the hierarchy."""

@@ -17,18 +17,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from aiokafka.errors import MessageSizeTooLargeError
+
 from streamengine import metrics
 from streamengine.config import Settings
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
-from streamengine.errors import EventRejected, StreamEngineError
+from streamengine.errors import EventRejected, StreamEngineError, is_transient
 from streamengine.events import decode_feedback
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.store.windows import SampleAt
+from streamengine.stream.redaction import build_redactor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DLQ_PREVIEW_BYTES = 65_536
+"""What a DLQ record keeps of a value too large for the producer or the DLQ topic to take whole."""
 
 
 class Record(Protocol):
@@ -108,6 +113,9 @@ class IngestPipeline:
             positive_rating_min=settings.samples.positive_rating_min,
             negative_rating_max=settings.samples.negative_rating_max,
             holdout_fraction=settings.learning.holdout_fraction,
+            max_prompt_chars=settings.samples.max_prompt_chars,
+            max_completion_chars=settings.samples.max_completion_chars,
+            overlength=settings.samples.overlength,
         )
         self.window_policy = WindowPolicy(
             max_samples=settings.window.max_samples,
@@ -115,23 +123,33 @@ class IngestPipeline:
             min_samples=settings.window.min_samples,
         )
         self.models = {settings.model.name}
+        self.redactor = build_redactor(settings.privacy)  # privacy.function is imported here, once
         self.retry_delays = (0.1, 0.5, 1.0, 2.0, 5.0)
 
     def classify(self, records: Sequence[Record]) -> Classified:
         """Split a batch into samples to store and records to reject (pure CPU work)."""
         batch = Classified()
         limit = self.settings.kafka.max_record_bytes
+        redactions: dict[str, int] = {}
         for record in records:
             try:
                 event = decode_feedback(record.value, limit)
                 if event.model not in self.models:
                     raise EventRejected("unknown_model", f"model line '{event.model[:100]}' is not configured here")
+                event = self.redactor.event(event, redactions)  # privacy: nothing unredacted is stored
+                row = (to_sample(event, self.sample_policy), record.partition, record.offset)
+                line = windows.copy_line(row)
             except EventRejected as exc:
                 batch.bad.append((record, exc))
                 continue
-            row = (to_sample(event, self.sample_policy), record.partition, record.offset)
+            except Exception as exc:  # a bug, not the record's fault alone: DLQ it rather than stop ingest on it
+                log.exception("record %s[%d]@%d broke validation", record.topic, record.partition, record.offset)
+                batch.bad.append((record, EventRejected("internal_error", f"validation failed: {type(exc).__name__}")))
+                continue
             batch.good.append(row)
-            batch.lines.append(windows.copy_line(row))
+            batch.lines.append(line)
+        for kind, hits in redactions.items():
+            metrics.REDACTIONS.labels(kind).inc(hits)
         return batch
 
     async def process(self, records: Sequence[Record]) -> windows.BatchOutcome:
@@ -154,6 +172,9 @@ class IngestPipeline:
             )
             metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
             metrics.EVENTS_DEDUPLICATED.inc(outcome.duplicates)
+            for sample, _, _ in good:
+                for cut in sample.truncated:
+                    metrics.SAMPLES_TRUNCATED.labels(cut).inc()
             for sample, _, _ in good[:1]:
                 metrics.SAMPLES_STORED.labels(sample.model).inc(outcome.inserted)
             for closed in outcome.closed:
@@ -170,23 +191,29 @@ class IngestPipeline:
         return outcome
 
     async def _send_to_dlq(self, bad: list[tuple[Record, EventRejected]]) -> None:
+        await asyncio.gather(*(self._dlq_one(record, exc) for record, exc in bad))
+
+    async def _dlq_one(self, record: Record, error: EventRejected) -> None:
         topic = self.settings.kafka.dlq_topic
-        await asyncio.gather(
-            *(
-                self.sender.send_and_wait(topic, value=record.value, key=record.key, headers=dlq_headers(record, exc))
-                for record, exc in bad
-            )
-        )
+        try:
+            headers = dlq_headers(record, error)
+            await self.sender.send_and_wait(topic, value=record.value, key=record.key, headers=headers)
+        except MessageSizeTooLargeError:
+            # Retrying cannot help (the producer's max request or the topic's max message size): keep a preview.
+            value = record.value or b""
+            note = f"DLQ value cut to its first {DLQ_PREVIEW_BYTES} of {len(value)} bytes, original headers dropped"
+            slim = RawRecord(record.topic, record.partition, record.offset, None, None, [])
+            headers = dlq_headers(slim, EventRejected(error.error_class, f"{note}: {error}"))
+            key = record.key[:1024] if record.key is not None else None
+            await self.sender.send_and_wait(topic, value=value[:DLQ_PREVIEW_BYTES], key=key, headers=headers)
 
     async def _with_retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
         while True:
             try:
                 return await action()
-            except (StreamEngineError, OSError, ConnectionError, TimeoutError) as exc:
-                failure: Exception = exc
-            except Exception as exc:  # asyncpg and aiokafka errors: transient until proven otherwise
-                if type(exc).__module__.split(".")[0] not in {"asyncpg", "aiokafka"}:
+            except Exception as exc:
+                if not (isinstance(exc, StreamEngineError) or is_transient(exc)):
                     raise
                 failure = exc
             delay = self.retry_delays[min(attempt, len(self.retry_delays) - 1)]

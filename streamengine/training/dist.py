@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from streamengine.jobs.child import die_with_parent
 from streamengine.training.model import select_device
 
 
@@ -39,6 +40,7 @@ class Dist:
     def start(cls, device_name: str) -> Dist:
         if launched_world_size() <= 1:
             return cls(select_device(device_name))
+        die_with_parent(os.getppid())  # torchrun dies with the worker; each rank with torchrun
         from accelerate import Accelerator
 
         cpu = device_name == "cpu" or not torch.cuda.is_available()

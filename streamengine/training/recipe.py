@@ -10,10 +10,11 @@
    model as it was at step 0). Plus the EWC penalty from the parent's Fisher (:mod:`ewc`) and any
    extra ``penalty``. Each step reports task loss and penalty separately. A NaN or infinite objective
    stops the job with a :class:`TrainingError` naming the step.
-4. Measure again ("after"), save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors``
-   only, never pickle), compute the exact Fisher of the window's samples at the trained adapter and
-   write ``fisher.safetensors`` (online EWC: the parent's importances decayed by gamma plus this
-   window's, and the anchor), then ``result.json`` last, so its presence marks a complete output.
+4. Measure again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`), save the
+   adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors`` only, never pickle), compute
+   the exact Fisher of the window's samples at the trained adapter and write ``fisher.safetensors``
+   (online EWC: the parent's importances decayed by gamma plus this window's, and the anchor), then
+   ``result.json`` last, so its presence marks a complete output.
 
 Run by the worker as a process (the argv of :func:`launch.training_command`): rank 0 prints one JSON
 object per stdout line (``progress`` records, then ``result``) and exits 0; on a :class:`TrainingError`
@@ -166,7 +167,9 @@ def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Pe
                 task_value, penalty_value = float(stats[0]), float(extra.detach())
                 value = task_value + penalty_value
                 if not math.isfinite(value):
-                    raise TrainingError(f"loss became {value} at step {step}/{total_steps} (epoch {epoch})")
+                    raise TrainingError(
+                        f"training diverged: loss became {value} at step {step}/{total_steps} (epoch {epoch})"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 dist.backward(share * dist.world + extra)
                 optimizer.step()
@@ -193,12 +196,14 @@ def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Pe
 
     # 4. After, the adapter, the Fisher, the result.
     eval_loss_after = measure(scored)
-    if not math.isfinite(eval_loss_after):
-        raise TrainingError(f"the loss after training is {eval_loss_after}: training diverged")
     evals = {
         n: {"before": before[n], "after": measure(items), "samples": float(len(items))}
         for n, items in eval_sets.items()
     }
+    # The last update can break the model too; a NaN eval loss must never reach the release gate.
+    for name, after in [("training", eval_loss_after)] + [(n, e["after"]) for n, e in evals.items()]:
+        if not math.isfinite(after):
+            raise TrainingError(f"training diverged: the {name} loss after training is {after}")
     output_dir = Path(spec.output_dir)
     if dist.is_main:
         _save_adapter(model, output_dir)

@@ -12,7 +12,9 @@ import pytest
 
 from streamengine.embedded import Postgres, create_database
 from streamengine.engine import run_engine
+from streamengine.jobs.worker import Worker
 from streamengine.store.db import Database
+from streamengine.store.objects import ObjectStore
 from tests.kafka_tools import feedback, produce, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,6 +73,36 @@ async def test_postgres_outage_is_survived(make_settings, private_postgres) -> N
         await asyncio.gather(engine, return_exceptions=True)
     assert stored == in_windows == total
     assert jobs == total // 100
+
+
+async def test_worker_waits_out_a_postgres_outage(make_settings, private_postgres) -> None:  # type: ignore[no-untyped-def]
+    """Claims fail while PostgreSQL is down: the worker backs off and keeps polling, never exits."""
+    settings = make_settings(
+        database={"url": create_database(private_postgres.dsn, "worker_outage")}, worker={"poll_s": 0.2}
+    )
+    db = await Database.connect(settings.database)
+    worker = Worker(settings, db, ObjectStore.from_settings(settings.storage), owner="patient")
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+
+    async def outages(at_least: int) -> bool:
+        return worker.outages >= at_least
+
+    async def recovered() -> bool:
+        return worker.outages == 0
+
+    try:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(private_postgres.stop)
+        await wait_for(lambda: outages(3), timeout_s=60)  # three claims in a row failed
+        assert not running.done()
+        await asyncio.to_thread(private_postgres.start)
+        await wait_for(recovered, timeout_s=90)  # a claim answered again (the queue is empty)
+        assert not running.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)  # raises what ended the worker, if anything did
+        await db.close()
 
 
 async def _count_at_least(db: Database, n: int) -> bool:

@@ -1,0 +1,63 @@
+"""Logging of the `streamengine` processes: one line format, and configured secrets never written.
+
+The CLI sets logging up before a command runs (:func:`configure`) and hands over the settings' secrets once
+they are loaded (:data:`HIDDEN`). Every formatted line (message, arguments, traceback) then has those values,
+as written and URL-encoded, replaced by ``***`` (the CLI's one-line error gets the same treatment). This is the
+second line of defence: the code itself keeps secrets out of its messages (tests/test_secrets.py greps for them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from streamengine.core.masking import MASK, secret_forms
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+NOISY = ("aiokafka", "faust", "mode", "httpx", "httpcore", "urllib3", "uvicorn.error")
+"""Libraries kept at WARNING and above whatever the level asked for (their DEBUG lines flood)."""
+
+
+class Hidden:
+    """Values never to write (the settings' secrets)."""
+
+    def __init__(self) -> None:
+        self._values: list[str] = []
+        self._forms: list[str] = []
+
+    def add(self, values: Iterable[str]) -> None:
+        self._values = list(dict.fromkeys([*self._values, *values]))
+        self._forms = secret_forms(self._values)
+
+    def __call__(self, text: str) -> str:
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, MASK)
+        return text
+
+
+HIDDEN = Hidden()
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose lines never hold a hidden value."""
+
+    def __init__(self, fmt: str = FORMAT, hidden: Hidden = HIDDEN) -> None:
+        super().__init__(fmt)
+        self.hidden = hidden
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.hidden(super().format(record))
+
+
+def configure(level: str) -> None:
+    """Log to stderr at ``level`` through a :class:`RedactingFormatter` (like ``logging.basicConfig``: root
+    handlers already there, e.g. pytest's, are left alone)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(RedactingFormatter())
+        root.addHandler(handler)
+        root.setLevel(level.upper())
+    for name in NOISY:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
