@@ -32,6 +32,7 @@ _OOM_MARKERS = (
     "cannot allocate memory",
     "memory allocation",
     "failed to map segment",
+    "bad_alloc",  # C++ (libtorch, the tokenizers): std::bad_alloc, then terminate() aborts the process
 )
 
 
@@ -57,12 +58,13 @@ def _last_line(log_path: Path, start: int) -> str:
 
 def _failure(code: int, log_path: Path, start: int, memory_limit_mb: int | None) -> TrainingError:
     """Why a child that reported no result ended: a retryable crash, or out of memory (not retried)."""
+    last = _last_line(log_path, start)
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else "unknown"
         why = "; the kernel's out-of-memory killer sends it" if -code == signal.SIGKILL else ""
-        return TrainingCrashed(f"training process killed by signal {-code} ({name}{why}); log: {log_path}")
-    last = _last_line(log_path, start)
-    message = f"training process exited with code {code} without a result: {last or 'no output'} (log: {log_path})"
+        message = f"training process killed by signal {-code} ({name}{why}): {last or 'no output'} (log: {log_path})"
+    else:
+        message = f"training process exited with code {code} without a result: {last or 'no output'} (log: {log_path})"
     return TrainingError(memory_message(message, memory_limit_mb)) if out_of_memory(last) else TrainingCrashed(message)
 
 

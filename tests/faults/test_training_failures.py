@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ import pytest
 from streamengine.config import Settings
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
+from streamengine.errors import TrainingError
 from streamengine.events import AdapterReleased, FeedbackEvent
+from streamengine.jobs.trainer_process import TrainingCrashed, run_training
 from streamengine.jobs.worker import Worker
 from streamengine.store import windows
 from streamengine.store.db import Database
@@ -206,3 +209,30 @@ async def _gone(pid: int) -> bool:
 
 async def _state(db: Database, job_id: int, state: str) -> bool:
     return (await _job(db, job_id))["state"] == state
+
+
+ABORT_ON_BAD_ALLOC = (
+    "import os, sys; sys.stderr.write(\"terminate called after throwing an instance of 'std::bad_alloc'\\n"
+    '  what():  std::bad_alloc\\n"); sys.stderr.flush(); os.abort()'
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "out_of_memory"),
+    [(ABORT_ON_BAD_ALLOC, True), ("import os; os.abort()", False), ("import sys; sys.exit(5)", False)],
+)
+async def test_how_a_child_that_reported_nothing_ended_is_classified(
+    tmp_path: Path, code: str, out_of_memory: bool
+) -> None:
+    """A C++ allocation failure aborts the process (SIGABRT): out of memory, final. Other deaths: retryable."""
+
+    async def ignore(_: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(TrainingError) as failure:
+        await run_training([sys.executable, "-c", code], tmp_path / "train.log", ignore, memory_limit_mb=512)
+    message = str(failure.value)
+    assert message.startswith("out of memory") == out_of_memory
+    assert isinstance(failure.value, TrainingCrashed) != out_of_memory
+    if out_of_memory:
+        assert "SIGABRT" in message and "std::bad_alloc" in message and "trainer_memory_limit_mb = 512" in message
