@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -136,8 +137,10 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
             starved_s = time.monotonic() - started
             job = await _job(db, 1)
             assert (job["state"], job["attempts"]) == ("failed", 1)  # not retried: it would fail again
-            # What fails first varies (the loader, OpenBLAS, Python): the child's last line names the allocation.
-            assert job["error"].startswith("out of memory: training process exited with code ")
+            # What fails first varies (the loader, OpenBLAS, Python, libtorch's std::bad_alloc, which aborts):
+            # the child exits or is aborted, and its last line names the allocation.
+            ended = r"out of memory: training process (exited with code \d+|killed by signal 6 \(SIGABRT\))"
+            assert re.match(ended, job["error"]), job["error"]
             assert job["error"].endswith("(worker.trainer_memory_limit_mb = 64)")
 
             worker = Worker(settings, db, store, owner="capped")
@@ -146,8 +149,9 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
             oom_s = time.monotonic() - started
             job = await _job(db, 2)
             assert (job["state"], job["attempts"], job["version"]) == ("failed", 1, None)
-            assert job["error"].startswith("out of memory: RuntimeError:")
-            assert "can't allocate memory" in job["error"]
+            # torch's allocator raises (RuntimeError: can't allocate memory); a small C++ allocation may abort.
+            assert job["error"].startswith("out of memory: "), job["error"]
+            assert "can't allocate memory" in job["error"] or "std::bad_alloc" in job["error"], job["error"]
             assert job["error"].endswith("(worker.trainer_memory_limit_mb = 1024)")
 
             assert (await worker.run_once()) is not None  # the next window, same cap
