@@ -54,6 +54,15 @@ async def engine_running(settings: Settings) -> AsyncIterator[httpx.AsyncClient]
         await asyncio.wait_for(task, 60)
 
 
+async def health_ok(url: str) -> bool:
+    """GET ``url``/health answers 200 (False while the engine is not up)."""
+    async with httpx.AsyncClient() as client:
+        try:
+            return (await client.get(url + "/health")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
 async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float | None:
     """One sample of the engine's /metrics, or None when absent."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 
-import httpx
 import pytest
 
 from streamengine.store.db import Database
 from streamengine.stream.topics import ensure_topics
 from tests import process_tools
+from tests.engine_tools import health_ok
 from tests.kafka_tools import feedback, produce, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,7 +38,7 @@ async def test_sigkill_run_loses_and_duplicates_nothing(make_settings, tmp_path,
                 await produce(k.bootstrap_servers, k.feedback_topic, chunk, key=f"k{start}".encode())
                 await asyncio.sleep(0.5)
 
-        await wait_for(lambda: _http_ok(settings.api.base_url()), timeout_s=60)
+        await wait_for(lambda: health_ok(settings.api.base_url()), timeout_s=60)
         producer = asyncio.create_task(stream())
         for _ in range(kills):
             stored = await db.fetchval("SELECT count(*) FROM samples")
@@ -72,11 +72,3 @@ async def _more_than(db: Database, count: int) -> bool:
 
 async def _exactly(db: Database, count: int) -> bool:
     return int(await db.fetchval("SELECT count(*) FROM samples")) >= count
-
-
-async def _http_ok(url: str) -> bool:
-    async with httpx.AsyncClient() as client:
-        try:
-            return (await client.get(url + "/health")).status_code == 200
-        except httpx.TransportError:
-            return False

@@ -23,7 +23,7 @@ from streamengine.store.db import Database
 from streamengine.stream.ingest import DLQ_PREVIEW_BYTES
 from streamengine.stream.topics import ensure_topics
 from tests import process_tools
-from tests.engine_tools import metric
+from tests.engine_tools import health_ok, metric
 from tests.kafka_tools import feedback, produce, read_all, wait_for
 from tests.test_hostile_input import REASONS
 from tests.test_ingest import ingest_replica
@@ -53,14 +53,6 @@ def completion_of(value: bytes) -> str:
     return str(event["correction"] if event["kind"] == "correction" else event["response"])
 
 
-async def _http_ok(url: str) -> bool:
-    async with httpx.AsyncClient() as client:
-        try:
-            return (await client.get(url + "/health")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-
 @pytest.mark.slow
 async def test_hostile_stream_through_streamengine_run(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     limits = {"max_prompt_chars": 4_000, "max_completion_chars": 4_000}
@@ -88,7 +80,7 @@ async def test_hostile_stream_through_streamengine_run(make_settings, tmp_path) 
     engine = process_tools.start(["run"], config, log)
     db = await Database.connect(settings.database)
     try:
-        await wait_for(lambda: _http_ok(settings.api.base_url()), timeout_s=90)
+        await wait_for(lambda: health_ok(settings.api.base_url()), timeout_s=90)
         await produce_tracked(k.bootstrap_servers, k.feedback_topic, [c.value for c in warmup])
         await wait_for(lambda: _count(db, len(warmup)), timeout_s=60)
         memory = [memory_kib(engine.pid)]
