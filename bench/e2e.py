@@ -1,6 +1,6 @@
 """End-to-end latency: from the last event of a window to its adapter answering on a serving node, by stage.
 
-``python -m bench.e2e`` runs the whole loop as ``streamengine up`` does (streamengine.up: a tansu
+``python -m bench.e2e`` runs the whole loop as ``streamengine up`` does (streamengine.local.up: a tansu
 broker, a SeaweedFS S3 server, PostgreSQL (the machine's at 127.0.0.1:5432, else an embedded one), the
 tiny Llama, the engine, a trainer worker and a serving-node Subscriber with an in-process PeftSwapper,
 all with up's settings) and feeds it ``--windows`` windows of ``--window`` trainable demo events, one
@@ -53,20 +53,20 @@ from typing import Any, TypeVar
 from prometheus_client import Histogram
 
 from streamengine import metrics
-from streamengine.config import Settings
-from streamengine.demo import feedback_events
-from streamengine.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database
+from streamengine.config.settings import Settings
 from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
-from streamengine.produce import prepare
+from streamengine.local.demo import feedback_events
+from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database
+from streamengine.local.tinymodel import build_tiny_model
+from streamengine.local.up import MODEL, up_settings
 from streamengine.serving import follow
 from streamengine.serving.subscriber import Outcome, Subscriber
 from streamengine.serving.swappers import PeftSwapper
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
+from streamengine.stream.produce import prepare
 from streamengine.stream.producer import start_producer
-from streamengine.tinymodel import build_tiny_model
-from streamengine.up import MODEL, up_settings
 
 T = TypeVar("T")
 PROMPT = "Capital of France?"

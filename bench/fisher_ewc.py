@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from bench.forgetting import RESULTS, pretrain, window_items, write_jsonl
-from streamengine.config import LoraSettings
-from streamengine.tinymodel import build_tiny_model
+from streamengine.config.settings import LoraSettings
+from streamengine.local.tinymodel import build_tiny_model
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id
 from streamengine.training.ewc import EwcPenalty
 from streamengine.training.fisher import accumulate, fisher_sums_loop, fisher_sums_vmap, load_fisher, lora_parameters

@@ -40,7 +40,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from streamengine.tinymodel import build_tiny_model
+from streamengine.local.tinymodel import build_tiny_model
 from streamengine.training.data import IGNORE_INDEX, Example, collate, encode, pad_id
 from streamengine.training.losses import forward_logits, sample_losses
 from streamengine.training.recipe import train

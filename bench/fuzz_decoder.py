@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from streamengine.config import Settings, load_settings
-from streamengine.events import FeedbackKind
+from streamengine.config.settings import Settings, load_settings
+from streamengine.contract.events import FeedbackKind
 from streamengine.store.db import Database
 from streamengine.stream.ingest import IngestPipeline, RawRecord, RecordSender
 

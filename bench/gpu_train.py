@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from bench.fisher_ewc import PeakMemory, training_pass
-from streamengine.config import LoraSettings
+from streamengine.config.settings import LoraSettings
 from streamengine.training.data import IGNORE_INDEX, Batch, Encoded, collate, pad_id
 from streamengine.training.ewc import EwcPenalty
 from streamengine.training.fisher import (

@@ -56,10 +56,10 @@ import asyncpg
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streamengine.config import Settings, load_settings
+from streamengine.config.settings import Settings, load_settings
+from streamengine.contract.events import decode_feedback
 from streamengine.core.samples import SamplePolicy, to_sample
-from streamengine.embedded import Postgres, Tansu, create_database, drop_database
-from streamengine.events import decode_feedback
+from streamengine.local.embedded import Postgres, Tansu, create_database, drop_database
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.stream.app import build_app

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import MODEL, make_event
-from streamengine.config import load_settings
+from streamengine.config.settings import load_settings
 from streamengine.stream.ingest import IngestPipeline, RawRecord
 
 _PII = [

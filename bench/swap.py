@@ -2,7 +2,7 @@
 answering in an in-process PEFT model, split into consume, download, verify and swap (+ the first
 forward pass, "answer"). Compared, in the same run, with a cold ``PeftModel.from_pretrained``.
 
-Real components: a tansu broker and a SeaweedFS S3 server (streamengine.embedded), the Subscriber and
+Real components: a tansu broker and a SeaweedFS S3 server (streamengine.local.embedded), the Subscriber and
 PeftSwapper as a serving node runs them, releases signed with HMAC (so verify = signature + sha256).
 Models are built in code with random weights (no downloads): the tiny test model (~0.1M parameters)
 and a ~100M Llama (hidden 768, 12 layers). Adapters: LoRA r=16, alpha=32 on q/k/v/o, random weights,
@@ -32,11 +32,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from streamengine.config import Settings, load_settings
+from streamengine.config.settings import Settings, load_settings
+from streamengine.contract.events import AdapterReleased, LoraSpec
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release
-from streamengine.embedded import SeaweedS3, Tansu
-from streamengine.events import AdapterReleased, LoraSpec
+from streamengine.local.embedded import SeaweedS3, Tansu
 from streamengine.serving import PeftSwapper, Subscriber
 from streamengine.store.objects import ObjectStore
 
@@ -48,7 +48,7 @@ STAGES = ("consume", "download", "verify", "swap", "answer")
 
 def build_model(kind: str, folder: Path) -> Path:
     """``tiny``: the test model; ``100m``: a ~100M-parameter Llama with random weights."""
-    from streamengine.tinymodel import build_tiny_model
+    from streamengine.local.tinymodel import build_tiny_model
 
     if kind == "tiny":
         return build_tiny_model(folder)

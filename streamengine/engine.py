@@ -10,16 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
 from streamengine import metrics
-from streamengine.config import Settings
-from streamengine.core.windows import Schedule
+from streamengine.api.app import bind_api_socket, serve_api
+from streamengine.api.context import EngineContext
+from streamengine.config.settings import Settings
 from streamengine.errors import StreamEngineError
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
 from streamengine.store.db import Database
@@ -77,30 +74,6 @@ class LagObserver:
         return lags
 
 
-@dataclass
-class EngineContext:
-    """What the admin API and the background loops share."""
-
-    settings: Settings
-    db: Database
-    store: ObjectStore
-    producer: AIOKafkaProducer
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    schedule: Schedule | None = None
-    app: Any = None
-    """The ingest app (:class:`streamengine.stream.app.IngestApp`); None until it started."""
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    collectors: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
-    """Run before each /metrics scrape so gauges read from PostgreSQL and Kafka are current."""
-
-    async def collect(self, timeout_s: float = 2.0) -> None:
-        for collector in self.collectors:
-            try:
-                await asyncio.wait_for(collector(), timeout_s)
-            except Exception as exc:
-                log.debug("metrics collector failed: %s: %s", type(exc).__name__, exc)
-
-
 async def connect(settings: Settings) -> EngineContext:
     """Reach every dependency (one clear error naming the first that fails), migrate, create topics."""
     schedule = schedule_of(settings)  # a bad cron or time zone fails before anything starts
@@ -129,8 +102,6 @@ async def _sample_lag(observer: LagObserver, stop: asyncio.Event) -> None:
 
 async def run_engine(settings: Settings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (or the task is cancelled)."""
-    from streamengine.api import bind_api_socket, serve_api
-
     sock = bind_api_socket(settings)  # a taken port fails before anything starts
     try:
         ctx = await connect(settings)

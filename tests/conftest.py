@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from streamengine.config import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
-from streamengine.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database, free_port
+from streamengine.config.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
+from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database, free_port
 
 
 @dataclass
@@ -139,6 +139,6 @@ def make_settings(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random Llama with a byte tokenizer (built once per session)."""
-    from streamengine.tinymodel import build_tiny_model
+    from streamengine.local.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

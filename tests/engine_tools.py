@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import FeedbackEvent
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.engine import run_engine
-from streamengine.events import FeedbackEvent
 from streamengine.store import windows
 from streamengine.store.db import Database
 
@@ -122,8 +122,8 @@ def module_settings(services: Any, dsn: str, workdir: Any, **overrides: Any) -> 
     """Like the ``make_settings`` fixture, for a module-scoped engine (own topics, group, bucket, ports)."""
     import uuid
 
-    from streamengine.config import load_settings
-    from streamengine.embedded import free_port
+    from streamengine.config.settings import load_settings
+    from streamengine.local.embedded import free_port
 
     suffix = uuid.uuid4().hex[:10]
     fields: dict[str, Any] = {

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import SecretStr
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 
 
 def _plain(value: Any) -> Any:
@@ -39,7 +39,7 @@ def start(args: list[str], config: Path, log: Path) -> subprocess.Popen[bytes]:
     env["PYTHONUNBUFFERED"] = "1"
     handle = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "streamengine.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "streamengine.cli.main", "--config", str(config), *args],
         stdout=handle,
         stderr=subprocess.STDOUT,
         env=env,
@@ -55,7 +55,7 @@ def run_cli(
     clean.update(PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200", PYTHONWARNINGS="ignore", **(env or {}))
     options = ["--config", str(config)] if config is not None else []
     return subprocess.run(
-        [sys.executable, "-m", "streamengine.cli", *options, *args],
+        [sys.executable, "-m", "streamengine.cli.main", *options, *args],
         env=clean,
         capture_output=True,
         text=True,

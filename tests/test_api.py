@@ -18,12 +18,12 @@ import pytest
 import pytest_asyncio
 from fastapi.routing import APIRoute
 
-from streamengine.api import HEALTH_TIMEOUT_S, create_app, openapi_document
-from streamengine.config import Settings
-from streamengine.embedded import acreate_database, adrop_database
+from streamengine.api.app import HEALTH_TIMEOUT_S, create_app, openapi_document
+from streamengine.config.settings import Settings
 from streamengine.engine import run_engine
 from streamengine.errors import ConfigError
-from streamengine.store import jobs as job_store
+from streamengine.local.embedded import acreate_database, adrop_database
+from streamengine.store import job_queue
 from streamengine.store.db import Database
 from tests.engine_tools import add_adapter, add_samples, engine_running, eventually, metric, module_settings
 from tests.kafka_tools import read_all
@@ -173,7 +173,7 @@ async def test_manual_train_and_the_status_of_each_job_state(api: Api) -> None:
         first["window_id"],
     )
 
-    claimed = await job_store.claim(db, "worker-a", 60, 3)
+    claimed = await job_queue.claim(db, "worker-a", 60, 3)
     assert claimed is not None and claimed.id == first["job_id"]
     progress = {
         "phase": "training",
@@ -185,16 +185,16 @@ async def test_manual_train_and_the_status_of_each_job_state(api: Api) -> None:
         "eta_s": 42.0,
         "penalty": 0.01,
     }
-    assert await job_store.heartbeat(db, claimed.id, "worker-a", 60, progress)
+    assert await job_queue.heartbeat(db, claimed.id, "worker-a", 60, progress)
     job = (await api.http.get("/training/status")).json()["jobs"][0]
     assert job["state"] == "running" and job["attempts"] == 1 and job["progress"] == progress
 
-    await job_store.finish_unreleased(db, claimed.id, "worker-a", "failed", "out of memory at step 3/12")
+    await job_queue.finish_unreleased(db, claimed.id, "worker-a", "failed", "out of memory at step 3/12")
     await add_samples(db, 2000, 2)
     second = (await api.http.post("/train", json={"min_samples": 2})).json()
-    claimed = await job_store.claim(db, "worker-a", 60, 3)
+    claimed = await job_queue.claim(db, "worker-a", 60, 3)
     assert claimed is not None and claimed.id == second["job_id"]
-    await job_store.finish_unreleased(db, claimed.id, "worker-a", "rejected", "forgetting 0.3 over bound 0.1")
+    await job_queue.finish_unreleased(db, claimed.id, "worker-a", "rejected", "forgetting 0.3 over bound 0.1")
     status = (await api.http.get("/training/status", params={"limit": 2})).json()
     assert [(j["id"], j["state"], j["error"]) for j in status["jobs"]] == [
         (second["job_id"], "rejected", "forgetting 0.3 over bound 0.1"),

@@ -13,9 +13,9 @@ gguf = pytest.importorskip("gguf")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from streamengine.config import LoraSettings  # noqa: E402
+from streamengine.config.settings import LoraSettings  # noqa: E402
 from streamengine.errors import TrainingError  # noqa: E402
-from streamengine.tinymodel import CHAT_TEMPLATE, build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import CHAT_TEMPLATE, build_tiny_model  # noqa: E402
 from streamengine.training.data import render_prompt  # noqa: E402
 from streamengine.training.model import load_for_training, source_args  # noqa: E402
 from streamengine.training.recipe import train  # noqa: E402

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "streamengine"
-PROGRAM = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "streamengine.cli"]
+PROGRAM = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "streamengine.cli.main"]
 
 COMMANDS = [
     "run",
@@ -229,7 +229,7 @@ class Engine:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(services, tmp_path_factory) -> AsyncIterator[Engine]:  # type: ignore[no-untyped-def]
-    from streamengine.embedded import acreate_database, adrop_database
+    from streamengine.local.embedded import acreate_database, adrop_database
     from streamengine.store.db import Database
     from tests import process_tools
     from tests.engine_tools import engine_running, module_settings
@@ -253,7 +253,7 @@ async def cli_run(engine: Engine, *args: str, **env: str) -> Any:
     """The CLI in this process (a thread, so the engine in this loop keeps answering), as a script would run it."""
     from click.testing import CliRunner
 
-    from streamengine.cli import cli
+    from streamengine.cli.main import cli
 
     runner = CliRunner()
     return await asyncio.to_thread(
@@ -335,7 +335,7 @@ async def test_exit_codes_for_auth_validation_and_a_dead_dependency(engine: Engi
 
 
 async def test_settings_lists_every_setting_with_secrets_masked(engine: Engine) -> None:
-    from streamengine.settings_ref import describe, doc_block, markdown
+    from streamengine.config.reference import describe, doc_block, markdown
 
     shown = await cli_run(engine, "settings", "--json")
     assert shown.exit_code == 0, shown.output

@@ -19,7 +19,7 @@ import yaml
 
 import streamengine.metrics
 import streamengine.serving.subscriber  # registers the subscriber metrics
-from streamengine.settings_ref import describe
+from streamengine.config.reference import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

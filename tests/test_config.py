@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streamengine.config import CONFIG_ENV, ENV_PREFIX, Settings, env_name, load_settings
+from streamengine.config.settings import CONFIG_ENV, ENV_PREFIX, Settings, env_name, load_settings
 from streamengine.errors import ConfigError
 
 

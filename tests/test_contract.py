@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streamengine import contract
+from streamengine.contract import generate as contract
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = contract.generated_files()

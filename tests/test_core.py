@@ -11,13 +11,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from streamengine.contract.events import AdapterReleased, FeedbackEvent, LoraSpec, WindowSpec
 from streamengine.core.manifest import canonical_bytes, is_safe_artifact, sha256_bytes, sign, signature_valid
 from streamengine.core.release import build_release, manifest_of, republish
 from streamengine.core.samples import Sample, SamplePolicy, to_sample
 from streamengine.core.versions import FIRST, Version, next_version
 from streamengine.core.windows import Schedule, WindowPolicy, cut_points
 from streamengine.errors import ConfigError
-from streamengine.events import AdapterReleased, FeedbackEvent, LoraSpec, WindowSpec
 
 POLICY = SamplePolicy(kind_weights={"thumbs_up": 1.0, "rating": 1.0, "correction": 2.0, "thumbs_down": 1.0})
 

@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, load_fisher  # noqa: E402
 from streamengine.training.launch import RECIPE_MODULE, training_command  # noqa: E402
 from tests.training_tools import make_spec, run_command, write_samples, write_spec  # noqa: E402

@@ -15,9 +15,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streamengine.config import Settings
-from streamengine.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database, free_port
+from streamengine.config.settings import Settings
 from streamengine.errors import ServiceUnavailable
+from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database, free_port
 
 pytestmark = pytest.mark.integration
 

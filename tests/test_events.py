@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamengine.contract.events import ChatMessage, FeedbackEvent, FeedbackKind, decode_feedback
 from streamengine.errors import EventRejected
-from streamengine.events import ChatMessage, FeedbackEvent, FeedbackKind, decode_feedback
 
 LIMIT = 1_048_576
 VALID: dict[str, Any] = {"event_id": "e-1", "model": "m", "prompt": "2+2?", "response": "4", "kind": "thumbs_up"}

@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from streamengine.errors import TrainingError  # noqa: E402
-from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.ewc import EwcPenalty  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, FisherState, load_fisher, save_fisher  # noqa: E402
 from streamengine.training.launch import training_command  # noqa: E402

@@ -13,9 +13,9 @@ pytest.importorskip("peft")
 
 from safetensors import safe_open  # noqa: E402
 
-from streamengine.config import LoraSettings  # noqa: E402
+from streamengine.config.settings import LoraSettings  # noqa: E402
 from streamengine.errors import TrainingError  # noqa: E402
-from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.data import Example, collate, encode, pad_id  # noqa: E402
 from streamengine.training.fisher import (  # noqa: E402
     FISHER_FILE,

@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 
 from streamengine.errors import NotFound
 from streamengine.jobs.worker import Worker
-from streamengine.store import jobs as job_store
-from streamengine.store import registry
+from streamengine.store import job_queue, registry
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from tests.test_worker import _settings, fill_window
@@ -29,8 +28,8 @@ async def test_fisher_of_a_released_version_is_recomputed_and_used(make_settings
         assert released.fisher_file == "fisher.safetensors"
 
         with pytest.raises(NotFound):
-            await job_store.enqueue_fisher(db, "tiny-llama", "v9.9")
-        job_id = await job_store.enqueue_fisher(db, "tiny-llama", "v1.0")
+            await job_queue.enqueue_fisher(db, "tiny-llama", "v9.9")
+        job_id = await job_queue.enqueue_fisher(db, "tiny-llama", "v1.0")
         job = await worker.run_once()
         assert job is not None and job.id == job_id and job.kind == "fisher"
         assert await db.fetchval("SELECT state FROM jobs WHERE id = $1", job_id) == "done"

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from bench.fuzz_decoder import ACCEPTED, Case, Corpus
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.jobs import dataset
 from streamengine.store.db import Database
 from streamengine.stream.ingest import DLQ_PREVIEW_BYTES

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from minio import Minio
 
+from streamengine.contract.events import FeedbackEvent
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
-from streamengine.events import FeedbackEvent
 from streamengine.jobs.worker import Worker
 from streamengine.store import registry, windows
 from streamengine.store.db import Database

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_decoder import ACCEPTED, EITHER, Corpus, check, classifier, hostile_classes, main
-from streamengine.config import Settings, load_settings
+from streamengine.config.settings import Settings, load_settings
+from streamengine.contract.events import FeedbackEvent, decode_feedback
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.errors import EventRejected
-from streamengine.events import FeedbackEvent, decode_feedback
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.stream.ingest import RawRecord

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.store.db import Database
 from streamengine.stream.app import build_app
 from streamengine.stream.ingest import IngestPipeline

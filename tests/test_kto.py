@@ -15,7 +15,7 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from streamengine.errors import TrainingError  # noqa: E402
-from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.data import Example, encode, pad_id  # noqa: E402
 from streamengine.training.kto import kl_partners, kto_losses, mismatched_examples, sequence_logps  # noqa: E402
 from streamengine.training.recipe import train  # noqa: E402

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from streamengine.config import StorageSettings
-from streamengine.embedded import free_port
+from streamengine.config.settings import StorageSettings
 from streamengine.errors import ConfigError, Conflict, IntegrityError, NotFound, ServiceUnavailable
+from streamengine.local.embedded import free_port
 from streamengine.store.objects import MIN_PART_SIZE, ObjectStore, parse_uri
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_subscriber_imports_without_engine_or_training_stack() -> None:
     code = (
-        "import sys; import streamengine.serving.subscriber, streamengine.serving.swappers, streamengine.cli;"
+        "import sys; import streamengine.serving.subscriber, streamengine.serving.swappers, streamengine.cli.main;"
         "names = ('faust', 'asyncpg', 'torch', 'transformers', 'peft', 'fastapi');"
         "heavy = sorted(m for m in names if m in sys.modules);"
         "print(','.join(heavy))"
@@ -28,5 +28,5 @@ def test_extras_split_serving_engine_and_training() -> None:
     extras = project["optional-dependencies"]
     assert any(d.startswith("peft") for d in extras["serve"]) and not any("faust" in d for d in extras["serve"])
     assert any(d.startswith("faust-streaming") for d in extras["engine"])
-    assert project["scripts"]["streamengine"] == "streamengine.cli:main"
+    assert project["scripts"]["streamengine"] == "streamengine.cli.main:main"
     assert project["license"]["text"] == "Apache-2.0"

@@ -17,10 +17,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import FeedbackEvent
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
-from streamengine.events import FeedbackEvent
 from streamengine.store import privacy, windows
 from streamengine.store.db import Database
 from tests.engine_tools import add_adapter, eventually, metric
@@ -42,7 +42,7 @@ class Engine:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(services, tmp_path_factory) -> AsyncIterator[Engine]:  # type: ignore[no-untyped-def]
-    from streamengine.embedded import acreate_database, adrop_database
+    from streamengine.local.embedded import acreate_database, adrop_database
     from tests import process_tools
     from tests.engine_tools import engine_running, module_settings
 
@@ -183,7 +183,7 @@ async def test_retention_deletes_old_samples_except_windows_a_job_needs(engine: 
 
 
 async def test_retention_batches_are_bounded_and_a_second_replica_waits(pg_dsn: str) -> None:
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
     try:
@@ -252,7 +252,7 @@ async def test_forget_deletes_a_users_samples_and_reports_the_versions_trained_o
     assert (await engine.http.post("/users/forget", json={"user_id": ""})).status_code == 422
     assert (await engine.http.post("/users/forget", json={"user": user})).status_code == 422
 
-    with caplog.at_level(logging.INFO, logger="streamengine.api"):
+    with caplog.at_level(logging.INFO, logger="streamengine.api.app"):
         response = await engine.http.post("/users/forget", json={"user_id": user})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -282,7 +282,7 @@ async def cli(engine: Engine, *args: str, **extra: str) -> Any:
     """The CLI in a thread (the engine in this loop keeps answering), as a script would run it."""
     from click.testing import CliRunner
 
-    from streamengine.cli import cli as program
+    from streamengine.cli.main import cli as program
 
     env = {"STREAMENGINE_CONFIG": str(engine.config), "COLUMNS": "200", **extra}
     return await asyncio.to_thread(CliRunner().invoke, program, list(args), env=env)

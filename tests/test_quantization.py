@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
-from streamengine.config import LoraSettings  # noqa: E402
+from streamengine.config.settings import LoraSettings  # noqa: E402
 from streamengine.errors import TrainingError  # noqa: E402
-from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, load_fisher, supports_vmap  # noqa: E402
 from streamengine.training.model import load_for_training  # noqa: E402
 from streamengine.training.quant import check_quantized_gradients, layer_errors, quantized_layers  # noqa: E402

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from streamengine import metrics
-from streamengine.config import PrivacySettings, load_settings
+from streamengine.config.settings import PrivacySettings, load_settings
+from streamengine.contract.events import FeedbackEvent
 from streamengine.core.redact import Redactor, luhn
 from streamengine.engine import connect
 from streamengine.errors import ConfigError, EventRejected
-from streamengine.events import FeedbackEvent
 from streamengine.stream.ingest import IngestPipeline, RawRecord
 from streamengine.stream.redaction import build_redactor, load_function
 

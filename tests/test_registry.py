@@ -18,18 +18,17 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract import cloudevents
+from streamengine.contract.events import RELEASED_TYPE, LoraSpec
 from streamengine.core.manifest import sha256_bytes, signature_valid
 from streamengine.core.release import build_release, manifest_of
 from streamengine.core.versions import Version, base_changed, next_version
 from streamengine.errors import ConfigError, Conflict, NotFound
-from streamengine.events import RELEASED_TYPE, LoraSpec
 from streamengine.serving import CallbackSwapper, Subscriber
-from streamengine.store import jobs as job_store
-from streamengine.store import registry
+from streamengine.store import job_queue, registry
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from streamengine.stream import cloudevents
 from streamengine.stream.outbox import relay_once
 from streamengine.stream.producer import start_producer
 from tests.kafka_tools import read_all
@@ -56,22 +55,22 @@ class Line:
     store: ObjectStore
     tmp: Path
 
-    async def job(self, reason: str = "threshold", major: bool = False) -> job_store.Job:
+    async def job(self, reason: str = "threshold", major: bool = False) -> job_queue.Job:
         await self.db.execute("INSERT INTO model_lines (model) VALUES ($1) ON CONFLICT DO NOTHING", MODEL)
         window = await self.db.fetchval("INSERT INTO windows (model, state) VALUES ($1, 'closed') RETURNING id", MODEL)
         job_id = await self.db.fetchval(
             "INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, $3) RETURNING id", MODEL, window, reason
         )
         if major:
-            await job_store.request_major(self.db, job_id)
-        job = await job_store.claim(self.db, "tester", 60, 3)
+            await job_queue.request_major(self.db, job_id)
+        job = await job_queue.claim(self.db, "tester", 60, 3)
         assert job is not None and job.id == job_id
         return job
 
     async def release(self, seed: int = 0, *, base: str = "tiny", major: bool = False, key: str | None = None) -> str:
         job = await self.job(major=major)
         new_base = await registry.base_model_changed(self.db, MODEL, base)
-        version = await job_store.reserve_version(self.db, job.id, "tester", major=new_base)
+        version = await job_queue.reserve_version(self.db, job.id, "tester", major=new_base)
         folder = _folder(self.tmp / f"{version}-{seed}", seed)
         files = {p.name: sha256_bytes(p.read_bytes()) for p in sorted(folder.iterdir())}
         event = build_release(
@@ -95,7 +94,7 @@ class Line:
         await self.store.aupload_folder(folder, MODEL, version, overwrite=not released)
         headers = cloudevents.headers(event.event_id, RELEASED_TYPE, event.created_at)
         topic = self.settings.kafka.released_topic
-        await job_store.release(self.db, job.id, "tester", manifest_of(event), event.model_dump(mode="json"), headers,
+        await job_queue.release(self.db, job.id, "tester", manifest_of(event), event.model_dump(mode="json"), headers,
                                 topic)  # fmt: skip
         return version
 
@@ -217,11 +216,11 @@ async def test_released_versions_are_immutable(line: Line, tmp_path: Path) -> No
     assert await registry.is_released(line.db, MODEL, "v1.0")
     # A job retrying its own reserved, unreleased version may replace its earlier upload.
     job = await line.job()
-    version = await job_store.reserve_version(line.db, job.id, "tester")
+    version = await job_queue.reserve_version(line.db, job.id, "tester")
     assert version == "v1.1" and not await registry.is_released(line.db, MODEL, version)
     await line.store.aupload_folder(other, MODEL, version)
     await line.store.aupload_folder(other, MODEL, version, overwrite=True)
-    assert await job_store.reserve_version(line.db, job.id, "tester") == "v1.1"  # kept across retries
+    assert await job_queue.reserve_version(line.db, job.id, "tester") == "v1.1"  # kept across retries
 
 
 async def test_delete_and_garbage_collection_keep_what_is_needed(line: Line) -> None:
@@ -255,12 +254,12 @@ async def test_delete_and_garbage_collection_keep_what_is_needed(line: Line) -> 
     assert store.list_all_versions(MODEL) == ["v1.1", "v1.4"]
     assert [a.version for a in await registry.list_adapters(db, MODEL)] == ["v1.4", "v1.1"]
     # Deleted numbers are never handed out again.
-    assert await job_store.reserve_version(db, running.id, "tester") == "v1.5"
+    assert await job_queue.reserve_version(db, running.id, "tester") == "v1.5"
 
 
 async def test_admin_api_delete_gc_and_train_major(line: Line) -> None:
-    from streamengine.api import create_app
-    from streamengine.engine import EngineContext
+    from streamengine.api.app import create_app
+    from streamengine.api.context import EngineContext
 
     for i in range(3):
         await line.release(i)
@@ -291,10 +290,10 @@ async def test_cli_adapters_commands_through_the_admin_api(line: Line) -> None:
     import uvicorn
     from click.testing import CliRunner
 
-    from streamengine.api import create_app
-    from streamengine.cli import cli
-    from streamengine.embedded import free_port
-    from streamengine.engine import EngineContext
+    from streamengine.api.app import create_app
+    from streamengine.api.context import EngineContext
+    from streamengine.cli.main import cli
+    from streamengine.local.embedded import free_port
     from tests.engine_tools import add_samples
 
     for i in range(4):

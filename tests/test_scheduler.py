@@ -33,7 +33,7 @@ def _value(metric: object, *labels: str) -> float:
 
 
 async def test_two_replicas_fire_one_tick_once(pg_dsn: str) -> None:
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     replicas = [await Database.connect(DatabaseSettings(url=pg_dsn)) for _ in range(2)]
     db = replicas[0]
@@ -78,7 +78,7 @@ async def test_two_scheduler_loops_on_one_database_fire_once(make_settings) -> N
 
 
 async def test_ticks_missed_while_down_fire_once_at_start(pg_dsn: str) -> None:
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
     try:
@@ -99,7 +99,7 @@ async def test_ticks_missed_while_down_fire_once_at_start(pg_dsn: str) -> None:
 
 async def test_a_new_model_line_waits_for_the_next_fire_time(pg_dsn: str) -> None:
     """last_tick_at starts at the line's creation: ticks before it existed are not 'missed'."""
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
     try:
@@ -119,7 +119,7 @@ async def test_a_new_model_line_waits_for_the_next_fire_time(pg_dsn: str) -> Non
 
 
 async def test_a_tick_with_too_few_samples_is_consumed_and_the_window_stays_open(pg_dsn: str) -> None:
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
     skipped_before = _value(metrics.TICKS, MODEL, "skipped")
@@ -140,7 +140,7 @@ async def test_a_tick_with_too_few_samples_is_consumed_and_the_window_stays_open
 
 
 async def test_the_schedule_follows_the_configured_time_zone(pg_dsn: str) -> None:
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     new_york = Schedule("0 2 * * 1", "America/New_York")  # 02:00 EST = 07:00 UTC in January
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
@@ -156,7 +156,7 @@ async def test_the_schedule_follows_the_configured_time_zone(pg_dsn: str) -> Non
 
 
 async def test_manual_close_and_gauges_of_jobs_and_releases(pg_dsn: str) -> None:
-    from streamengine.config import DatabaseSettings
+    from streamengine.config.settings import DatabaseSettings
 
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
     try:

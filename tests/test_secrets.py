@@ -40,7 +40,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from streamengine.embedded import SeaweedS3, free_port
+from streamengine.local.embedded import SeaweedS3, free_port
 from tests import process_tools
 from tests.kafka_tools import feedback, produce, read_all, wait_for
 
@@ -126,8 +126,8 @@ def test_the_search_finds_every_secret_in_every_form() -> None:
     ],
 )  # fmt: skip
 def test_a_dsn_is_shown_without_its_passwords(dsn: str, shown: str, where: str) -> None:
+    from streamengine.config.reference import mask
     from streamengine.core.masking import dsn_passwords, mask_dsn, redact, target
-    from streamengine.settings_ref import mask
 
     assert mask(dsn) == mask_dsn(dsn) == shown
     assert target(dsn) == where
@@ -146,7 +146,7 @@ def test_a_dsn_is_shown_without_its_passwords(dsn: str, shown: str, where: str) 
     ],
 )
 def test_a_dsn_that_would_spill_its_password_is_refused_without_quoting_it(dsn: str) -> None:
-    from streamengine.config import load_settings
+    from streamengine.config.settings import load_settings
     from streamengine.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"database\.url \(STREAMENGINE_DATABASE__URL\)") as info:

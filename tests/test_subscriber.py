@@ -16,10 +16,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import AdapterReleased, LoraSpec
 from streamengine.core.release import build_release
 from streamengine.errors import ServiceUnavailable
-from streamengine.events import AdapterReleased, LoraSpec
 from streamengine.serving import CallbackSwapper, PeftSwapper, Subscriber, adapter_name
 from streamengine.store.objects import ObjectStore
 
@@ -317,7 +317,7 @@ async def test_failed_load_keeps_current_adapter(tiny_model: Path, adapters: lis
 
 
 async def test_unreachable_kafka_is_service_unavailable(make_settings, model_name: str) -> None:
-    from streamengine.embedded import free_port
+    from streamengine.local.embedded import free_port
 
     settings = make_settings(kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
     sub = Subscriber(settings, CallbackSwapper(lambda *_: None), model_name)

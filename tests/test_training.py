@@ -14,9 +14,9 @@ pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from streamengine.config import LoraSettings  # noqa: E402
+from streamengine.config.settings import LoraSettings  # noqa: E402
 from streamengine.errors import TrainingError  # noqa: E402
-from streamengine.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.data import (  # noqa: E402
     IGNORE_INDEX,
     Example,

@@ -22,8 +22,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamengine.embedded import free_port
 from streamengine.errors import ServiceUnavailable
+from streamengine.local.embedded import free_port
 from streamengine.serving import HttpSwapper, Subscriber, lora_name
 from streamengine.serving.http import AdapterRejected
 from tests.test_subscriber import Fleet
@@ -251,7 +251,7 @@ async def test_subscriber_drives_vllm_end_to_end(make_settings, tmp_path: Path, 
 
 
 def test_build_swapper_from_settings(tmp_path: Path) -> None:
-    from streamengine.config import load_settings
+    from streamengine.config.settings import load_settings
     from streamengine.errors import ConfigError
     from streamengine.serving import CallbackSwapper, PeftSwapper
     from streamengine.serving.run import build_swapper

@@ -8,13 +8,12 @@ import json
 import pytest
 from minio import Minio
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import FeedbackEvent
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
-from streamengine.events import FeedbackEvent
 from streamengine.jobs.worker import Worker
-from streamengine.store import jobs as job_store
-from streamengine.store import registry, windows
+from streamengine.store import job_queue, registry, windows
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from tests import process_tools
@@ -125,8 +124,8 @@ async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings
         assert await db.fetchval("SELECT state FROM jobs WHERE id = 1") == "released"
         assert await db.fetchval("SELECT count(*) FROM outbox") == 1
         # the dead worker's lease is gone: it could not release a second version
-        with pytest.raises(job_store.Conflict):
-            await job_store.reserve_version(db, 1, state["lease_owner"])
+        with pytest.raises(job_queue.Conflict):
+            await job_queue.reserve_version(db, 1, state["lease_owner"])
     finally:
         await db.close()
 

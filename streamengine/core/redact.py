@@ -24,8 +24,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from streamengine.contract.events import ChatMessage, FeedbackEvent
 from streamengine.errors import EventRejected
-from streamengine.events import ChatMessage, FeedbackEvent
 
 EMAIL, PHONE, CARD = "email", "phone", "card"
 BUILTIN_KINDS = (EMAIL, PHONE, CARD)

@@ -6,8 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from streamengine.contract.events import AdapterReleased, LoraSpec, ReleaseReason, WindowSpec
 from streamengine.core.manifest import sign
-from streamengine.events import AdapterReleased, LoraSpec, ReleaseReason, WindowSpec
 
 
 def build_release(

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from streamengine.contract.events import FeedbackEvent, FeedbackKind
 from streamengine.errors import EventRejected
-from streamengine.events import FeedbackEvent, FeedbackKind
 
 Overlength = Literal["reject", "truncate"]
 

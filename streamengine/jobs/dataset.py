@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from streamengine import metrics
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.core.samples import Sample, is_holdout, split_holdout, user_share_factors
 from streamengine.errors import ConfigError, TrainingError
 from streamengine.store import samples as sample_store

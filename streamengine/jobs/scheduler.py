@@ -20,7 +20,7 @@ import logging
 from datetime import datetime
 
 from streamengine import metrics
-from streamengine.config import PrivacySettings, Settings
+from streamengine.config.settings import PrivacySettings, Settings
 from streamengine.core.windows import Schedule
 from streamengine.store import privacy, windows
 from streamengine.store.db import Database

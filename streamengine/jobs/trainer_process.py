@@ -1,7 +1,7 @@
 """Runs the training recipe in a child process and streams its progress.
 
 A crash, OOM kill or hang in training ends the child, never the worker; the child dies with the worker
-(:mod:`streamengine.jobs.child`). What ended a child is said in the error the job records: the child's
+(:mod:`streamengine.training.child`). What ended a child is said in the error the job records: the child's
 own message (diverged, bad input), "out of memory" (an allocation failed, e.g. above
 ``worker.trainer_memory_limit_mb``), "killed by signal 9 (SIGKILL...)" (e.g. the kernel's OOM killer), or
 its exit code with the last line it logged.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streamengine.errors import TrainingError
-from streamengine.jobs import child as child_process
+from streamengine.training import child as child_process
 
 log = logging.getLogger(__name__)
 

@@ -22,20 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from streamengine import metrics
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract import cloudevents
+from streamengine.contract.events import RELEASED_TYPE, AdapterReleased, LoraSpec
 from streamengine.core.gate import GateDecision, GatePolicy, decide
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
-from streamengine.events import RELEASED_TYPE, AdapterReleased, LoraSpec
 from streamengine.jobs import dataset
 from streamengine.jobs.trainer_process import TrainingCrashed, run_training
-from streamengine.store import jobs as job_store
-from streamengine.store import registry, windows
+from streamengine.store import job_queue, registry, windows
 from streamengine.store.db import Database
-from streamengine.store.jobs import FISHER_FILE
+from streamengine.store.job_queue import FISHER_FILE
 from streamengine.store.objects import ObjectStore
-from streamengine.stream import cloudevents
 from streamengine.training.launch import training_command
 
 log = logging.getLogger(__name__)
@@ -89,10 +88,10 @@ class Worker:
         finally:
             stopping.cancel()
 
-    async def run_once(self) -> job_store.Job | None:
+    async def run_once(self) -> job_queue.Job | None:
         """Claim one job and take it to its end state; None when the queue is empty."""
         worker = self.settings.worker
-        job = await job_store.claim(self.db, self.owner, worker.lease_s, worker.max_attempts)
+        job = await job_queue.claim(self.db, self.owner, worker.lease_s, worker.max_attempts)
         if job is None:
             self.outages = 0  # PostgreSQL answers and nothing waits
             return None
@@ -121,22 +120,22 @@ class Worker:
             state = await self._finish(job, "failed", str(exc), retry=True)
             log.error("job %d: %s; job is now %s", job.id, exc, state)
         except asyncio.CancelledError:
-            await asyncio.shield(job_store.give_back(self.db, job.id, self.owner))
+            await asyncio.shield(job_queue.give_back(self.db, job.id, self.owner))
             log.warning("job %d given back to the queue: the worker is stopping", job.id)
             raise
         return job
 
-    async def _finish(self, job: job_store.Job, state: str, error: str, retry: bool, limited: bool = True) -> str:
+    async def _finish(self, job: job_queue.Job, state: str, error: str, retry: bool, limited: bool = True) -> str:
         metrics.JOB_FAILURES.labels(job.model).inc()
         limit = self.settings.worker.max_attempts if limited else None
         try:
-            return await job_store.finish_unreleased(
+            return await job_queue.finish_unreleased(
                 self.db, job.id, self.owner, state, error, retry=retry, max_attempts=limit
             )
         except Conflict:
             return "taken over"
 
-    async def _process(self, job: job_store.Job) -> None:
+    async def _process(self, job: job_queue.Job) -> None:
         folder = self.work_dir / f"job-{job.id}"
         await asyncio.to_thread(_fresh_dir, folder)
         objective = self.settings.training.objective
@@ -177,14 +176,14 @@ class Worker:
         if decision.forgetting is not None:
             metrics.FORGETTING.labels(job.model).set(decision.forgetting)
         if not decision.release:
-            await job_store.finish_unreleased(self.db, job.id, self.owner, "rejected", decision.reason, numbers)
+            await job_queue.finish_unreleased(self.db, job.id, self.owner, "rejected", decision.reason, numbers)
             metrics.REJECTIONS.labels(job.model).inc()
             log.warning("job %d rejected, nothing released: %s", job.id, decision.reason)
             await asyncio.to_thread(shutil.rmtree, folder, True)
             return
-        version = await job_store.reserve_version(self.db, job.id, self.owner, major=new_base)
+        version = await job_queue.reserve_version(self.db, job.id, self.owner, major=new_base)
         event = await self._upload(job, version, output, numbers)
-        await job_store.release(
+        await job_queue.release(
             self.db,
             job.id,
             self.owner,
@@ -210,7 +209,7 @@ class Worker:
         fisher_dir = await self.store.adownload_uri(adapter.uri, folder / "parent-fisher", fisher)
         return parent, fisher_dir / adapter.fisher_file
 
-    async def _process_fisher(self, job: job_store.Job) -> None:
+    async def _process_fisher(self, job: job_queue.Job) -> None:
         """Compute the Fisher of a released version on its window and add it to the version's folder."""
         assert job.target_version is not None
         folder = self.work_dir / f"job-{job.id}"
@@ -237,13 +236,13 @@ class Worker:
         argv = [sys.executable, "-m", "streamengine.training.fisher_job", str(args_path)]
         result = await self._run_child(job, argv, folder / "fisher.log")
         sha = await self.store.aadd_file(result["path"], job.model, adapter.version)
-        await job_store.finish_fisher(self.db, job.id, self.owner, job.model, adapter.version, name, sha)
+        await job_queue.finish_fisher(self.db, job.id, self.owner, job.model, adapter.version, name, sha)
         log.info(
             "job %d: Fisher of %s %s stored as %s (%.1fs)", job.id, job.model, adapter.version, name, result["seconds"]
         )
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    async def _run_child(self, job: job_store.Job, argv: list[str], log_path: Path) -> dict[str, Any]:
+    async def _run_child(self, job: job_queue.Job, argv: list[str], log_path: Path) -> dict[str, Any]:
         """Run a training child process while heartbeats keep the lease (and carry its progress)."""
         progress: dict[str, Any] = {"phase": "training"}
         lease_lost = asyncio.Event()
@@ -267,7 +266,7 @@ class Worker:
         async def beat() -> None:
             while True:
                 await asyncio.sleep(self.settings.worker.heartbeat_s)
-                if not await job_store.heartbeat(self.db, job.id, self.owner, self.settings.worker.lease_s, progress):
+                if not await job_queue.heartbeat(self.db, job.id, self.owner, self.settings.worker.lease_s, progress):
                     lease_lost.set()
                     return
 
@@ -286,7 +285,7 @@ class Worker:
             heart.cancel()
 
     async def _upload(
-        self, job: job_store.Job, version: str, output: Path, numbers: dict[str, float | None]
+        self, job: job_queue.Job, version: str, output: Path, numbers: dict[str, float | None]
     ) -> AdapterReleased:
         window = await windows.get_window(self.db, job.window_id)
         files = await asyncio.to_thread(_hash_files, output)
@@ -316,7 +315,7 @@ class Worker:
         await self.store.aupload_folder(output, job.model, version, overwrite=not released)
         metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
         metrics.UPLOAD_BYTES.inc(event.size_bytes)
-        if not await job_store.heartbeat(
+        if not await job_queue.heartbeat(
             self.db, job.id, self.owner, self.settings.worker.lease_s, {"phase": "releasing"}
         ):
             raise LeaseLost(f"job {job.id}: lease lost during upload; abandoned")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.errors import ConfigError
 from streamengine.serving.http import HttpSwapper
 from streamengine.serving.subscriber import Subscriber

@@ -34,11 +34,11 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import AdapterReleased
 from streamengine.core.manifest import serving_files, signature_valid
 from streamengine.core.versions import Version
 from streamengine.errors import ConfigError, IntegrityError, ServiceUnavailable
-from streamengine.events import AdapterReleased
 from streamengine.serving import follow
 from streamengine.serving.metrics import CURRENT, IGNORED, RETRIES, STAGE_SECONDS, SWAP_FAILURES, SWAP_SECONDS, SWAPS
 from streamengine.serving.swappers import Swapper

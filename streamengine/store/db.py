@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from streamengine.config import DatabaseSettings
+from streamengine.config.settings import DatabaseSettings
 from streamengine.core.masking import dsn_passwords, redact, target
 from streamengine.errors import ConfigError, ServiceUnavailable
 

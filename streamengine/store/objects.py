@@ -31,7 +31,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from streamengine.config import StorageSettings
+from streamengine.config.settings import StorageSettings
 from streamengine.core.manifest import is_safe_artifact
 from streamengine.core.masking import redact
 from streamengine.core.versions import Version

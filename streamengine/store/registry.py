@@ -15,14 +15,14 @@ from typing import Any
 
 import asyncpg
 
+from streamengine.contract import cloudevents
+from streamengine.contract.events import RELEASED_TYPE, AdapterReleased, ReleaseReason
 from streamengine.core.release import republish
 from streamengine.core.versions import Version, base_changed
 from streamengine.errors import Conflict, NotFound
-from streamengine.events import RELEASED_TYPE, AdapterReleased, ReleaseReason
 from streamengine.store.db import Database
-from streamengine.store.jobs import enqueue, move_production
+from streamengine.store.job_queue import enqueue, move_production
 from streamengine.store.objects import ObjectStore
-from streamengine.stream import cloudevents
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from streamengine.contract.events import WindowSpec
 from streamengine.core.samples import Sample
 from streamengine.core.windows import Schedule, WindowPolicy, cut_points
 from streamengine.errors import NotFound, StreamEngineError
-from streamengine.events import WindowSpec
 from streamengine.store.db import Database
 
 SampleAt = tuple[Sample, int | None, int | None]

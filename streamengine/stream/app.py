@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.stream.ingest import Classified, IngestPipeline, Record
 
 log = logging.getLogger(__name__)

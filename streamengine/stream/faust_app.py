@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.stream.ingest import IngestPipeline, RawRecord
 
 

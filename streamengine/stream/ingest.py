@@ -20,11 +20,11 @@ from typing import Protocol, TypeVar
 from aiokafka.errors import MessageSizeTooLargeError
 
 from streamengine import metrics
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import decode_feedback
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.errors import EventRejected, StreamEngineError, is_transient
-from streamengine.events import decode_feedback
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.store.windows import SampleAt

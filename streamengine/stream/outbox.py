@@ -13,8 +13,8 @@ import json
 import logging
 
 from streamengine import metrics
+from streamengine.contract.cloudevents import as_kafka
 from streamengine.store.db import Database
-from streamengine.stream.cloudevents import as_kafka
 from streamengine.stream.ingest import RecordSender
 
 log = logging.getLogger(__name__)

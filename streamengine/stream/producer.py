@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from streamengine.config import KafkaSettings
+from streamengine.config.settings import KafkaSettings
 from streamengine.errors import ServiceUnavailable
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from streamengine.config import PrivacySettings
+from streamengine.config.settings import PrivacySettings
 from streamengine.core.redact import Redactor
 from streamengine.errors import ConfigError
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from streamengine.jobs.child import die_with_parent
+from streamengine.training.child import die_with_parent
 from streamengine.training.model import select_device
 
 

@@ -283,7 +283,7 @@ def compute_fisher_file(
     (the parent version's file) with ``gamma``, and the adapter's parameters as the anchor. Returns
     ``out_path``. Raises :class:`TrainingError` for every input problem.
     """
-    from streamengine.config import LoraSettings
+    from streamengine.config.settings import LoraSettings
     from streamengine.training.data import encode, pad_id, read_samples
     from streamengine.training.model import load_for_training
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from streamengine.config import TrainingSettings
+from streamengine.config.settings import TrainingSettings
 from streamengine.training.data import Encoded, Example, collate
 from streamengine.training.losses import Reduce, batches, completion_logps, forward_logits
 

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from streamengine.config import LoraSettings
+from streamengine.config.settings import LoraSettings
 from streamengine.errors import TrainingError
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from streamengine.config import EwcSettings, LoraSettings, TrainingSettings
+from streamengine.config.settings import EwcSettings, LoraSettings, TrainingSettings
 from streamengine.errors import TrainingError
 
 Objective = Literal["sft", "kto"]

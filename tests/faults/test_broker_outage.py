@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-from streamengine.embedded import Tansu
 from streamengine.engine import run_engine
+from streamengine.local.embedded import Tansu
 from streamengine.store.db import Database
 from tests.kafka_tools import feedback, produce, wait_for
 

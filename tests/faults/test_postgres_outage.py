@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamengine.embedded import Postgres, create_database
 from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
+from streamengine.local.embedded import Postgres, create_database
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from tests.kafka_tools import feedback, produce, wait_for

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from streamengine.embedded import SeaweedS3
+from streamengine.contract.events import AdapterReleased
 from streamengine.engine import run_engine
-from streamengine.events import AdapterReleased
+from streamengine.local.embedded import SeaweedS3
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from tests import process_tools

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import AdapterReleased, FeedbackEvent
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.errors import TrainingError
-from streamengine.events import AdapterReleased, FeedbackEvent
 from streamengine.jobs.trainer_process import TrainingCrashed, run_training
 from streamengine.jobs.worker import Worker
 from streamengine.store import windows

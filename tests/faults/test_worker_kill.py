@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract.events import AdapterReleased
 from streamengine.errors import StreamEngineError
-from streamengine.events import AdapterReleased
 from streamengine.serving import follow
 from streamengine.store.db import Database
 from streamengine.store.objects import MANIFEST, ObjectStore

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.errors import ConfigError, Conflict, NotFound, ServiceUnavailable, StreamEngineError
 
 

@@ -1,5 +1,5 @@
 """The CLI's read commands against the admin API and its reference output: status, metrics, health,
-settings, openapi; and `forget` (registered on the `streamengine` group by :mod:`streamengine.cli`)."""
+settings, openapi; and `forget` (registered on the `streamengine` group by :mod:`streamengine.cli.main`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from streamengine.cli_base import State, client, console, json_option, model_option, pass_state, print_json
+from streamengine.cli.base import State, client, console, json_option, model_option, pass_state, print_json
 from streamengine.errors import ServiceUnavailable
 
 
@@ -19,7 +19,7 @@ from streamengine.errors import ServiceUnavailable
 @pass_state
 def status(state: State, model: str | None, limit: int, as_json: bool) -> None:
     """Training status: open window, production version, next tick, recent jobs with progress or error."""
-    from streamengine.cli_output import jobs_table, status_header
+    from streamengine.cli.output import jobs_table, status_header
 
     data = client(state).get("/training/status", model=model, limit=limit)
     if as_json:
@@ -35,7 +35,7 @@ def status(state: State, model: str | None, limit: int, as_json: bool) -> None:
 @pass_state
 def metrics(state: State, as_json: bool, prefix: str) -> None:
     """Print the engine's Prometheus metrics (text format, or JSON)."""
-    from streamengine.cli_output import metric_samples
+    from streamengine.cli.output import metric_samples
 
     samples = metric_samples(client(state).request("GET", "/metrics").text, prefix)
     if as_json:
@@ -51,7 +51,7 @@ def metrics(state: State, as_json: bool, prefix: str) -> None:
 @pass_state
 def health(state: State, as_json: bool) -> None:
     """Check the engine and its Kafka, PostgreSQL and S3 (exit 3 when anything is down)."""
-    from streamengine.cli_output import health_table
+    from streamengine.cli.output import health_table
 
     data = client(state).request("GET", "/health", ok=(200, 503)).json()
     if as_json:
@@ -77,8 +77,8 @@ def health(state: State, as_json: bool) -> None:
 @pass_state
 def settings_command(state: State, as_json: bool, defaults: bool, markdown: bool, update_doc: str | None) -> None:
     """Every setting with its environment variable, current value and default (secrets masked)."""
-    from streamengine import settings_ref
-    from streamengine.cli_output import settings_table
+    from streamengine.cli.output import settings_table
+    from streamengine.config import reference as settings_ref
 
     rows = settings_ref.describe(None if defaults or markdown or update_doc else state.settings)
     if update_doc:
@@ -95,7 +95,7 @@ def settings_command(state: State, as_json: bool, defaults: bool, markdown: bool
 @click.command()
 def openapi() -> None:
     """Print the admin API's OpenAPI document (docs/openapi.json)."""
-    from streamengine.api import openapi_document
+    from streamengine.api.app import openapi_document
 
     click.echo(json.dumps(openapi_document(), indent=2, sort_keys=True))
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from streamengine.config import KafkaSettings
-from streamengine.events import FEEDBACK_TYPE, RELEASED_TYPE, json_schemas
-from streamengine.stream.topics import topic_specs
+from streamengine.config.settings import KafkaSettings
+from streamengine.contract.events import FEEDBACK_TYPE, RELEASED_TYPE, json_schemas
+from streamengine.contract.topics import topic_specs
 
 _CE_HEADERS = ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"]
 _DLQ_HEADERS = ["error.class", "error.message", "source.topic", "source.partition", "source.offset"]

@@ -26,17 +26,18 @@ from typing import Any
 
 import click
 
-from streamengine import cli_ops, logs
-from streamengine.cli_base import (
+from streamengine import logs
+from streamengine.cli import ops as cli_ops
+from streamengine.cli.base import (
     State,
     json_option,
     model_option,
     pass_state,
     run_until_signal,
 )
-from streamengine.cli_base import client as _client
-from streamengine.cli_base import console as console
-from streamengine.cli_base import print_json as _print_json
+from streamengine.cli.base import client as _client
+from streamengine.cli.base import console as console
+from streamengine.cli.base import print_json as _print_json
 from streamengine.errors import StreamEngineError
 
 
@@ -114,7 +115,7 @@ def worker(state: State, once: bool) -> None:
 @click.option("--exit-after", default=0, show_default=True, help="Stop after this many releases (0: run until Ctrl-C).")
 def up(home: str, events: int, window_samples: int, exit_after: int) -> None:
     """Run everything on embedded defaults: broker, PostgreSQL, S3, a tiny model, engine, worker, demo."""
-    from streamengine.up import run_up
+    from streamengine.local.up import run_up
 
     run_until_signal(lambda stop: run_up(Path(home).absolute(), events, window_samples, exit_after, stop))
 
@@ -153,7 +154,7 @@ def produce(state: State, file: str, topic: str | None, send_invalid: bool) -> N
 
     Invalid lines are reported with their line numbers and skipped (exit code 1) unless --send-invalid.
     """
-    from streamengine.produce import prepare, send
+    from streamengine.stream.produce import prepare, send
 
     settings = state.settings
     with click.open_file(file, "rb") as stream:
@@ -239,7 +240,7 @@ def adapters() -> None:
 @pass_state
 def adapters_list(state: State, model: str | None, as_json: bool) -> None:
     """List the versions of a model line, newest first."""
-    from streamengine.cli_output import adapters_table
+    from streamengine.cli.output import adapters_table
 
     rows = _client(state).get("/adapters", model=model)
     _print_json(rows) if as_json else console.print(adapters_table(rows))
@@ -252,7 +253,7 @@ def adapters_list(state: State, model: str | None, as_json: bool) -> None:
 @pass_state
 def adapters_info(state: State, version: str, model: str | None, as_json: bool) -> None:
     """Show one version (or alias: production, previous)."""
-    from streamengine.cli_output import adapters_table
+    from streamengine.cli.output import adapters_table
 
     data = _client(state).get(f"/adapters/{version}", model=model)
     if as_json:
@@ -340,7 +341,7 @@ cli.add_command(adapters_deploy, "deploy")
 @click.option("--root", type=click.Path(file_okay=False), default=".", show_default=True)
 def contract(mode: str, root: str) -> None:
     """Generate or check the contract files (JSON Schemas, topic definitions, AsyncAPI)."""
-    from streamengine import contract as contract_files
+    from streamengine.contract import generate as contract_files
 
     if mode == "write":
         changed = contract_files.write(Path(root))

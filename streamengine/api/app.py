@@ -30,7 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from streamengine import metrics
-from streamengine.api_models import (
+from streamengine.api.context import EngineContext
+from streamengine.api.models import (
     AdapterInfo,
     Check,
     ErrorBody,
@@ -48,9 +49,8 @@ from streamengine.api_models import (
     TrainRequest,
     TrainResponse,
 )
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
 from streamengine.core.masking import redact, settings_secrets
-from streamengine.engine import EngineContext
 from streamengine.errors import (
     ConfigError,
     Conflict,
@@ -59,8 +59,7 @@ from streamengine.errors import (
     ServiceUnavailable,
     StreamEngineError,
 )
-from streamengine.store import jobs as job_store
-from streamengine.store import privacy, registry, windows
+from streamengine.store import job_queue, privacy, registry, windows
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def create_app(ctx: EngineContext | None = None) -> FastAPI:
         if closed is None:
             raise Conflict(f"the open window of '{model}' holds fewer than {request.min_samples} trainable samples")
         if major:
-            await job_store.request_major(ctx.db, closed.job_id)
+            await job_queue.request_major(ctx.db, closed.job_id)
         metrics.WINDOWS_CLOSED.labels(model, "manual").inc()
         log.info("manual train: window %d of %s closed -> job %d", closed.window_id, model, closed.job_id)
         return TrainResponse(
@@ -229,7 +228,7 @@ def create_app(ctx: EngineContext | None = None) -> FastAPI:
         request = request or FisherRequest()
         model = model_of(ctx, request.model)
         version = (await registry.get_adapter(ctx.db, model, request.version)).version
-        job_id = await job_store.enqueue_fisher(ctx.db, model, version)
+        job_id = await job_queue.enqueue_fisher(ctx.db, model, version)
         log.info("Fisher of %s %s requested -> job %d", model, version, job_id)
         return FisherResponse(model=model, version=version, job_id=job_id)
 
@@ -246,7 +245,7 @@ def create_app(ctx: EngineContext | None = None) -> FastAPI:
         )
         last_tick = await ctx.db.fetchval("SELECT last_tick_at FROM model_lines WHERE model = $1", name)
         counts = await ctx.db.fetch("SELECT state, count(*) AS n FROM jobs WHERE model = $1 GROUP BY state", name)
-        jobs = await job_store.list_jobs(ctx.db, name, limit)
+        jobs = await job_queue.list_jobs(ctx.db, name, limit)
         return TrainingStatus(
             model=name,
             production=await registry.alias(ctx.db, name, "production"),

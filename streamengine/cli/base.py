@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from streamengine.config import Settings, load_settings
+from streamengine.config.settings import Settings, load_settings
 from streamengine.core.masking import redact, settings_secrets
 from streamengine.logs import HIDDEN
 
@@ -64,7 +64,7 @@ def print_json(data: Any) -> None:
 
 
 def client(state: State) -> Any:
-    """An :class:`~streamengine.client.AdminClient` of the engine named by the settings."""
-    from streamengine.client import AdminClient
+    """An :class:`~streamengine.api.client.AdminClient` of the engine named by the settings."""
+    from streamengine.api.client import AdminClient
 
     return AdminClient(state.settings)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from streamengine.config import Settings
+from streamengine.config.settings import Settings
+from streamengine.contract import cloudevents
+from streamengine.contract.events import FEEDBACK_TYPE, decode_feedback
 from streamengine.errors import EventRejected
-from streamengine.events import FEEDBACK_TYPE, decode_feedback
-from streamengine.stream import cloudevents
 from streamengine.stream.producer import start_producer
 
 KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]

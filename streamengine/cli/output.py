@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from streamengine.settings_ref import SettingInfo, mask
+from streamengine.config.reference import SettingInfo, mask
 
 
 def duration(seconds: Any) -> str:

@@ -14,17 +14,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from streamengine.config import Settings
-from streamengine.demo import feedback_events
-from streamengine.embedded import Postgres, SeaweedS3, Tansu, create_database, free_port
+from streamengine.config.settings import Settings
 from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
-from streamengine.produce import prepare, send
+from streamengine.local.demo import feedback_events
+from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, free_port
+from streamengine.local.tinymodel import build_tiny_model
 from streamengine.serving.subscriber import Subscriber
 from streamengine.serving.swappers import PeftSwapper
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from streamengine.tinymodel import build_tiny_model
+from streamengine.stream.produce import prepare, send
 
 MODEL = "tiny-llama"
 

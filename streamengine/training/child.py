@@ -1,4 +1,4 @@
-"""`python -m streamengine.jobs.child PARENT_PID MEMORY_MB -- COMMAND...`: how a worker starts a child process.
+"""`python -m streamengine.training.child PARENT_PID MEMORY_MB -- COMMAND...`: how a worker starts a child process.
 
 Two guards are set, then COMMAND replaces this process (``exec``: same pid, pipes and signals reach it):
 
@@ -18,7 +18,7 @@ import resource
 import signal
 import sys
 
-MODULE = "streamengine.jobs.child"
+MODULE = "streamengine.training.child"
 _PR_SET_PDEATHSIG = 1
 
 

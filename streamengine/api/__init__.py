@@ -1,0 +1,1 @@
+"""The admin HTTP API (routers by concern), its models and its client."""

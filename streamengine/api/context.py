@@ -1,0 +1,42 @@
+"""What the engine's admin API and background loops share: the connections and the running tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from streamengine.config.settings import Settings
+from streamengine.core.windows import Schedule
+from streamengine.store.db import Database
+from streamengine.store.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineContext:
+    """What the admin API and the background loops share."""
+
+    settings: Settings
+    db: Database
+    store: ObjectStore
+    producer: AIOKafkaProducer
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    schedule: Schedule | None = None
+    app: Any = None
+    """The ingest app (:class:`streamengine.stream.app.IngestApp`); None until it started."""
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    collectors: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    """Run before each /metrics scrape so gauges read from PostgreSQL and Kafka are current."""
+
+    async def collect(self, timeout_s: float = 2.0) -> None:
+        for collector in self.collectors:
+            try:
+                await asyncio.wait_for(collector(), timeout_s)
+            except Exception as exc:
+                log.debug("metrics collector failed: %s: %s", type(exc).__name__, exc)

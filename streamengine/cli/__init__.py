@@ -1,0 +1,1 @@
+"""The `streamengine` command."""

@@ -1,0 +1,1 @@
+"""Settings: pydantic-settings models (the only place that reads the environment) and their reference."""

@@ -1,0 +1,1 @@
+"""The public contract: event models, CloudEvents headers, topic definitions and the generated files."""
