@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
 
 from streamengine import metrics
 from streamengine.api.app import bind_api_socket, serve_api
@@ -21,7 +20,7 @@ from streamengine.errors import StreamEngineError
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from streamengine.stream.app import build_app
+from streamengine.stream.app import IngestConsumer, build_app
 from streamengine.stream.ingest import IngestPipeline
 from streamengine.stream.outbox import run_relay
 from streamengine.stream.producer import start_producer
@@ -45,25 +44,23 @@ class LagObserver:
     for it. Partitions that moved to another replica stop being reported here.
     """
 
-    def __init__(self, app: Any, topic: str) -> None:
+    def __init__(self, app: IngestConsumer, topic: str) -> None:
         self.app = app
         self.topic = topic
         self.reported: set[int] = set()
 
     async def observe(self) -> dict[int, int]:
-        consumer = self.app.consumer
+        app = self.app
         lags: dict[int, int] = {}
-        for tp in consumer.assignment():
+        for tp in app.assignment():
             if tp.topic != self.topic:
                 continue
-            highwater = consumer.highwater(tp)
+            highwater = app.highwater(tp)
             if highwater is None:  # nothing fetched yet
                 continue
-            # aiokafka consumer: committed_offsets; faust's consumer: _committed_offset
-            done = getattr(consumer, "committed_offsets", None) or getattr(consumer, "_committed_offset", {})
-            done = done.get(tp)
+            done = app.committed(tp)
             if done is None:
-                done = await consumer.position(tp)
+                done = await app.position(tp)
             lags[tp.partition] = max(0, int(highwater) - int(done or 0))
         for partition in self.reported - set(lags):
             with contextlib.suppress(KeyError):

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -14,6 +13,7 @@ from streamengine.config.settings import Settings
 from streamengine.core.windows import Schedule
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
+from streamengine.stream.app import IngestConsumer
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ class EngineContext:
     producer: AIOKafkaProducer
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     schedule: Schedule | None = None
-    app: Any = None
-    """The ingest app (:class:`streamengine.stream.app.IngestApp`); None until it started."""
+    app: IngestConsumer | None = None
+    """The ingest consumer; None until it started."""
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     collectors: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
     """Run before each /metrics scrape so gauges read from PostgreSQL and Kafka are current."""

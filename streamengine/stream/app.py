@@ -1,17 +1,16 @@
-"""The ingest consumer: a Kafka consumer group feeding :class:`IngestPipeline` in batches.
+"""The ingest consumers: a Kafka consumer group feeding :class:`IngestPipeline` in batches.
 
-A plain aiokafka consumer: up to ``kafka.batch_max_records`` records (waiting at most
+:class:`IngestApp` is a plain aiokafka consumer: up to ``kafka.batch_max_records`` records (waiting at most
 ``kafka.batch_max_wait_s`` after the first to fill a batch) are validated while the previous batch is
-being written, then stored; batches are stored strictly in order, one at a time. Offsets are committed
-(every ``kafka.commit_interval_s``, before partitions are given up, and on stop) only for batches the
-pipeline has stored (DLQ records acknowledged, samples committed), so the committed offset never passes
-a record whose side effects are not durable. A rebalance waits for the batch in flight to be stored and
-committed before the partitions are given up; a commit that still loses the race (the partition moved
-on) is harmless, as inserts are idempotent. State lives in PostgreSQL.
+being written, then stored; batches are stored strictly in order, one at a time. Which offsets are
+committed, and when, is the :class:`~streamengine.stream.checkpoint.Checkpoint`'s: only offsets after
+batches the pipeline has stored, so the committed offset never passes a record whose side effects are not
+durable. State lives in PostgreSQL.
 
 This is the default (``kafka.consumer: aiokafka``); ``kafka.consumer: faust`` runs the same pipeline in
 a faust-streaming agent (:mod:`streamengine.stream.faust_app`), whose per-event machinery costs about
 150 us of CPU per event, ten times the rest of the pipeline (``bench/ingest.py``, docs/performance.md).
+Both are an :class:`IngestConsumer`, which is what the engine and the admin API use.
 """
 
 from __future__ import annotations
@@ -20,14 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streamengine.config.settings import Settings
+from streamengine.stream.checkpoint import Checkpoint
 from streamengine.stream.ingest import Classified, IngestPipeline, Record
 
 log = logging.getLogger(__name__)
@@ -39,41 +38,32 @@ CLASSIFY_SLICE = 25
 """Records read, and classified, between two yields to the event loop (the write in flight waits for them)."""
 
 
-class IngestConsumer:
-    """What the engine reads about the consumer (assignment, lag): a view of the aiokafka consumer."""
+class IngestConsumer(Protocol):
+    """An ingest consumer as the engine drives it and reads it (health, consumer lag)."""
 
-    def __init__(self) -> None:
-        self.kafka: AIOKafkaConsumer | None = None
-        self.committed_offsets: dict[TopicPartition, int] = {}
-        """Next offset to read per partition, as last committed by this replica."""
-        self._committed_offset = self.committed_offsets  # the name faust's consumer used (engine.LagObserver)
-
+    @property
+    def crashed(self) -> bool: ...
+    @property
+    def should_stop(self) -> bool: ...
+    @property
+    def crash_reason(self) -> BaseException | None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
     def assignment(self) -> set[TopicPartition]:
-        return set(self.kafka.assignment()) if self.kafka is not None else set()
+        """The partitions this replica consumes now."""
+        ...
 
     def highwater(self, tp: TopicPartition) -> int | None:
         """The partition's end offset from the last fetch response (None before the first fetch)."""
-        return self.kafka.highwater(tp) if self.kafka is not None else None
+        ...
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        """The next offset to read, as this replica last committed it (None before its first commit)."""
+        ...
 
     async def position(self, tp: TopicPartition) -> int | None:
-        return await self.kafka.position(tp) if self.kafka is not None else None
-
-
-class _WaitForBatch(ConsumerRebalanceListener):
-    """Partitions are given up only once the batch in flight is stored and its offsets committed."""
-
-    def __init__(self, app: IngestApp) -> None:
-        self.app = app
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self.app.batch_lock:
-            if self.app.consumer.kafka is not None:
-                await self.app._commit(self.app.consumer.kafka)
-            for tp in revoked:
-                self.app.consumer.committed_offsets.pop(tp, None)
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        log.info("ingest assigned partitions %s", sorted(tp.partition for tp in assigned))
+        """The next offset this replica will fetch."""
+        ...
 
 
 class IngestApp:
@@ -82,16 +72,12 @@ class IngestApp:
     def __init__(self, settings: Settings, pipeline: IngestPipeline) -> None:
         self.settings = settings
         self.pipeline = pipeline
-        self.consumer = IngestConsumer()
-        self.batch_lock = asyncio.Lock()
+        self.kafka: AIOKafkaConsumer | None = None
+        self.checkpoint: Checkpoint | None = None
         self.crashed = False
         self.crash_reason: BaseException | None = None
         self.should_stop = False
         self._task: asyncio.Task[None] | None = None
-        self._stored: dict[TopicPartition, int] = {}
-        """Offsets after the batches stored but not yet committed (committed every ``kafka.commit_interval_s``,
-        before partitions are given up, and on stop)."""
-        self._last_commit = 0.0
 
     async def start(self) -> None:
         kafka = self.settings.kafka
@@ -106,11 +92,12 @@ class IngestApp:
             max_poll_interval_ms=1_000_000,  # a batch may retry for a long time while PostgreSQL is down
             max_partition_fetch_bytes=max(kafka.max_record_bytes * 4, 4 * 1024 * 1024),
         )
-        consumer.subscribe([kafka.feedback_topic], listener=_WaitForBatch(self))
+        checkpoint = Checkpoint(consumer, kafka.commit_interval_s)
+        consumer.subscribe([kafka.feedback_topic], listener=checkpoint)
         await consumer.start()
-        self.consumer.kafka = consumer
+        self.kafka, self.checkpoint = consumer, checkpoint
         self.should_stop = False
-        self._task = asyncio.create_task(self._run(consumer), name="ingest")
+        self._task = asyncio.create_task(self._run(consumer, checkpoint), name="ingest")
 
     async def stop(self) -> None:
         self.should_stop = True
@@ -121,26 +108,38 @@ class IngestApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.consumer.kafka is not None:
-            await self.consumer.kafka.stop()  # leaves the group: its partitions move to the other replicas
+        if self.kafka is not None:
+            await self.kafka.stop()  # leaves the group: its partitions move to the other replicas
 
-    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.kafka.assignment()) if self.kafka is not None else set()
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.kafka.highwater(tp) if self.kafka is not None else None
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self.checkpoint.committed.get(tp) if self.checkpoint is not None else None
+
+    async def position(self, tp: TopicPartition) -> int | None:
+        return await self.kafka.position(tp) if self.kafka is not None else None
+
+    async def _run(self, consumer: AIOKafkaConsumer, checkpoint: Checkpoint) -> None:
         """Read and classify batch k+1 while batch k is being written; commit each batch after its write."""
         pending: asyncio.Task[None] | None = None
         try:
             while not self.should_stop:
-                records = await self._next_batch(consumer)
+                records = await self._next_batch(consumer, checkpoint)
                 if not records:
                     continue
                 batch = await self._classify(records)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(self._store(consumer, records, batch))
+                pending = asyncio.create_task(self._store(checkpoint, records, batch))
                 await asyncio.sleep(0)  # let the write start before the next batch's CPU work
             if pending is not None:
                 await pending
-            async with self.batch_lock:
-                await self._commit(consumer)
+            async with checkpoint.lock:
+                await checkpoint.commit()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -161,7 +160,7 @@ class IngestApp:
             batch.extend(self.pipeline.classify(records[start : start + CLASSIFY_SLICE]))
         return batch
 
-    async def _next_batch(self, consumer: AIOKafkaConsumer) -> list[Record]:
+    async def _next_batch(self, consumer: AIOKafkaConsumer, checkpoint: Checkpoint) -> list[Record]:
         """Up to ``batch_max_records`` records, waiting at most ``batch_max_wait_s`` after the first one."""
         kafka = self.settings.kafka
         wait_ms = int(kafka.batch_max_wait_s * 1000)
@@ -180,9 +179,9 @@ class IngestApp:
                 continue
             for items in got.values():
                 records += items
-            if not records and self._stored and time.monotonic() - self._last_commit >= kafka.commit_interval_s:
-                async with self.batch_lock:  # idle: commit what the last batches stored (else lag stays > 0)
-                    await self._commit(consumer)
+            if not records and checkpoint.due():
+                async with checkpoint.lock:  # idle: commit what the last batches stored (else lag stays > 0)
+                    await checkpoint.commit()
             if len(records) >= kafka.batch_max_records:
                 break
             if records:
@@ -193,46 +192,17 @@ class IngestApp:
                 wait_ms = max(1, int((deadline - now) * 1000))
         return records
 
-    async def _store(
-        self,
-        consumer: AIOKafkaConsumer,
-        records: list[Record],
-        batch: Classified,
-    ) -> None:
-        async with self.batch_lock:  # a rebalance waits for this batch to be stored and committed
+    async def _store(self, checkpoint: Checkpoint, records: list[Record], batch: Classified) -> None:
+        async with checkpoint.lock:  # a rebalance waits for this batch to be stored and committed
             await self.pipeline.store(batch)  # retries until durable
-            for record in records:  # in offset order per partition
-                self._stored[TopicPartition(record.topic, record.partition)] = record.offset + 1
-            if time.monotonic() - self._last_commit >= self.settings.kafka.commit_interval_s:
-                await self._commit(consumer)
-
-    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        """Commit the offsets after the batches stored so far (under ``batch_lock``)."""
-        assigned = consumer.assignment()
-        offsets = {tp: offset for tp, offset in self._stored.items() if tp in assigned}
-        self._stored.clear()  # partitions no longer assigned: their new owner reads from the last commit
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The group rebalanced meanwhile: the new owner reads from the last commit; duplicates are dropped.
-            log.warning("offset commit skipped after a rebalance: %s", exc)
-            return
-        except KafkaError as exc:
-            log.warning("offset commit failed (%s); retried with the next batch", exc)
-            self._stored.update(offsets)
-            return
-        self._last_commit = time.monotonic()
-        self.consumer.committed_offsets.update(offsets)
+            checkpoint.stored(records)
+            if checkpoint.due():
+                await checkpoint.commit()
 
 
-def build_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> Any:
-    """The ingest consumer of ``streamengine run``, as ``kafka.consumer`` chooses.
-
-    Both have ``start()``/``stop()``, ``crashed``/``should_stop`` and a ``consumer`` whose assignment,
-    highwater and committed offsets the engine reads. ``datadir`` is the faust app's folder.
-    """
+def build_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> IngestConsumer:
+    """The ingest consumer of ``streamengine run``, as ``kafka.consumer`` chooses (``datadir``: the faust app's
+    folder)."""
     if settings.kafka.consumer == "faust":
         from streamengine.stream.faust_app import build_faust_app
 

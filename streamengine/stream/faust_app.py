@@ -5,15 +5,18 @@ returns (DLQ acknowledged, samples committed), so the committed offset never pas
 effects are not durable (faust-streaming issue #606 is avoided by never running concurrency > 1).
 faust's per-event machinery costs about 150 us of CPU per event (``bench/ingest.py``), so the default
 consumer is the plain aiokafka one of :mod:`streamengine.stream.app`; choose faust to run ingest as a
-faust app among your own agents.
+faust app among your own agents. :class:`FaustIngest` gives the faust app the engine's
+:class:`~streamengine.stream.app.IngestConsumer` interface.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
+from aiokafka import TopicPartition
+from faust.transport.consumer import Consumer
 
 from streamengine.config.settings import Settings
 from streamengine.stream.ingest import IngestPipeline, RawRecord
@@ -25,7 +28,46 @@ def _headers(message: Any) -> list[tuple[str, bytes]]:
     return [(str(k), bytes(v) if v is not None else b"") for k, v in items]
 
 
-def build_faust_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> faust.App:
+class FaustIngest:
+    """The faust app as an :class:`~streamengine.stream.app.IngestConsumer`."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    @property
+    def crashed(self) -> bool:
+        return bool(self.app.crashed)
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.app.should_stop)
+
+    @property
+    def crash_reason(self) -> BaseException | None:
+        return self.app.crash_reason
+
+    async def start(self) -> None:
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(tp.topic, tp.partition) for tp in self.app.consumer.assignment()}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.app.consumer.highwater(tp)
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        # faust keeps what it committed only in this attribute of its Consumer (None before the first commit).
+        consumer = cast(Consumer, self.app.consumer)
+        return consumer._committed_offset.get(tp)
+
+    async def position(self, tp: TopicPartition) -> int | None:
+        return await self.app.consumer.position(tp)
+
+
+def build_faust_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> FaustIngest:
     kafka = settings.kafka
     app = faust.App(
         kafka.group_id,
@@ -65,4 +107,4 @@ def build_faust_app(settings: Settings, pipeline: IngestPipeline, datadir: Path)
             for event in events:
                 await stream.ack(event)
 
-    return app
+    return FaustIngest(app)
