@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from streamengine.core.masking import MASK, secret_forms
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NOISY = ("aiokafka", "faust", "mode", "httpx", "httpcore", "urllib3", "uvicorn.error")
 """Libraries kept at WARNING and above whatever the level asked for (their DEBUG lines flood)."""
+OPTIONAL_NOTICES = ("bitsandbytes",)
+"""Libraries whose warnings are about optional packages streamengine does not use (bitsandbytes asks for
+``kernels``): kept off a quiet console, still written to the log file."""
+CONSOLE = "streamengine-console"
 
 
 class Hidden:
@@ -56,8 +61,28 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
+        handler.set_name(CONSOLE)
         handler.setFormatter(RedactingFormatter())
         root.addHandler(handler)
         root.setLevel(level.upper())
     for name in NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+
+
+def _not_optional_notice(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.WARNING or record.name.partition(".")[0] not in OPTIONAL_NOTICES
+
+
+def log_to_file(path: Path, quiet_console: bool) -> None:
+    """Write the full log to ``path`` as well. With ``quiet_console``, the console handler :func:`configure`
+    installed shows only warnings and errors, less :data:`OPTIONAL_NOTICES` (``streamengine up`` keeps the
+    terminal for its own lines)."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(RedactingFormatter())
+    root.addHandler(handler)
+    if quiet_console:
+        for console in root.handlers:
+            if console.get_name() == CONSOLE:
+                console.setLevel(logging.WARNING)
+                console.addFilter(_not_optional_notice)

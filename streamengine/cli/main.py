@@ -38,6 +38,7 @@ from streamengine.cli.base import (
 from streamengine.cli.base import client as _client
 from streamengine.cli.base import console as console
 from streamengine.cli.base import print_json as _print_json
+from streamengine.core.job_states import FINISHED_STATES
 from streamengine.errors import StreamEngineError
 
 
@@ -113,11 +114,18 @@ def worker(state: State, once: bool) -> None:
 @click.option("--events", default=400, show_default=True, help="Demo feedback events to produce (0: none).")
 @click.option("--window", "window_samples", default=64, show_default=True, help="Samples per training window.")
 @click.option("--exit-after", default=0, show_default=True, help="Stop after this many releases (0: run until Ctrl-C).")
-def up(home: str, events: int, window_samples: int, exit_after: int) -> None:
-    """Run everything on embedded defaults: broker, PostgreSQL, S3, a tiny model, engine, worker, demo."""
+@click.pass_context
+def up(ctx: click.Context, home: str, events: int, window_samples: int, exit_after: int) -> None:
+    """Run everything on embedded defaults: broker, PostgreSQL, S3, a tiny model, engine, worker, demo.
+
+    Prints its own [up] lines (services, each release and swap) and warnings; the full log is in DIR/logs.
+    `streamengine --log-level debug up` (or any level asked for) prints the log here too.
+    """
     from streamengine.local.up import run_up
 
-    run_until_signal(lambda stop: run_up(Path(home).absolute(), events, window_samples, exit_after, stop))
+    quiet = ctx.find_root().get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
+    home_dir = Path(home).absolute()
+    run_until_signal(lambda stop: run_up(home_dir, events, window_samples, exit_after, stop, quiet=quiet))
 
 
 @cli.command()
@@ -222,7 +230,7 @@ def _wait_for_job(client: Any, model: str, job_id: int, poll_s: float = 1.0) -> 
     while True:
         status = client.get("/training/status", model=model, limit=500)
         job = next((j for j in status["jobs"] if j["id"] == job_id), None)
-        if job and job["state"] in ("done", "released", "rejected", "failed"):
+        if job and job["state"] in FINISHED_STATES:
             if job["state"] == "failed":
                 raise StreamEngineError(f"job {job_id} failed: {job['error']}")
             return dict(job)

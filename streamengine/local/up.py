@@ -2,13 +2,15 @@
 
 Starts a tansu broker, an S3 server (SeaweedFS), PostgreSQL (the machine's, else an embedded one)
 and a tiny model it creates, then the engine, a trainer worker, a serving-node subscriber and a demo
-producer, and prints each release as the serving node swaps it in.
+producer, and prints each release as the serving node swaps it in. The full log goes to the log folder;
+the terminal shows only the ``[up]`` lines and warnings unless a log level was asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +22,7 @@ from streamengine.jobs.worker import Worker
 from streamengine.local.demo import feedback_events
 from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, free_port
 from streamengine.local.tinymodel import build_tiny_model
+from streamengine.logs import log_to_file
 from streamengine.serving.subscriber import Subscriber
 from streamengine.serving.swappers import PeftSwapper
 from streamengine.store.db import Database
@@ -48,11 +51,22 @@ def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: P
     )
 
 
-async def run_up(home: Path, events: int, window: int, exit_after: int, stop: asyncio.Event) -> None:
+def _route_output(logs: Path, quiet: bool) -> None:
+    """Everything logged goes to ``logs/streamengine.log``; ``quiet`` keeps the terminal to warnings and
+    turns off the Hugging Face progress bars (here and in the trainer's child processes, which inherit it)."""
+    log_to_file(logs / "streamengine.log", quiet_console=quiet)
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is first imported
+
+
+async def run_up(
+    home: Path, events: int, window: int, exit_after: int, stop: asyncio.Event, *, quiet: bool = True
+) -> None:
     logs = home / "logs"
     await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+    _route_output(logs, quiet)
     started = time.monotonic()
-    _say(f"starting a broker, an S3 server and PostgreSQL (logs in {logs})")
+    _say(f"starting a broker, an S3 server and PostgreSQL (full logs in {logs})")
     with Tansu(log_dir=logs) as tansu, SeaweedS3(home / "s3", log_dir=logs) as s3:
         admin_dsn = await asyncio.to_thread(Postgres.connect_or_start, home / "pg", logs)
         database = f"streamengine_up_{uuid.uuid4().hex[:8]}"
