@@ -38,7 +38,6 @@ from streamengine.cli.base import (
 from streamengine.cli.base import client as _client
 from streamengine.cli.base import console as console
 from streamengine.cli.base import print_json as _print_json
-from streamengine.core.job_states import FINISHED_STATES
 from streamengine.errors import StreamEngineError
 
 
@@ -230,7 +229,7 @@ def _wait_for_job(client: Any, model: str, job_id: int, poll_s: float = 1.0) -> 
     while True:
         status = client.get("/training/status", model=model, limit=500)
         job = next((j for j in status["jobs"] if j["id"] == job_id), None)
-        if job and job["state"] in FINISHED_STATES:
+        if job and job["state"] in ("done", "released", "rejected", "failed"):
             if job["state"] == "failed":
                 raise StreamEngineError(f"job {job_id} failed: {job['error']}")
             return dict(job)
