@@ -252,7 +252,7 @@ async def test_forget_deletes_a_users_samples_and_reports_the_versions_trained_o
     assert (await engine.http.post("/users/forget", json={"user_id": ""})).status_code == 422
     assert (await engine.http.post("/users/forget", json={"user": user})).status_code == 422
 
-    with caplog.at_level(logging.INFO, logger="streamengine.api.app"):
+    with caplog.at_level(logging.INFO, logger="streamengine.api"):
         response = await engine.http.post("/users/forget", json={"user_id": user})
     assert response.status_code == 200, response.text
     body = response.json()

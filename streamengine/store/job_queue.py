@@ -232,6 +232,12 @@ async def list_jobs(db: Database, model: str | None = None, limit: int = 50) -> 
     return [Job.from_row(r) for r in rows]
 
 
+async def count_by_state(db: Database, model: str) -> dict[str, int]:
+    """How many jobs of ``model`` are in each state (states without jobs are absent)."""
+    rows = await db.fetch("SELECT state, count(*) AS n FROM jobs WHERE model = $1 GROUP BY state", model)
+    return {r["state"]: r["n"] for r in rows}
+
+
 async def enqueue_fisher(db: Database, model: str, version: str) -> int:
     """Queue a job that computes and stores the Fisher of released ``version``; returns its id."""
     async with db.pool.acquire() as conn, conn.transaction():

@@ -33,6 +33,17 @@ class ClosedWindow:
     weight: float
 
 
+@dataclass(frozen=True, slots=True)
+class OpenWindow:
+    id: int
+    samples: int
+    """Trainable samples."""
+    weight: float
+    stored: int
+    """All samples stored, trainable or not."""
+    opened_at: datetime
+
+
 @dataclass(slots=True)
 class BatchOutcome:
     inserted: int = 0
@@ -240,6 +251,20 @@ async def tick(db: Database, model: str, schedule: Schedule, now: datetime, min_
         if window["samples"] < min_samples:
             return None
         return await _close(conn, window, "schedule")
+
+
+async def open_window(db: Database, model: str) -> OpenWindow | None:
+    """The open window of ``model``, read without locking it; None when none is open (the next write opens one)."""
+    row = await db.fetchrow(
+        "SELECT id, samples, weight, stored, opened_at FROM windows WHERE model = $1 AND state = 'open'", model
+    )
+    return OpenWindow(**dict(row)) if row else None
+
+
+async def last_tick(db: Database, model: str) -> datetime | None:
+    """When the cron tick of ``model`` last fired (None before the model line's first write)."""
+    last: datetime | None = await db.fetchval("SELECT last_tick_at FROM model_lines WHERE model = $1", model)
+    return last
 
 
 async def get_window(db: Database, window_id: int) -> WindowSpec:

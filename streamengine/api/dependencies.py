@@ -1,0 +1,82 @@
+"""What every router of the admin API shares: the engine context, the bearer-token check, the model line
+and version parameters, and the documented error responses."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from streamengine.api.context import EngineContext
+from streamengine.api.models import ErrorBody
+from streamengine.config.keys import release_signer
+from streamengine.core.manifest import Signer
+from streamengine.errors import NotFound, ServiceUnavailable
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in [(404, "Unknown model line, version or alias"), (422, "Invalid request")]
+}
+"""Error responses every route that names a model line or version documents."""
+
+_bearer = HTTPBearer(auto_error=False, description="api.token (STREAMENGINE_API__TOKEN), when set")
+
+ModelParam = Annotated[str | None, Query(max_length=200, description="Model line (default: model.name of the engine).")]
+VersionParam = Annotated[
+    str,
+    Path(
+        max_length=64,
+        pattern=r"^(v\d+\.\d+|[a-z][a-z0-9_-]*)$",
+        description="A version (v1.2) or an alias (production, previous).",
+    ),
+]
+
+
+class Unauthorized(Exception):
+    """A mutating request without the configured bearer token (answered 401 by the error handlers)."""
+
+
+def _engine(request: Request) -> EngineContext:
+    ctx: EngineContext | None = request.app.state.ctx
+    if ctx is None:
+        raise ServiceUnavailable("engine", "admin API", "not connected")
+    return ctx
+
+
+Ctx = Annotated[EngineContext, Depends(_engine)]
+
+
+def authorize(ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Refuse a mutating request without the configured bearer token (constant-time comparison)."""
+    token = ctx.settings.api.token
+    if token is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized()
+
+
+MUTATING: dict[str, Any] = {
+    "dependencies": [Depends(authorize)],
+    "responses": {
+        **ERRORS,
+        401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
+        409: {"model": ErrorBody, "description": "Conflicts with the current state"},
+    },
+}
+"""Keyword arguments of every mutating route: the token check and its documented error responses."""
+
+
+def model_of(ctx: EngineContext, model: str | None) -> str:
+    """The model line a request names (default: model.name); NotFound when this engine does not serve it."""
+    name = model or ctx.settings.model.name
+    if name != ctx.settings.model.name:
+        raise NotFound(f"model line '{name}' is not configured here (model.name is '{ctx.settings.model.name}')")
+    return name
+
+
+def signer(ctx: EngineContext) -> Signer | None:
+    """What deploy and rollback announcements are signed with (the keys the settings name), if anything."""
+    return release_signer(ctx.settings)

@@ -1,0 +1,1 @@
+"""The admin API's routes, one router per concern; :func:`streamengine.api.app.create_app` includes them."""
