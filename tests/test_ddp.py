@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, load_fisher  # noqa: E402
-from streamengine.training.launch import RECIPE_MODULE, training_command  # noqa: E402
+from streamengine.training.launch import FISHER_MODULE, RECIPE_MODULE, fisher_command, training_command  # noqa: E402
 from tests.training_tools import make_spec, run_command, write_samples, write_spec  # noqa: E402
 
 # Nine desirable samples, batch 4: SFT's last batch of each epoch has one sample, so one process runs a
@@ -42,6 +42,7 @@ def test_training_command_lines() -> None:
         "py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
         "-m", RECIPE_MODULE, "s.json",
     ]  # fmt: skip
+    assert fisher_command("f.json", python="py") == ["py", "-m", FISHER_MODULE, "f.json"]
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.data import Example, encode, pad_id  # noqa: E402
 from streamengine.training.kto import kl_partners, kto_losses, mismatched_examples, sequence_logps  # noqa: E402
 from streamengine.training.recipe import train  # noqa: E402
-from streamengine.training.spec import TrainSpec  # noqa: E402
 from tests.training_tools import make_spec, write_samples  # noqa: E402
 
 PAIRS = [
@@ -85,7 +84,6 @@ def test_kto_raises_desirable_and_lowers_undesirable_likelihood(tiny_base: Path,
         rows += [(prompt, good, 1.0, 1), (prompt, bad, 1.0, -1)]
     samples = write_samples(tmp_path / "kto.jsonl", rows)
     spec = make_spec(tiny_base, samples, tmp_path / "kto", epochs=10, objective="kto", learning_rate=2e-2)
-    assert spec.effective_objective == "kto"
     result = train(spec)
     assert result.objective == "kto" and result.samples == 8
     good = [Example("g", p, g, 1.0) for p, g, _ in PAIRS]
@@ -102,14 +100,6 @@ def test_kto_raises_desirable_and_lowers_undesirable_likelihood(tiny_base: Path,
     only_bad = write_samples(tmp_path / "bad.jsonl", [(p, b, 1.0, -1) for p, _, b in PAIRS])
     with pytest.raises(TrainingError, match="no desirable sample"):
         train(make_spec(tiny_base, only_bad, tmp_path / "none"))
-
-
-def test_spec_objective_falls_back_to_training_settings() -> None:
-    base = {"base_model": "b", "samples_path": "s", "output_dir": "o"}
-    assert TrainSpec.model_validate(base).effective_objective == "sft"
-    assert TrainSpec.model_validate({**base, "training": {"objective": "kto"}}).effective_objective == "kto"
-    both = {**base, "objective": "sft", "training": {"objective": "kto"}}
-    assert TrainSpec.model_validate(both).effective_objective == "sft"
 
 
 def test_kto_keeps_the_ewc_penalty(tiny_base: Path, tmp_path: Path) -> None:

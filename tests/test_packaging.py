@@ -10,15 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_subscriber_imports_without_engine_or_training_stack() -> None:
-    code = (
-        "import sys; import streamengine.serving.subscriber, streamengine.serving.swappers, streamengine.cli.main;"
-        "names = ('faust', 'asyncpg', 'torch', 'transformers', 'peft', 'fastapi');"
-        "heavy = sorted(m for m in names if m in sys.modules);"
-        "print(','.join(heavy))"
-    )
+def _loaded(modules: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a fresh interpreter has loaded after importing ``modules``."""
+    code = f"import sys; import {modules}; print(','.join(m for m in {names!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == ""
+    return out.split(",") if out else []
+
+
+def test_subscriber_imports_without_engine_or_training_stack() -> None:
+    modules = "streamengine.serving.subscriber, streamengine.serving.swappers, streamengine.cli.main"
+    assert _loaded(modules, ("faust", "asyncpg", "torch", "transformers", "peft", "fastapi")) == []
+
+
+def test_worker_imports_without_the_training_stack() -> None:
+    """The worker trains in child processes; its own process never loads torch, transformers or peft."""
+    assert _loaded("streamengine.jobs.worker", ("torch", "transformers", "peft", "accelerate")) == []
 
 
 def test_extras_split_serving_engine_and_training() -> None:

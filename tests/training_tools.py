@@ -48,8 +48,6 @@ def make_spec(base: Path, samples: Path, out: Path, **training: Any) -> TrainSpe
         output_dir=str(out),
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         training=settings,
-        model_name="tiny-llama",
-        version="v1.0",
     )
 
 
@@ -67,7 +65,7 @@ def run_command(argv: list[str], timeout: float = 180) -> tuple[int, list[dict[s
 
 
 def write_spec(spec: TrainSpec, path: Path) -> Path:
-    path.write_text(spec.model_dump_json(by_alias=True))
+    spec.write(path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Runs the training recipe in a child process and streams its progress.
+"""Runs a training (or Fisher) job in a child process, streams its progress and parses its result.
 
 A crash, OOM kill or hang in training ends the child, never the worker; the child dies with the worker
 (:mod:`streamengine.training.child`). What ended a child is said in the error the job records: the child's
@@ -15,14 +15,18 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from streamengine.errors import TrainingError
 from streamengine.training import child as child_process
+from streamengine.training.spec import Progress
 
 log = logging.getLogger(__name__)
 
-ProgressHandler = Callable[[dict[str, Any]], Awaitable[None]]
+ProgressHandler = Callable[[Progress], Awaitable[None]]
+Result = TypeVar("Result", bound=BaseModel)
 # What a failed allocation says: torch's CPU and CUDA allocators, Python, the C library, OpenBLAS, the loader.
 _OOM_MARKERS = (
     "out of memory",
@@ -75,10 +79,14 @@ def memory_message(message: str, memory_limit_mb: int | None) -> str:
 
 
 async def run_training(
-    argv: list[str], log_path: Path, on_progress: ProgressHandler, memory_limit_mb: int | None = None
-) -> dict[str, Any]:
-    """Run a training child (``argv``, e.g. ``python -m streamengine.training.recipe SPEC``); return its
-    result record. ``memory_limit_mb`` caps the memory the child may allocate.
+    argv: list[str],
+    log_path: Path,
+    result_type: type[Result],
+    on_progress: ProgressHandler | None = None,
+    memory_limit_mb: int | None = None,
+) -> Result:
+    """Run a child (``argv``, e.g. :func:`~streamengine.training.launch.training_command`); return its result
+    line as a ``result_type``. ``memory_limit_mb`` caps the memory the child may allocate.
 
     Raises :class:`TrainingError` with the child's own message when training failed (diverged, bad
     input, out of memory) and :class:`TrainingCrashed` when it died.
@@ -90,7 +98,7 @@ async def run_training(
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )
-        result: dict[str, Any] | None = None
+        result: Result | None = None
         error: str | None = None
         try:
             assert child.stdout is not None
@@ -100,10 +108,10 @@ async def run_training(
                 except ValueError:
                     continue
                 kind = record.pop("event", None)
-                if kind == "progress":
-                    await on_progress(record)
+                if kind == "progress" and on_progress is not None:
+                    await on_progress(_parse(Progress, record))
                 elif kind == "result":
-                    result = record
+                    result = _parse(result_type, record)
                 elif kind == "error":
                     error = str(record.get("message", "training failed"))
             code = await child.wait()
@@ -117,3 +125,11 @@ async def run_training(
     if code != 0 or result is None:
         raise _failure(code, log_path, start, memory_limit_mb)
     return result
+
+
+def _parse(model: type[Result], record: dict[str, Any]) -> Result:
+    """A line of the child as ``model``; a line that does not fit is a :class:`TrainingError` (not retried)."""
+    try:
+        return model.model_validate(record)
+    except ValidationError as exc:
+        raise TrainingError(f"the training process reported an invalid {model.__name__}: {exc}") from None

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,12 +29,13 @@ from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
 from streamengine.jobs import dataset
-from streamengine.jobs.trainer_process import TrainingCrashed, run_training
+from streamengine.jobs.trainer_process import Result, TrainingCrashed, run_training
 from streamengine.store import job_queue, registry, windows
 from streamengine.store.db import Database
 from streamengine.store.job_queue import FISHER_FILE
 from streamengine.store.objects import ObjectStore
-from streamengine.training.launch import training_command
+from streamengine.training.launch import fisher_command, training_command
+from streamengine.training.spec import FisherResult, FisherSpec, Progress, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +149,26 @@ class Worker:
             (None, None) if new_base else await self._fetch_parent(job.model, job.parent_version, folder)
         )
         output = folder / "adapter"
-        spec = {
-            "base_model": self.settings.model.base,
-            "parent_adapter": str(parent_dir) if parent_dir else None,
-            "parent_fisher": str(parent_fisher) if parent_fisher else None,
-            "samples_path": str(data.samples_path),
-            "eval_sets": {name: str(path) for name, path in data.eval_sets.items()},
-            "output_dir": str(output),
-            "lora": self.settings.lora.model_dump(),
-            "training": self.settings.training.model_dump(),
-            "ewc": self.settings.ewc.model_dump(by_alias=True),
-            "ewc_lambda": self.settings.ewc.lambda_,
-            "quantization": self.settings.model.quantization,
-            "model_name": job.model,
-            "version": job.version or "",
-        }
+        spec = TrainSpec(
+            base_model=self.settings.model.base,
+            parent_adapter=str(parent_dir) if parent_dir else None,
+            parent_fisher=str(parent_fisher) if parent_fisher else None,
+            samples_path=str(data.samples_path),
+            eval_sets={name: str(path) for name, path in data.eval_sets.items()},
+            output_dir=str(output),
+            lora=self.settings.lora,
+            training=self.settings.training,
+            ewc=self.settings.ewc,
+            quantization=self.settings.model.quantization,
+        )
         spec_path = folder / "spec.json"
-        await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
+        await asyncio.to_thread(spec.write, spec_path)
         started = time.monotonic()
         argv = training_command(spec_path, self.settings.training.processes)
-        result = await self._run_child(job, argv, folder / "train.log")
+        result = await self._run_child(job, argv, folder / "train.log", TrainResult)
         record_training_metrics(job.model, result)
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
-        decision = decide(result.get("eval", {}), self.gate)
+        decision = decide(result.eval, self.gate)
         numbers = release_metrics(result, decision)
         if decision.forgetting is not None:
             metrics.FORGETTING.labels(job.model).set(decision.forgetting)
@@ -220,47 +217,47 @@ class Worker:
         adapter_dir = await self.store.adownload_uri(adapter.uri, folder / "adapter", files)
         _, parent_fisher = await self._fetch_parent(job.model, adapter.parent_version, folder)
         name = f"fisher-job{job.id}.safetensors"
-        arguments = {
-            "base_model": self.settings.model.base,
-            "adapter_dir": str(adapter_dir),
-            "samples_path": str(data.samples_path),
-            "out_path": str(folder / name),
-            "parent_fisher": str(parent_fisher) if parent_fisher else None,
-            "gamma": self.settings.ewc.gamma,
-            "max_length": self.settings.training.max_length,
-            "device": self.settings.training.device,
-            "quantization": self.settings.model.quantization,
-        }
-        args_path = folder / "fisher.json"
-        await asyncio.to_thread(args_path.write_text, json.dumps(arguments))
-        argv = [sys.executable, "-m", "streamengine.training.fisher_job", str(args_path)]
-        result = await self._run_child(job, argv, folder / "fisher.log")
-        sha = await self.store.aadd_file(result["path"], job.model, adapter.version)
+        spec = FisherSpec(
+            base_model=self.settings.model.base,
+            adapter_dir=str(adapter_dir),
+            samples_path=str(data.samples_path),
+            out_path=str(folder / name),
+            parent_fisher=str(parent_fisher) if parent_fisher else None,
+            ewc=self.settings.ewc,
+            training=self.settings.training,
+            quantization=self.settings.model.quantization,
+        )
+        spec_path = folder / "fisher.json"
+        await asyncio.to_thread(spec.write, spec_path)
+        result = await self._run_child(job, fisher_command(spec_path), folder / "fisher.log", FisherResult)
+        sha = await self.store.aadd_file(result.path, job.model, adapter.version)
         await job_queue.finish_fisher(self.db, job.id, self.owner, job.model, adapter.version, name, sha)
         log.info(
-            "job %d: Fisher of %s %s stored as %s (%.1fs)", job.id, job.model, adapter.version, name, result["seconds"]
+            "job %d: Fisher of %s %s stored as %s (%.1fs)", job.id, job.model, adapter.version, name, result.seconds
         )
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    async def _run_child(self, job: job_queue.Job, argv: list[str], log_path: Path) -> dict[str, Any]:
+    async def _run_child(
+        self, job: job_queue.Job, argv: list[str], log_path: Path, result_type: type[Result]
+    ) -> Result:
         """Run a training child process while heartbeats keep the lease (and carry its progress)."""
         progress: dict[str, Any] = {"phase": "training"}
         lease_lost = asyncio.Event()
 
-        async def on_progress(record: dict[str, Any]) -> None:
-            progress.update(record)
-            metrics.TRAINING_LOSS.labels(job.model).set(record.get("task_loss", record.get("loss", float("nan"))))
-            metrics.EWC_PENALTY.labels(job.model).set(record.get("penalty", 0.0))
-            step, total = record.get("step"), record.get("total_steps")
-            if step in (1, total) or (step and total and step % max(1, total // 10) == 0):
+        async def on_progress(record: Progress) -> None:
+            progress.update(record.model_dump(mode="json"))
+            metrics.TRAINING_LOSS.labels(job.model).set(record.task_loss)
+            metrics.EWC_PENALTY.labels(job.model).set(record.penalty)
+            step, total = record.step, record.total_steps
+            if step in (1, total) or step % max(1, total // 10) == 0:
                 log.info(
                     "job %d: step %s/%s loss %.4f %.0f tok/s eta %.0fs",
                     job.id,
                     step,
                     total,
-                    record.get("loss", float("nan")),
-                    record.get("tokens_per_s", 0),
-                    record.get("eta_s", 0),
+                    record.loss,
+                    record.tokens_per_s,
+                    record.eta_s,
                 )
 
         async def beat() -> None:
@@ -272,7 +269,7 @@ class Worker:
 
         heart = asyncio.create_task(beat())
         limit = self.settings.worker.trainer_memory_limit_mb
-        child = asyncio.create_task(run_training(argv, log_path, on_progress, memory_limit_mb=limit))
+        child = asyncio.create_task(run_training(argv, log_path, result_type, on_progress, memory_limit_mb=limit))
         try:
             lost = asyncio.create_task(lease_lost.wait())
             done, _ = await asyncio.wait({child, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -322,20 +319,24 @@ class Worker:
         return event
 
 
-def record_training_metrics(model: str, result: dict[str, Any]) -> None:
-    metrics.TRAINING_TOKENS_PER_SECOND.set(result["tokens"] / max(result["seconds"], 1e-9))
-    metrics.TRAINING_STEPS_PER_SECOND.set(result["steps"] / max(result["seconds"], 1e-9))
-    metrics.EVAL_LOSS.labels(model, "before").set(result["eval_loss_before"])
-    metrics.EVAL_LOSS.labels(model, "after").set(result["eval_loss_after"])
+def record_training_metrics(model: str, result: TrainResult) -> None:
+    metrics.TRAINING_TOKENS_PER_SECOND.set(result.tokens / max(result.seconds, 1e-9))
+    metrics.TRAINING_STEPS_PER_SECOND.set(result.steps / max(result.seconds, 1e-9))
+    metrics.EVAL_LOSS.labels(model, "before").set(result.eval_loss_before)
+    metrics.EVAL_LOSS.labels(model, "after").set(result.eval_loss_after)
 
 
-def release_metrics(result: dict[str, Any], decision: GateDecision) -> dict[str, float | None]:
+def release_metrics(result: TrainResult, decision: GateDecision) -> dict[str, float | None]:
     """The numbers that travel in the manifest and the event (flat, JSON numbers or null)."""
     numbers: dict[str, float | None] = {
-        name: result.get(name)
-        for name in ("train_loss", "eval_loss_before", "eval_loss_after", "ewc_penalty", "fisher_seconds", "seconds")
+        "train_loss": result.train_loss,
+        "eval_loss_before": result.eval_loss_before,
+        "eval_loss_after": result.eval_loss_after,
+        "ewc_penalty": result.ewc_penalty,
+        "fisher_seconds": result.fisher_seconds,
+        "seconds": result.seconds,
     }
-    for set_name, losses in result.get("eval", {}).items():
+    for set_name, losses in result.eval.items():
         numbers[f"{set_name}_loss_before"] = losses["before"]
         numbers[f"{set_name}_loss_after"] = losses["after"]
     numbers["forgetting"] = decision.forgetting

@@ -1,35 +1,50 @@
-"""Child-process entry of a Fisher job: ``python -m streamengine.training.fisher_job ARGS.json``.
+"""Child-process entry of a Fisher job: ``python -m streamengine.training.fisher_job SPEC.json``.
 
-ARGS.json holds the keyword arguments of :func:`streamengine.training.fisher.compute_fisher_file`.
-Prints one JSON line, ``{"event": "result", "path": ..., "seconds": ...}`` or ``{"event": "error", ...}``,
-in the same protocol as the training recipe.
+SPEC.json is a :class:`~streamengine.training.spec.FisherSpec`. Prints one JSON line in the training
+recipe's protocol: ``{"event": "result", ...}`` (a :class:`~streamengine.training.spec.FisherResult`)
+and exits 0, or ``{"event": "error", "message": ...}`` and exits 2.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 from streamengine.errors import TrainingError
+from streamengine.training.fisher import compute_fisher_file
+from streamengine.training.spec import FisherResult, FisherSpec, event_line
+
+
+def run(spec: FisherSpec) -> FisherResult:
+    """Compute and write the Fisher file that ``spec`` describes."""
+    started = time.perf_counter()
+    path = compute_fisher_file(
+        spec.base_model,
+        spec.adapter_dir,
+        spec.samples_path,
+        spec.out_path,
+        spec.parent_fisher,
+        gamma=spec.ewc.gamma,
+        normalize=spec.ewc.normalize,
+        chunk_size=spec.training.fisher_chunk_size,
+        max_length=spec.training.max_length,
+        device=spec.training.device,
+        quantization=spec.quantization,
+    )
+    return FisherResult(path=str(path), seconds=time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
-        print("usage: python -m streamengine.training.fisher_job ARGS.json", file=sys.stderr)
+        print(event_line("error", {"message": "usage: python -m streamengine.training.fisher_job SPEC.json"}))
         return 2
-    started = time.perf_counter()
     try:
-        from streamengine.training.fisher import compute_fisher_file
-
-        kwargs = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-        path = compute_fisher_file(**kwargs)
-    except (TrainingError, OSError, ValueError, TypeError) as exc:
-        print(json.dumps({"event": "error", "message": f"{type(exc).__name__}: {exc}"}), flush=True)
+        result = run(FisherSpec.read(args[0]))
+    except (TrainingError, OSError, ValueError) as exc:
+        print(event_line("error", {"message": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 2
-    print(json.dumps({"event": "result", "path": str(path), "seconds": time.perf_counter() - started}), flush=True)
+    print(event_line("result", result), flush=True)
     return 0
 
 

@@ -1,8 +1,9 @@
-"""The command line that runs one training job (torch-free, so the worker's own process never imports torch).
+"""The command lines of the worker's child processes (torch-free, so the worker's own process never imports torch).
 
-One process: ``python -m streamengine.training.recipe SPEC``. ``N`` processes: torchrun
-(``python -m torch.distributed.run --standalone --nproc_per_node N -m streamengine.training.recipe SPEC``);
-see :mod:`streamengine.training.dist` for what the processes do then.
+A training job in one process: ``python -m streamengine.training.recipe SPEC``; in ``N`` processes, torchrun
+(``python -m torch.distributed.run --standalone --nproc_per_node N -m streamengine.training.recipe SPEC``;
+see :mod:`streamengine.training.dist` for what the processes do then). A Fisher job:
+``python -m streamengine.training.fisher_job SPEC``. SPEC is a :mod:`streamengine.training.spec` file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 
 RECIPE_MODULE = "streamengine.training.recipe"
+FISHER_MODULE = "streamengine.training.fisher_job"
 
 
 def training_command(spec_path: str | os.PathLike[str], processes: int = 1, python: str | None = None) -> list[str]:
@@ -20,3 +22,8 @@ def training_command(spec_path: str | os.PathLike[str], processes: int = 1, pyth
         return [python, "-m", RECIPE_MODULE, str(spec_path)]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(processes)]
     return [python, *launcher, "-m", RECIPE_MODULE, str(spec_path)]
+
+
+def fisher_command(spec_path: str | os.PathLike[str], python: str | None = None) -> list[str]:
+    """The argv that runs one Fisher job (a :class:`~streamengine.training.spec.FisherSpec` file)."""
+    return [python or sys.executable, "-m", FISHER_MODULE, str(spec_path)]

@@ -1,18 +1,20 @@
 """One training job, top to bottom: samples + base model (+ parent adapter and Fisher) -> a LoRA adapter.
 
-1. Join the processes (one, or several under torchrun: :mod:`dist`), seed everything, read the samples
-   (every line: window, replay and anchor) and the eval sets, load the model (fresh LoRA or the parent
-   adapter, trainable; a quantized base must first pass :func:`quant.check_quantized_gradients`).
-2. Measure the weighted NLL on the training samples and on every eval set (eval mode, no dropout):
-   the "before" numbers, at the parent adapter or the base.
-3. Train with AdamW for ``epochs``. Task loss: SFT (each desirable sample's mean token NLL over its
-   completion tokens times its weight, over the batch's weight sum) or KTO (:mod:`kto`, against the
-   model as it was at step 0). Plus the EWC penalty from the parent's Fisher (:mod:`ewc`) and any
-   extra ``penalty``. Each step reports task loss and penalty separately. A NaN or infinite objective
-   stops the job with a :class:`TrainingError` naming the step.
-4. Measure again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`), save the
-   adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors`` only, never pickle), compute
-   the exact Fisher of the window's samples at the trained adapter and write ``fisher.safetensors``
+:func:`train` runs four phases, one function each:
+
+1. :func:`set_up`: join the processes (one, or several under torchrun: :mod:`dist`), seed everything, read
+   the samples (every line: window, replay and anchor) and the eval sets, load the model (fresh LoRA or the
+   parent adapter, trainable; a quantized base must first pass :func:`quant.check_quantized_gradients`).
+2. :func:`measure_before`: the weighted NLL on the training samples and on every eval set (eval mode, no
+   dropout), at the parent adapter or the base; for KTO also the reference log-probabilities.
+3. :func:`train_loop`: AdamW for ``epochs``. Task loss: SFT (each desirable sample's mean token NLL over
+   its completion tokens times its weight, over the batch's weight sum) or KTO (:mod:`kto`, against the
+   model as it was at step 0). Plus the EWC penalty from the parent's Fisher (:mod:`ewc`) and any extra
+   ``penalty``. Each step reports task loss and penalty separately. A NaN or infinite objective stops the
+   job with a :class:`TrainingError` naming the step.
+4. :func:`finish`: measure again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`),
+   save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors`` only, never pickle),
+   compute the exact Fisher of the window's samples at the trained adapter and write ``fisher.safetensors``
    (online EWC: the parent's importances decayed by gamma plus this window's, and the anchor), then
    ``result.json`` last, so its presence marks a complete output.
 
@@ -31,26 +33,50 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 from transformers.utils import logging as hf_logging
 
 from streamengine.errors import TrainingError
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id, read_samples
 from streamengine.training.dist import Dist
 from streamengine.training.ewc import EwcPenalty
-from streamengine.training.fisher import FISHER_FILE, accumulate, fisher_sums, load_fisher, lora_parameters, save_fisher
+from streamengine.training.fisher import (
+    FISHER_FILE,
+    FisherState,
+    accumulate,
+    fisher_sums,
+    load_fisher,
+    lora_parameters,
+    save_fisher,
+)
 from streamengine.training.kto import KtoReference, kto_step_loss, mismatched_examples, sequence_logps
 from streamengine.training.losses import batch_losses, batches, evaluate, sample_losses, weighted_loss
 from streamengine.training.model import dtype_for, load_for_training
 from streamengine.training.quant import check_quantized_gradients
 from streamengine.training.spec import Progress, TrainResult, TrainSpec, event_line
 
-__all__ = ["batch_losses", "batches", "evaluate", "main", "sample_losses", "train", "weighted_loss"]
+__all__ = [
+    "Before",
+    "Setup",
+    "Trained",
+    "batch_losses",
+    "batches",
+    "evaluate",
+    "finish",
+    "main",
+    "measure_before",
+    "sample_losses",
+    "set_up",
+    "train",
+    "train_loop",
+    "weighted_loss",
+]
 
 ProgressCallback = Callable[[Progress], None]
 # A term added to each step's loss, given the model (the EWC penalty is one).
@@ -60,25 +86,207 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESULT_FILE = "result.json"
 
 
-def _save_adapter(model: PeftModel, output_dir: Path) -> None:
-    """PEFT's ``save_pretrained`` into a scratch folder; only the two adapter files are kept."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".save-") as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        for name in ADAPTER_FILES:
-            if not (Path(scratch) / name).is_file():
-                raise TrainingError(f"PEFT did not write {name}")
-            shutil.move(str(Path(scratch) / name), output_dir / name)
+@dataclass
+class Setup:
+    """What :func:`set_up` prepares: the processes, the model and the encoded samples and eval sets."""
+
+    spec: TrainSpec
+    dist: Dist
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    pad: int
+    examples: list[Example]
+    encoded: list[Encoded]  # every training sample, in file order (``examples`` row for row)
+    scored: list[Encoded]  # what the training loss before and after is measured on: the desirable ones
+    eval_sets: dict[str, list[Encoded]]
+    parent_fisher: FisherState | None
+    penalties: list[Penalty]
+    reduce: Any  # Dist.reduce(): the sum over processes for the loss and Fisher helpers, None in one process
+
+    def measure(self, items: list[Encoded]) -> float:
+        """The weighted mean NLL of ``items`` (eval mode), summed over processes."""
+        batch_size = self.spec.training.batch_size
+        return evaluate(self.model, self.dist.shard(items), batch_size, self.pad, self.device, self.reduce)
+
+
+@dataclass
+class Before:
+    """What :func:`measure_before` measured at the parent adapter (or the base)."""
+
+    training: float
+    eval: dict[str, float]
+    reference: KtoReference | None  # KTO's reference log-probabilities; None for SFT
+
+
+@dataclass
+class Trained:
+    """What :func:`train_loop` reports."""
+
+    train_loss: float  # weighted mean task loss over the last epoch's batches
+    steps: int
+    tokens: int
+    penalty: float  # the last step's
+
+
+def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Penalty | None = None) -> TrainResult:
+    """Run one training job (see the module docstring); ``penalty`` is added to every step's loss."""
+    started = time.monotonic()
+    setup = set_up(spec, penalty)
+    before = measure_before(setup)
+    trained = train_loop(setup, before.reference, progress)
+    return finish(setup, before, trained, started)
+
+
+# --- 1. set up ---------------------------------------------------------------------------------------
+
+
+def set_up(spec: TrainSpec, penalty: Penalty | None = None) -> Setup:
+    """Phase 1: processes, seed, samples, eval sets, parent Fisher and model; every input problem surfaces here."""
+    cfg = spec.training
+    dist = Dist.start(cfg.device)
+    set_seed(cfg.seed)
+    examples = _read_training_samples(spec)
+    eval_examples = {n: [e for e in read_samples(p) if e.weight > 0 and e.label > 0] for n, p in spec.eval_sets.items()}
+    parent_fisher = load_fisher(spec.parent_fisher) if spec.parent_fisher else None
+    loaded = load_for_training(spec.base_model, spec.lora, spec.parent_adapter, dist.device, spec.quantization)
+    model, device, tokenizer = loaded.model, loaded.device, loaded.tokenizer
+    pad = pad_id(tokenizer)
+    if spec.quantization != "none":
+        check_quantized_gradients(model, spec.quantization, device, dtype_for(device))
+    encoded = [encode(tokenizer, e, cfg.max_length) for e in examples]
+    eval_sets = {n: [encode(tokenizer, e, cfg.max_length) for e in exs] for n, exs in eval_examples.items() if exs}
+    penalties: list[Penalty] = [penalty] if penalty is not None else []
+    if parent_fisher is not None and spec.ewc.lambda_ > 0:
+        penalties.append(EwcPenalty(lora_parameters(model), parent_fisher, spec.ewc.lambda_))
+    return Setup(
+        spec=spec,
+        dist=dist,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        pad=pad,
+        examples=examples,
+        encoded=encoded,
+        scored=[e for e in encoded if e.label > 0] or encoded,
+        eval_sets=eval_sets,
+        parent_fisher=parent_fisher,
+        penalties=penalties,
+        reduce=dist.reduce(),
+    )
 
 
 def _read_training_samples(spec: TrainSpec) -> list[Example]:
     """Positive-weight samples; SFT learns desirable ones only, KTO uses both labels."""
-    kto = spec.effective_objective == "kto"
+    kto = spec.training.objective == "kto"
     examples = [e for e in read_samples(spec.samples_path) if e.weight > 0 and (kto or e.label > 0)]
     if not examples:
         kind = "" if kto else "desirable "
         raise TrainingError(f"no {kind}sample with a positive weight in {spec.samples_path}")
     return examples
+
+
+# --- 2. measure before -------------------------------------------------------------------------------
+
+
+def measure_before(setup: Setup) -> Before:
+    """Phase 2: the losses at the parent adapter (or the base), and KTO's reference (the model as it is now)."""
+    training = setup.measure(setup.scored)
+    if not math.isfinite(training):
+        raise TrainingError(f"the loss before training is {training}: the model is broken")
+    before = {name: setup.measure(items) for name, items in setup.eval_sets.items()}
+    reference = None
+    if setup.spec.training.objective == "kto":
+        cfg, model = setup.spec.training, setup.model
+        kl_examples = mismatched_examples(setup.examples, cfg.seed)
+        kl_encoded = [encode(setup.tokenizer, e, cfg.max_length) for e in kl_examples]
+        logps = sequence_logps(model, setup.encoded, cfg.batch_size, setup.pad, setup.device).cpu()
+        kl_logps = sequence_logps(model, kl_encoded, cfg.batch_size, setup.pad, setup.device).cpu()
+        reference = KtoReference(logps, kl_logps, kl_encoded)
+    return Before(training, before, reference)
+
+
+# --- 3. train ----------------------------------------------------------------------------------------
+
+
+def train_loop(setup: Setup, reference: KtoReference | None, progress: ProgressCallback | None = None) -> Trained:
+    """Phase 3: AdamW over ``epochs`` shuffled passes; every step checked, then reported to ``progress``."""
+    cfg, dist, encoded = setup.spec.training, setup.dist, setup.encoded
+    trainable = [p for p in setup.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    step_model, optimizer = dist.prepare(setup.model, optimizer)
+    total_steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    step = tokens = 0
+    penalty = epoch_loss = epoch_weight = 0.0
+    train_started = time.monotonic()
+    setup.model.train()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            epoch_loss = epoch_weight = 0.0
+            order = torch.randperm(len(encoded), generator=shuffle).tolist()
+            for indices in batches(list(range(len(encoded))), order, cfg.batch_size):
+                step += 1
+                batch_weight = sum(encoded[i].weight for i in indices)
+                where = f"step {step}/{total_steps} (epoch {epoch})"
+                task, penalty, counted = _step(setup, step_model, optimizer, indices, batch_weight, reference, where)
+                tokens += counted
+                epoch_loss += task * batch_weight
+                epoch_weight += batch_weight
+                if progress is not None and dist.is_main:
+                    elapsed = max(time.monotonic() - train_started, 1e-9)
+                    progress(
+                        Progress(
+                            step=step,
+                            total_steps=total_steps,
+                            epoch=epoch,
+                            loss=task + penalty,
+                            task_loss=task,
+                            penalty=penalty,
+                            tokens_per_s=tokens / elapsed,
+                            eta_s=elapsed / step * (total_steps - step),
+                        )
+                    )
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(f"out of memory at step {step}/{total_steps}: {exc}") from None
+    return Trained(train_loss=epoch_loss / epoch_weight, steps=step, tokens=tokens, penalty=penalty)
+
+
+def _step(
+    setup: Setup,
+    step_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    indices: list[int],
+    batch_weight: float,
+    reference: KtoReference | None,
+    where: str,
+) -> tuple[float, float, int]:
+    """One optimizer step on the batch ``indices``: (task loss, penalty, tokens); a NaN objective raises first."""
+    dist, encoded = setup.dist, setup.encoded
+    # This process's samples; an empty share runs a zero-weight stand-in (DDP needs a backward).
+    mine = dist.shard(indices)
+    if mine:
+        items = [encoded[i] for i in mine]
+    else:
+        mine, items = indices[:1], [replace(encoded[indices[0]], weight=0.0)]
+    if reference is not None:
+        cfg = setup.spec.training
+        ref = reference.select(mine)
+        share, _ = kto_step_loss(
+            step_model, setup.model, items, ref, cfg, batch_weight, setup.pad, setup.device, setup.reduce
+        )
+    else:
+        share = _sft_share(step_model, items, batch_weight, setup.pad, setup.device, dist.world)
+    extra = sum((p(setup.model) for p in setup.penalties), torch.zeros((), device=setup.device))
+    counted = sum(len(e.input_ids) for e in items if e.weight > 0)
+    stats = dist.sum(torch.tensor([float(share.detach()), float(counted)], dtype=torch.float64))
+    task, penalty = float(stats[0]), float(extra.detach())
+    if not math.isfinite(task + penalty):
+        raise TrainingError(f"training diverged: loss became {task + penalty} at {where}")
+    optimizer.zero_grad(set_to_none=True)
+    dist.backward(share * dist.world + extra)
+    optimizer.step()
+    return task, penalty, int(stats[1])
 
 
 def _sft_share(
@@ -92,145 +300,29 @@ def _sft_share(
     return (losses * batch["weights"].to(device)).sum() / batch_weight
 
 
-def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Penalty | None = None) -> TrainResult:
-    """Run one training job (see the module docstring); ``penalty`` is added to every step's loss."""
-    started = time.monotonic()
-    cfg, objective = spec.training, spec.effective_objective
-    dist = Dist.start(cfg.device)
-    set_seed(cfg.seed)
+# --- 4. finish ---------------------------------------------------------------------------------------
 
-    # 1. Samples, eval sets, parent Fisher and model; every input problem surfaces before training.
-    examples = _read_training_samples(spec)
-    eval_examples = {n: [e for e in read_samples(p) if e.weight > 0 and e.label > 0] for n, p in spec.eval_sets.items()}
-    parent_fisher = load_fisher(spec.parent_fisher) if spec.parent_fisher else None
-    loaded = load_for_training(spec.base_model, spec.lora, spec.parent_adapter, dist.device, spec.quantization)
-    model, device, tokenizer = loaded.model, loaded.device, loaded.tokenizer
-    pad = pad_id(tokenizer)
-    if spec.quantization != "none":
-        check_quantized_gradients(model, spec.quantization, device, dtype_for(device))
-    encoded = [encode(tokenizer, e, cfg.max_length) for e in examples]
-    scored = [e for e in encoded if e.label > 0] or encoded
-    eval_sets = {n: [encode(tokenizer, e, cfg.max_length) for e in exs] for n, exs in eval_examples.items() if exs}
-    penalties: list[Penalty] = [penalty] if penalty is not None else []
-    if parent_fisher is not None and spec.ewc.lambda_ > 0:
-        penalties.append(EwcPenalty(lora_parameters(model), parent_fisher, spec.ewc.lambda_))
 
-    reduce = dist.reduce()
-
-    def measure(items: list[Encoded]) -> float:
-        return evaluate(model, dist.shard(items), cfg.batch_size, pad, device, reduce)
-
-    # 2. Before.
-    eval_loss_before = measure(scored)
-    if not math.isfinite(eval_loss_before):
-        raise TrainingError(f"the loss before training is {eval_loss_before}: the model is broken")
-    before = {name: measure(items) for name, items in eval_sets.items()}
-    reference = None
-    if objective == "kto":  # the reference is the model as it is now: the parent adapter, or the base
-        kl_encoded = [encode(tokenizer, e, cfg.max_length) for e in mismatched_examples(examples, cfg.seed)]
-        logps = sequence_logps(model, encoded, cfg.batch_size, pad, device).cpu()
-        kl_logps = sequence_logps(model, kl_encoded, cfg.batch_size, pad, device).cpu()
-        reference = KtoReference(logps, kl_logps, kl_encoded)
-
-    # 3. Train.
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    step_model, optimizer = dist.prepare(model, optimizer)
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    step = tokens = 0
-    penalty_value = 0.0
-    train_started = time.monotonic()
-    model.train()
-    try:
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_loss = epoch_weight = 0.0
-            order = torch.randperm(len(encoded), generator=shuffle).tolist()
-            for indices in batches(list(range(len(encoded))), order, cfg.batch_size):
-                step += 1
-                batch_weight = sum(encoded[i].weight for i in indices)
-                # This process's samples; an empty share runs a zero-weight stand-in (DDP needs a backward).
-                mine = dist.shard(indices)
-                if mine:
-                    items = [encoded[i] for i in mine]
-                else:
-                    mine, items = indices[:1], [replace(encoded[indices[0]], weight=0.0)]
-                if reference is not None:
-                    ref = reference.select(mine)
-                    share, _ = kto_step_loss(step_model, model, items, ref, cfg, batch_weight, pad, device, reduce)
-                else:
-                    share = _sft_share(step_model, items, batch_weight, pad, device, dist.world)
-                extra = sum((p(model) for p in penalties), torch.zeros((), device=device))
-                counted = sum(len(e.input_ids) for e in items if e.weight > 0)
-                stats = dist.sum(torch.tensor([float(share.detach()), float(counted)], dtype=torch.float64))
-                task_value, penalty_value = float(stats[0]), float(extra.detach())
-                value = task_value + penalty_value
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"training diverged: loss became {value} at step {step}/{total_steps} (epoch {epoch})"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                dist.backward(share * dist.world + extra)
-                optimizer.step()
-
-                tokens += int(stats[1])
-                epoch_loss += task_value * batch_weight
-                epoch_weight += batch_weight
-                if progress is not None and dist.is_main:
-                    elapsed = max(time.monotonic() - train_started, 1e-9)
-                    progress(
-                        Progress(
-                            step=step,
-                            total_steps=total_steps,
-                            epoch=epoch,
-                            loss=value,
-                            task_loss=task_value,
-                            penalty=penalty_value,
-                            tokens_per_s=tokens / elapsed,
-                            eta_s=elapsed / step * (total_steps - step),
-                        )
-                    )
-    except torch.OutOfMemoryError as exc:
-        raise TrainingError(f"out of memory at step {step}/{total_steps}: {exc}") from None
-
-    # 4. After, the adapter, the Fisher, the result.
-    eval_loss_after = measure(scored)
-    evals = {
-        n: {"before": before[n], "after": measure(items), "samples": float(len(items))}
-        for n, items in eval_sets.items()
-    }
-    # The last update can break the model too; a NaN eval loss must never reach the release gate.
-    for name, after in [("training", eval_loss_after)] + [(n, e["after"]) for n, e in evals.items()]:
-        if not math.isfinite(after):
-            raise TrainingError(f"training diverged: the {name} loss after training is {after}")
+def finish(setup: Setup, before: Before, trained: Trained, started: float) -> TrainResult:
+    """Phase 4: measure after, then the adapter, the Fisher and ``result.json`` (last: it marks a complete output)."""
+    spec, dist = setup.spec, setup.dist
+    eval_loss_after, evals = _measure_after(setup, before)
     output_dir = Path(spec.output_dir)
     if dist.is_main:
-        _save_adapter(model, output_dir)
-    fisher_seconds = 0.0
-    if spec.compute_fisher:
-        fisher_started = time.monotonic()
-        window = [enc for enc, ex in zip(encoded, examples, strict=True) if ex.source == "window" and ex.label > 0]
-        sums = fisher_sums(model, dist.shard(window), pad, device, cfg.fisher_chunk_size).reduce(reduce)
-        anchor = {n: p.detach() for n, p in lora_parameters(model).items()}
-        state = accumulate(
-            sums.mean(), anchor, parent_fisher, spec.ewc.gamma, spec.ewc.normalize, sums.samples, sums.weight
-        )
-        if dist.is_main:
-            save_fisher(state, output_dir / FISHER_FILE)
-        fisher_seconds = time.monotonic() - fisher_started
+        _save_adapter(setup.model, output_dir)
+    fisher_seconds = _write_fisher(setup, output_dir / FISHER_FILE) if spec.compute_fisher else 0.0
     result = TrainResult(
-        train_loss=epoch_loss / epoch_weight,
-        eval_loss_before=eval_loss_before,
+        train_loss=trained.train_loss,
+        eval_loss_before=before.training,
         eval_loss_after=eval_loss_after,
-        steps=step,
-        tokens=tokens,
+        steps=trained.steps,
+        tokens=trained.tokens,
         seconds=time.monotonic() - started,
-        samples=len(encoded),
+        samples=len(setup.encoded),
         eval=evals,
         fisher_seconds=fisher_seconds,
-        ewc_penalty=penalty_value,
-        objective=objective,
+        ewc_penalty=trained.penalty,
+        objective=spec.training.objective,
         processes=dist.world,
     )
     if dist.is_main:
@@ -239,6 +331,51 @@ def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Pe
         scratch.replace(output_dir / RESULT_FILE)
     dist.barrier()
     return result
+
+
+def _measure_after(setup: Setup, before: Before) -> tuple[float, dict[str, dict[str, float]]]:
+    """The training loss after, and ``{set: {before, after, samples}}``; a NaN or infinite one raises."""
+    training = setup.measure(setup.scored)
+    evals = {
+        n: {"before": before.eval[n], "after": setup.measure(items), "samples": float(len(items))}
+        for n, items in setup.eval_sets.items()
+    }
+    # The last update can break the model too; a NaN eval loss must never reach the release gate.
+    for name, after in [("training", training)] + [(n, e["after"]) for n, e in evals.items()]:
+        if not math.isfinite(after):
+            raise TrainingError(f"training diverged: the {name} loss after training is {after}")
+    return training, evals
+
+
+def _save_adapter(model: PeftModel, output_dir: Path) -> None:
+    """PEFT's ``save_pretrained`` into a scratch folder; only the two adapter files are kept."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".save-") as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        for name in ADAPTER_FILES:
+            if not (Path(scratch) / name).is_file():
+                raise TrainingError(f"PEFT did not write {name}")
+            shutil.move(str(Path(scratch) / name), output_dir / name)
+
+
+def _write_fisher(setup: Setup, path: Path) -> float:
+    """The online-EWC Fisher of the window's desirable samples at the trained adapter, written to ``path``;
+    returns the seconds it took."""
+    started = time.monotonic()
+    spec, cfg = setup.spec, setup.spec.training
+    pairs = zip(setup.encoded, setup.examples, strict=True)
+    window = setup.dist.shard([enc for enc, ex in pairs if ex.source == "window" and ex.label > 0])
+    sums = fisher_sums(setup.model, window, setup.pad, setup.device, cfg.fisher_chunk_size).reduce(setup.reduce)
+    anchor = {n: p.detach() for n, p in lora_parameters(setup.model).items()}
+    state = accumulate(
+        sums.mean(), anchor, setup.parent_fisher, spec.ewc.gamma, spec.ewc.normalize, sums.samples, sums.weight
+    )
+    if setup.dist.is_main:
+        save_fisher(state, path)
+    return time.monotonic() - started
+
+
+# --- the process -------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

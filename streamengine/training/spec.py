@@ -1,8 +1,9 @@
-"""The training job's input (:class:`TrainSpec`) and output (:class:`TrainResult`, :class:`Progress`).
+"""The child processes' input and output: :class:`TrainSpec` -> :class:`Progress`, :class:`TrainResult`;
+:class:`FisherSpec` -> :class:`FisherResult`.
 
-These models are the boundary between the worker and the training process: the worker writes a
-``TrainSpec`` as JSON, runs ``python -m streamengine.training.recipe SPEC.json`` and reads one JSON
-object per stdout line (``{"event": "progress", ...}``, then ``{"event": "result", ...}`` or
+These models are the boundary between the worker and the processes it runs (torch-free, so the worker
+imports them): the worker writes a spec as JSON, runs the command line of :mod:`launch` and reads one
+JSON object per stdout line (``{"event": "progress", ...}``, then ``{"event": "result", ...}`` or
 ``{"event": "error", "message": ...}``).
 
 Samples file (JSONL), one object per line (``label`` and ``source`` are optional)::
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamengine.config.settings import EwcSettings, LoraSettings, TrainingSettings
 from streamengine.errors import TrainingError
@@ -30,10 +31,28 @@ Objective = Literal["sft", "kto"]
 Quantization = Literal["none", "8bit", "4bit"]
 
 
-class TrainSpec(BaseModel):
-    """One training job: which base, which parent adapter, which samples, where the adapter goes."""
+class _SpecFile(BaseModel):
+    """A job description the worker writes as a JSON file and the child process reads."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(by_alias=True), encoding="utf-8")
+
+    @classmethod
+    def read(cls, path: str | Path) -> Self:
+        """Load a spec file, turning every problem into a :class:`TrainingError`."""
+        try:
+            return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise TrainingError(f"cannot read job spec {path}: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise TrainingError(f"invalid job spec {path}: {problems}") from None
+
+
+class TrainSpec(_SpecFile):
+    """One training job: which base, which parent adapter, which samples, where the adapter goes."""
 
     base_model: str = Field(description="Local Hugging Face model folder, hub id, or a .gguf file.")
     parent_adapter: str | None = Field(
@@ -44,45 +63,14 @@ class TrainSpec(BaseModel):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     ewc: EwcSettings = EwcSettings()
-    ewc_lambda: float | None = Field(
-        None, ge=0, description="Older spelling of ewc.lambda: sets it when `ewc` is not given, must agree if it is."
-    )
     parent_fisher: str | None = Field(
         None, description="The parent version's fisher.safetensors: the EWC penalty's F and theta*; none, no penalty."
     )
     eval_sets: dict[str, str] = Field(
         {}, description="Name -> JSONL path (samples format); each is scored before and after training."
     )
-    objective: Objective | None = Field(None, description="sft or kto; None takes training.objective.")
     quantization: Quantization = Field("none", description="Load the base in 8 or 4 bits (bitsandbytes).")
     compute_fisher: bool = Field(True, description="Write fisher.safetensors (online EWC) beside the adapter.")
-    model_name: str = ""
-    version: str = ""
-
-    @model_validator(mode="after")
-    def _one_lambda(self) -> TrainSpec:
-        if self.ewc_lambda is not None:
-            if "ewc" not in self.model_fields_set:
-                self.ewc = self.ewc.model_copy(update={"lambda_": self.ewc_lambda})
-            elif self.ewc.lambda_ != self.ewc_lambda:
-                raise ValueError(f"ewc_lambda {self.ewc_lambda} contradicts ewc.lambda {self.ewc.lambda_}")
-        return self
-
-    @property
-    def effective_objective(self) -> Objective:
-        """``objective`` when set, else ``training.objective``."""
-        return self.objective or self.training.objective
-
-    @classmethod
-    def read(cls, path: str | Path) -> TrainSpec:
-        """Load a spec file, turning every problem into a :class:`TrainingError`."""
-        try:
-            return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise TrainingError(f"cannot read training spec {path}: {exc}") from None
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise TrainingError(f"invalid training spec {path}: {problems}") from None
 
 
 class Progress(BaseModel):
@@ -123,7 +111,27 @@ class TrainResult(BaseModel):
     processes: int = Field(1, description="Training processes (DDP world size).")
 
 
+class FisherSpec(_SpecFile):
+    """One Fisher job: the exact Fisher of a trained adapter on its window's samples (``streamengine fisher``)."""
+
+    base_model: str
+    adapter_dir: str = Field(description="The adapter's PEFT folder.")
+    samples_path: str = Field(description="Its window's samples (only desirable `window` lines count).")
+    out_path: str = Field(description="Where the Fisher file is written.")
+    parent_fisher: str | None = Field(None, description="The parent version's Fisher file, accumulated onto.")
+    ewc: EwcSettings = EwcSettings()
+    training: TrainingSettings = TrainingSettings()
+    quantization: Quantization = "none"
+
+
+class FisherResult(BaseModel):
+    """What a finished Fisher job reports."""
+
+    path: str
+    seconds: float
+
+
 def event_line(event: str, body: BaseModel | dict[str, object]) -> str:
-    """One stdout line of the training process: ``{"event": ..., **body}``."""
+    """One stdout line of a child process: ``{"event": ..., **body}``."""
     fields = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
     return json.dumps({"event": event, **fields}, ensure_ascii=False)

@@ -30,6 +30,7 @@ from streamengine.jobs.worker import Worker
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
+from streamengine.training.spec import FisherResult, TrainResult
 from tests import process_tools
 from tests.engine_tools import engine_running
 from tests.kafka_tools import read_all, wait_for
@@ -230,13 +231,20 @@ async def test_how_a_child_that_reported_nothing_ended_is_classified(
 ) -> None:
     """A C++ allocation failure aborts the process (SIGABRT): out of memory, final. Other deaths: retryable."""
 
-    async def ignore(_: dict[str, Any]) -> None:
-        return None
-
     with pytest.raises(TrainingError) as failure:
-        await run_training([sys.executable, "-c", code], tmp_path / "train.log", ignore, memory_limit_mb=512)
+        await run_training([sys.executable, "-c", code], tmp_path / "train.log", TrainResult, memory_limit_mb=512)
     message = str(failure.value)
     assert message.startswith("out of memory") == out_of_memory
     assert isinstance(failure.value, TrainingCrashed) != out_of_memory
     if out_of_memory:
         assert "SIGABRT" in message and "std::bad_alloc" in message and "trainer_memory_limit_mb = 512" in message
+
+
+async def test_a_result_line_that_does_not_fit_the_model_is_a_final_error(tmp_path: Path) -> None:
+    code = 'print(\'{"event": "result", "path": "f.safetensors"}\')'  # a FisherResult without its seconds
+    with pytest.raises(TrainingError, match="invalid FisherResult") as failure:
+        await run_training([sys.executable, "-c", code], tmp_path / "fisher.log", FisherResult)
+    assert not isinstance(failure.value, TrainingCrashed)
+    good = 'print(\'{"event": "result", "path": "f.safetensors", "seconds": 1.5}\')'
+    result = await run_training([sys.executable, "-c", good], tmp_path / "fisher.log", FisherResult)
+    assert result == FisherResult(path="f.safetensors", seconds=1.5)
