@@ -13,11 +13,9 @@ from streamengine.errors import ConfigError
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No STREAMENGINE_* variable leaks in, and none set here (load_settings sets STREAMENGINE_CONFIG) leaks out."""
+    """No STREAMENGINE_* variable leaks in."""
     for var in [v for v in os.environ if v.upper().startswith(ENV_PREFIX)]:
         monkeypatch.delenv(var)
-    monkeypatch.setenv(CONFIG_ENV, "")  # recorded as absent, so it is removed again after the test
-    monkeypatch.delenv(CONFIG_ENV)
     monkeypatch.chdir(tmp_path)
 
 
@@ -148,6 +146,28 @@ def test_explicit_overrides_win_over_everything(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("STREAMENGINE_TRAINING__EPOCHS", "9")
     s = load_settings(write_yaml(tmp_path / "se.yaml", YAML), training={"epochs": 2})
     assert s.training.epochs == 2
+
+
+def test_load_settings_leaves_the_environment_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMENGINE_API_TOKEN", "older-spelling")
+    before = dict(os.environ)
+    check_yaml_values(load_settings(write_yaml(tmp_path / "se.yaml", YAML)))
+    assert dict(os.environ) == before
+    # The file was read for that call only: later settings do not see it.
+    assert load_settings().kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert Settings().kafka.bootstrap_servers == "127.0.0.1:9092"
+
+
+def test_older_token_spelling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_yaml(tmp_path / "se.yaml", "api:\n  token: from-yaml\n  port: 8181\n")
+    monkeypatch.setenv("STREAMENGINE_API_TOKEN", "older")
+    s = load_settings(path)
+    assert s.api.token is not None and s.api.token.get_secret_value() == "older"  # the environment wins
+    assert s.api.port == 8181  # the rest of the section still comes from the file
+    assert "env_api_token" not in s.model_dump() and "older" not in repr(s)
+    monkeypatch.setenv("STREAMENGINE_API__TOKEN", "current")
+    s = load_settings(path)
+    assert s.api.token is not None and s.api.token.get_secret_value() == "current"
 
 
 def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,6 +141,8 @@ def describe(settings: Settings | None = None) -> list[SettingInfo]:
     """One entry per setting, in declaration order; ``value`` is the default when ``settings`` is None."""
     rows: list[SettingInfo] = []
     for name, info in Settings.model_fields.items():
+        if info.exclude:
+            continue  # another name of a setting listed under its own (env_api_token: api.token)
         section_type = info.annotation
         current = getattr(settings, name) if settings is not None else info.get_default(call_default_factory=True)
         if isinstance(section_type, type) and issubclass(section_type, BaseModel):

@@ -2,20 +2,30 @@
 
 Sources, strongest first: explicit overrides, environment variables (prefix ``STREAMENGINE_``, ``__``
 between nested names), an optional YAML file (``--config`` or ``STREAMENGINE_CONFIG``), defaults.
-Defaults follow the seed: LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, EWC lambda 500, batch 4,
-lr 2e-4, 3 epochs, max length 2048, weekly tick "0 2 * * 1", bucket ``lora-adapters``.
+Defaults: LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, EWC lambda 500, batch 4, lr 2e-4, 3 epochs,
+max length 2048, weekly tick "0 2 * * 1", bucket ``lora-adapters``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +38,8 @@ from streamengine.errors import ConfigError
 
 ENV_PREFIX = "STREAMENGINE_"
 CONFIG_ENV = "STREAMENGINE_CONFIG"
+_YAML_FILE: ContextVar[Path | None] = ContextVar("streamengine_yaml_file", default=None)
+"""The YAML file :func:`load_settings` is reading (unset: ``STREAMENGINE_CONFIG``, if set)."""
 
 
 class _Section(BaseModel):
@@ -309,6 +321,21 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
     signing_key: SecretStr | None = None
+    env_api_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(ENV_PREFIX + "API__TOKEN", ENV_PREFIX + "API_TOKEN"),
+        exclude=True,
+        repr=False,
+        description="api.token as the environment gives it: the older spelling STREAMENGINE_API_TOKEN is "
+        "accepted too (the current one wins); either wins over the YAML file.",
+    )
+
+    @model_validator(mode="after")
+    def _token_from_environment(self) -> Settings:
+        """The older spelling cannot nest into ``api`` by itself: read as a field, then moved there."""
+        if self.env_api_token is not None:
+            self.api.token = self.env_api_token
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -319,7 +346,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_path = os.environ.get(CONFIG_ENV)
+        yaml_path = _YAML_FILE.get() or os.environ.get(CONFIG_ENV)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if yaml_path:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
@@ -345,21 +372,25 @@ def _check_yaml(path: Path) -> None:
         raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings, turning validation failures into one :class:`ConfigError` per problem list."""
+def _config_path(config_file: str | Path | None) -> Path | None:
+    """The YAML file to read (``config_file``, else ``STREAMENGINE_CONFIG``), checked to exist and parse."""
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        _check_yaml(path)
-        os.environ[CONFIG_ENV] = str(path)
     elif yaml_path := os.environ.get(CONFIG_ENV):
-        if not Path(yaml_path).is_file():
+        path = Path(yaml_path)
+        if not path.is_file():
             raise ConfigError(f"config file {yaml_path} ({CONFIG_ENV}) does not exist")
-        _check_yaml(Path(yaml_path))
-    token = os.environ.get("STREAMENGINE_API_TOKEN")  # the spelling the seed's operators know
-    if token and "STREAMENGINE_API__TOKEN" not in os.environ and "api" not in overrides:
-        overrides["api"] = {"token": token}
+    else:
+        return None
+    _check_yaml(path)
+    return path
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, turning validation failures into one :class:`ConfigError` per problem list."""
+    reading = _YAML_FILE.set(_config_path(config_file))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -374,3 +405,5 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(
             f"invalid setting: {env} or an {env}__* variable holds a value that is not valid JSON"
         ) from None
+    finally:
+        _YAML_FILE.reset(reading)
