@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from streamengine import metrics
+from streamengine.core.job_states import JOB_STATES
 from streamengine.core.windows import Schedule
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, tick_once
 from streamengine.store import windows
@@ -171,5 +173,33 @@ async def test_manual_close_and_gauges_of_jobs_and_releases(pg_dsn: str) -> None
         assert _value(metrics.JOBS, "queued") == 1 and _value(metrics.JOBS, "failed") == 0
         assert 3590 < _value(metrics.JOB_AGE, "queued") < 3700
         assert _value(metrics.JOB_AGE, "running") == 0
+    finally:
+        await db.close()
+
+
+async def test_the_jobs_gauge_reports_every_state(pg_dsn: str) -> None:
+    """One job in each state the database allows (a Fisher job ends ``done``): each is counted."""
+    from streamengine.config.settings import DatabaseSettings
+
+    db = await Database.connect(DatabaseSettings(url=pg_dsn))
+    try:
+        check = await db.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'jobs_state_check'"
+        )
+        assert sorted(re.findall(r"'(\w+)'", check)) == sorted(JOB_STATES)
+        await add_samples(db, 0, 2)
+        closed = await windows.close_now(db, MODEL, "manual")
+        assert closed is not None
+        await db.execute("UPDATE jobs SET state = $2 WHERE id = $1", closed.job_id, JOB_STATES[0])
+        for state in JOB_STATES[1:]:
+            await db.execute(
+                "INSERT INTO jobs (model, window_id, reason, kind, state) VALUES ($1, $2, 'manual', 'fisher', $3)",
+                MODEL,
+                closed.window_id,
+                state,
+            )
+        await refresh_gauges(db, MODEL, WEEKLY)
+        assert {state: _value(metrics.JOBS, state) for state in JOB_STATES} == dict.fromkeys(JOB_STATES, 1)
+        assert _value(metrics.JOBS, "done") == 1  # the state the gauge used to leave out
     finally:
         await db.close()

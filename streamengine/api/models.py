@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobState = Literal["queued", "running", "released", "rejected", "failed", "done"]
+from streamengine.core.job_states import JobState
 
 
 class ErrorBody(BaseModel):

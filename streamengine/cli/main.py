@@ -38,6 +38,7 @@ from streamengine.cli.base import (
 from streamengine.cli.base import client as _client
 from streamengine.cli.base import console as console
 from streamengine.cli.base import print_json as _print_json
+from streamengine.core.job_states import FINISHED_STATES
 from streamengine.errors import StreamEngineError
 
 
@@ -229,7 +230,7 @@ def _wait_for_job(client: Any, model: str, job_id: int, poll_s: float = 1.0) -> 
     while True:
         status = client.get("/training/status", model=model, limit=500)
         job = next((j for j in status["jobs"] if j["id"] == job_id), None)
-        if job and job["state"] in ("done", "released", "rejected", "failed"):
+        if job and job["state"] in FINISHED_STATES:
             if job["state"] == "failed":
                 raise StreamEngineError(f"job {job_id} failed: {job['error']}")
             return dict(job)
@@ -335,7 +336,7 @@ def adapters_gc(state: State, keep: int, dry_run: bool, model: str | None, as_js
 for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi, forget
     cli.add_command(_command)
 
-# The seed's flat command names, kept for its users.
+# Older flat command names, still accepted.
 cli.add_command(adapters_list, "list-adapters")
 cli.add_command(adapters_info, "adapter-info")
 cli.add_command(adapters_deploy, "deploy")

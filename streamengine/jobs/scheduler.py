@@ -21,14 +21,13 @@ from datetime import datetime
 
 from streamengine import metrics
 from streamengine.config.settings import PrivacySettings, Settings
+from streamengine.core.job_states import ACTIVE_STATES, JOB_STATES
 from streamengine.core.windows import Schedule
 from streamengine.store import privacy, windows
 from streamengine.store.db import Database
 from streamengine.store.windows import ClosedWindow
 
 log = logging.getLogger(__name__)
-
-JOB_STATES = ("queued", "running", "released", "rejected", "failed")
 
 
 def schedule_of(settings: Settings) -> Schedule:
@@ -78,7 +77,7 @@ async def refresh_gauges(db: Database, model: str, schedule: Schedule) -> None:
     for state in JOB_STATES:
         row = by_state.get(state)
         metrics.JOBS.labels(state).set(row["n"] if row else 0)
-    for state in ("queued", "running"):
+    for state in ACTIVE_STATES:
         row = by_state.get(state)
         metrics.JOB_AGE.labels(state).set(float(row["age"]) if row else 0.0)
     for row in await db.fetch("SELECT model, extract(epoch FROM max(created_at)) AS t FROM adapters GROUP BY model"):

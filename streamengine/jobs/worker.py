@@ -25,6 +25,7 @@ from streamengine.config.settings import Settings
 from streamengine.contract import cloudevents
 from streamengine.contract.events import RELEASED_TYPE, AdapterReleased, LoraSpec
 from streamengine.core.gate import GateDecision, GatePolicy, decide
+from streamengine.core.job_states import JobState
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
@@ -125,7 +126,9 @@ class Worker:
             raise
         return job
 
-    async def _finish(self, job: job_queue.Job, state: str, error: str, retry: bool, limited: bool = True) -> str:
+    async def _finish(
+        self, job: job_queue.Job, state: JobState, error: str, retry: bool, limited: bool = True
+    ) -> str:
         metrics.JOB_FAILURES.labels(job.model).inc()
         limit = self.settings.worker.max_attempts if limited else None
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from streamengine.core.job_states import JobState
 from streamengine.core.versions import Version, next_version
 from streamengine.errors import Conflict, NotFound
 from streamengine.store.db import Database
@@ -27,7 +28,7 @@ class Job:
     model: str
     window_id: int
     reason: str
-    state: str
+    state: JobState
     attempts: int
     lease_owner: str | None
     version: str | None
@@ -203,17 +204,17 @@ async def finish_unreleased(
     db: Database,
     job_id: int,
     owner: str,
-    state: str,
+    state: JobState,
     error: str,
     metrics: dict[str, Any] | None = None,
     retry: bool = False,
     max_attempts: int | None = 1,
-) -> str:
+) -> JobState:
     """End a job without a release: ``rejected`` (gate) or ``failed``; a retryable failure re-queues
     it while attempts remain (always, when ``max_attempts`` is None). Returns the state the job is left in."""
     async with db.pool.acquire() as conn, conn.transaction():
         job = await _owned(conn, job_id, owner)
-        new_state = "queued" if retry and (max_attempts is None or job["attempts"] < max_attempts) else state
+        new_state: JobState = "queued" if retry and (max_attempts is None or job["attempts"] < max_attempts) else state
         await conn.execute(
             "UPDATE jobs SET state = $2, error = $3, metrics = $4, lease_owner = NULL, lease_expires_at = NULL,"
             " finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1",

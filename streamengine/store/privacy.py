@@ -18,7 +18,6 @@ import asyncpg
 
 from streamengine.store.db import Database
 
-ACTIVE = ("queued", "running")
 _RETENTION_LOCK = 0x5E_0005
 """Advisory lock of the retention pass: with several replicas, one deletes at a time."""
 
