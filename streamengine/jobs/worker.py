@@ -24,6 +24,7 @@ from streamengine import metrics
 from streamengine.config.settings import Settings
 from streamengine.contract import cloudevents
 from streamengine.contract.events import RELEASED_TYPE, AdapterReleased, LoraSpec
+from streamengine.core.backoff import Backoff
 from streamengine.core.gate import GateDecision, GatePolicy, decide
 from streamengine.core.job_states import JobState
 from streamengine.core.manifest import sha256_bytes
@@ -82,7 +83,7 @@ class Worker:
                     log.warning("worker: %s (%s); retrying", exc, type(exc).__name__)
                     job = None
                 poll_s = self.settings.worker.poll_s
-                wait_s = min(poll_s * 2**self.outages, OUTAGE_BACKOFF_MAX_S) if self.outages else poll_s
+                wait_s = Backoff(2 * poll_s, OUTAGE_BACKOFF_MAX_S).delay(self.outages) if self.outages else poll_s
                 if job is None or self.outages:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(stopping), timeout=wait_s)

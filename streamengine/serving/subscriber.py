@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from streamengine.config.settings import Settings
 from streamengine.contract.events import AdapterReleased
+from streamengine.core.backoff import Backoff
 from streamengine.core.manifest import serving_files, signature_valid
 from streamengine.core.versions import Version
 from streamengine.errors import ConfigError, IntegrityError, ServiceUnavailable
@@ -91,7 +92,7 @@ class Subscriber:
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.poll_ms = poll_ms
         self.fetch_wait_ms = fetch_wait_ms
-        self.retry_initial_s, self.retry_max_s, self.reconcile_s = retry_initial_s, retry_max_s, reconcile_s
+        self.retry_backoff, self.reconcile_s = Backoff(retry_initial_s, retry_max_s), reconcile_s
         self.on_swap = on_swap
         self.outcomes: deque[Outcome] = deque(maxlen=256)
         self.ready = asyncio.Event()
@@ -104,7 +105,8 @@ class Subscriber:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._pending: tuple[AdapterReleased, dict[str, Any] | None] | None = None
         self._retry_at = 0.0
-        self._retry_delay = retry_initial_s
+        self._failures = 0
+        """Tries in a row of the pending release that failed on a transient error."""
 
     @property
     def current(self) -> str | None:
@@ -158,7 +160,7 @@ class Subscriber:
                 f"; trying again in {self._retry_at - time.monotonic():.1f}s" if transient else "",
             )  # fmt: skip
             return await self._record(Outcome(event.version, "failed", reason, str(exc), stages=stages))
-        self._pending, self._retry_delay = None, self.retry_initial_s
+        self._pending, self._failures = None, 0
         seconds = time.perf_counter() - started
         SWAP_SECONDS.labels(self.model).observe(seconds)
         for name, value in stages.items():
@@ -187,8 +189,8 @@ class Subscriber:
 
     def _retry_later(self, event: AdapterReleased, raw: dict[str, Any] | None) -> None:
         self._pending = (event, raw)
-        self._retry_at = time.monotonic() + self._retry_delay
-        self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
+        self._failures += 1
+        self._retry_at = time.monotonic() + self.retry_backoff.delay(self._failures)
 
     async def _record(self, outcome: Outcome) -> Outcome:
         if outcome.status == "swapped":
@@ -290,7 +292,7 @@ class Subscriber:
             async with self._changed:
                 self._changed.notify_all()
             return
-        self._pending, self._retry_delay = None, self.retry_initial_s  # a newer release replaces a pending one
+        self._pending, self._failures = None, 0  # a newer release replaces a pending one
         for _, event, _raw in fresh[:-1]:
             await self._record(Outcome(event.version, "ignored", "superseded"))
         timestamp, event, raw = fresh[-1]

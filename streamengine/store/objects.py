@@ -32,6 +32,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from streamengine.config.settings import StorageSettings
+from streamengine.core.backoff import Backoff
 from streamengine.core.manifest import is_safe_artifact
 from streamengine.core.masking import redact
 from streamengine.core.versions import Version
@@ -86,8 +87,7 @@ class ObjectStore:
         self.bucket = bucket
         self.endpoint = endpoint
         self.attempts = max(1, attempts)
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.backoff = Backoff(backoff_s, max_backoff_s, jitter=0.5)
         self.part_size = part_size
         self._secrets = tuple(s for s in secrets if s)
 
@@ -144,7 +144,7 @@ class ObjectStore:
                 detail = self._scrub(f"{type(exc).__name__}: {exc}")
                 if attempt == tries:
                     raise ServiceUnavailable("S3", self.endpoint, f"{what} failed: {detail}") from None
-            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            delay = self.backoff.delay(attempt, random.random())
             log.warning("S3 %s failed (%s), retry %d/%d in %.2fs", what, detail, attempt, tries - 1, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")

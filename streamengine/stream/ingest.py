@@ -22,6 +22,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from streamengine import metrics
 from streamengine.config.settings import Settings
 from streamengine.contract.events import decode_feedback
+from streamengine.core.backoff import Backoff
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.errors import EventRejected, StreamEngineError, is_transient
@@ -124,7 +125,7 @@ class IngestPipeline:
         )
         self.models = {settings.model.name}
         self.redactor = build_redactor(settings.privacy)  # privacy.function is imported here, once
-        self.retry_delays = (0.1, 0.5, 1.0, 2.0, 5.0)
+        self.retry = Backoff(first_s=0.1, max_s=5.0)
 
     def classify(self, records: Sequence[Record]) -> Classified:
         """Split a batch into samples to store and records to reject (pure CPU work)."""
@@ -208,6 +209,7 @@ class IngestPipeline:
             await self.sender.send_and_wait(topic, value=value[:DLQ_PREVIEW_BYTES], key=key, headers=headers)
 
     async def _with_retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
+        """Run ``action`` until it succeeds, retrying (without limit) failures that may pass."""
         attempt = 0
         while True:
             try:
@@ -216,8 +218,8 @@ class IngestPipeline:
                 if not (isinstance(exc, StreamEngineError) or is_transient(exc)):
                     raise
                 failure = exc
-            delay = self.retry_delays[min(attempt, len(self.retry_delays) - 1)]
             attempt += 1
+            delay = self.retry.delay(attempt)
             metrics.INGEST_RETRIES.inc()
             log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(failure).__name__, failure, attempt, delay)
             await asyncio.sleep(delay)

@@ -14,6 +14,7 @@ import logging
 
 from streamengine import metrics
 from streamengine.contract.cloudevents import as_kafka
+from streamengine.core.backoff import Backoff
 from streamengine.store.db import Database
 from streamengine.stream.ingest import RecordSender
 
@@ -55,15 +56,15 @@ async def relay_once(db: Database, sender: RecordSender, limit: int = 100) -> in
 
 
 async def run_relay(db: Database, sender: RecordSender, stop: asyncio.Event, interval_s: float = 0.5) -> None:
-    """Relay until ``stop`` is set, backing off while Kafka or PostgreSQL fail."""
-    delay = interval_s
+    """Relay until ``stop`` is set, backing off while Kafka or PostgreSQL fail (2, 4, 8 ... intervals, at most 10 s)."""
+    backoff, failures = Backoff(2 * interval_s, 10.0), 0
     while not stop.is_set():
         try:
             if await relay_once(db, sender):
                 continue  # more may be waiting
-            delay = interval_s
+            failures = 0
         except Exception as exc:
             log.warning("outbox relay failed (%s: %s)", type(exc).__name__, exc)
-            delay = min(delay * 2, 10.0)
+            failures += 1
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+            await asyncio.wait_for(stop.wait(), timeout=backoff.delay(failures) if failures else interval_s)
