@@ -18,7 +18,6 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -40,6 +39,7 @@ from streamengine.core.backoff import Backoff
 from streamengine.core.manifest import serving_files, signature_valid
 from streamengine.core.versions import Version
 from streamengine.errors import ConfigError, IntegrityError, ServiceUnavailable
+from streamengine.files import scratch_path, write_text_atomic
 from streamengine.serving import follow
 from streamengine.serving.metrics import CURRENT, IGNORED, RETRIES, STAGE_SECONDS, SWAP_FAILURES, SWAP_SECONDS, SWAPS
 from streamengine.serving.swappers import Swapper
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 Status = Literal["swapped", "failed", "ignored"]
 _SEEN_MAX = 4096
-_CURRENT_TMP = ".current.json.tmp"
+_CURRENT = "current.json"
+_CURRENT_TMP = scratch_path(Path(_CURRENT)).name
 # A download's temporary folder (".v1.2.k3j9x", see ObjectStore.download_uri) or a folder being replaced.
 _PARTIAL = re.compile(r"^\.v\d+\.\d+\..+")
 
@@ -215,9 +216,7 @@ class Subscriber:
             "served_name": served(version) if callable(served) else None,
             "swapped_at": datetime.now(UTC).isoformat(),
         }
-        tmp = self.download_dir / _CURRENT_TMP
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, self.download_dir / "current.json")
+        write_text_atomic(self.download_dir / _CURRENT, json.dumps(state, indent=2) + "\n")
         for path in self.download_dir.iterdir():
             with contextlib.suppress(ConfigError):
                 if path.is_dir() and Version.parse(path.name) and path.name not in (version, previous):

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch.func import functional_call, grad, vmap
 
 from streamengine.errors import TrainingError
+from streamengine.files import replacing
 from streamengine.training.data import Encoded, collate
 from streamengine.training.losses import Reduce, batch_losses, sample_losses
 
@@ -241,9 +242,8 @@ def save_fisher(state: FisherState, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"fisher.{n}": t.contiguous() for n, t in state.importance.items()}
     tensors |= {f"anchor.{n}": t.contiguous() for n, t in state.anchor.items()}
-    scratch = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(scratch), metadata=state.meta)
-    scratch.replace(path)
+    with replacing(path) as scratch:
+        save_file(tensors, str(scratch), metadata=state.meta)
     return path
 
 

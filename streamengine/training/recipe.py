@@ -43,6 +43,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from transformers.utils import logging as hf_logging
 
 from streamengine.errors import TrainingError
+from streamengine.files import write_text_atomic
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id, read_samples
 from streamengine.training.dist import Dist
 from streamengine.training.ewc import EwcPenalty
@@ -326,9 +327,7 @@ def finish(setup: Setup, before: Before, trained: Trained, started: float) -> Tr
         processes=dist.world,
     )
     if dist.is_main:
-        scratch = output_dir / (RESULT_FILE + ".tmp")
-        scratch.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        scratch.replace(output_dir / RESULT_FILE)
+        write_text_atomic(output_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")
     dist.barrier()
     return result
 
