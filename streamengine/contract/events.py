@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from streamengine.errors import EventRejected
 
-SCHEMA_VERSION = "1"
 MAX_WEIGHT = 1_000_000.0
 """Largest client ``weight``: sums of many samples stay finite in PostgreSQL (a float8 overflow is an error)."""
 FEEDBACK_TYPE = "io.streamengine.feedback.v1"
