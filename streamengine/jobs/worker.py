@@ -123,7 +123,7 @@ class Worker:
             log.error("job %d: %s; job is now %s", job.id, exc, state)
         except asyncio.CancelledError:
             await asyncio.shield(job_queue.give_back(self.db, job.id, self.owner))
-            log.warning("job %d given back to the queue: the worker is stopping", job.id)
+            log.info("job %d given back to the queue: the worker is stopping", job.id)
             raise
         return job
 
