@@ -3,11 +3,15 @@
 ``services`` starts them once per session (PostgreSQL: the server on 127.0.0.1:5432 when it answers, else
 an embedded one). Tests stay apart by name, not by server: ``pg_dsn`` is a fresh database per test and
 ``make_settings`` gives each test its own topics, consumer group and bucket.
+
+Every test that uses these services carries the ``integration`` marker, so ``-m "not integration"`` runs
+without them; collection fails for a test that uses ``services`` (directly or through a fixture built on
+it) without the marker. Tests that start the services themselves (``streamengine up``, a private S3
+server) are marked by hand.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -15,12 +19,27 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from streamengine.config.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
-from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database, free_port
+from streamengine.config.settings import Settings
+from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database
+from tests.settings_tools import clear_environment, settings_factory
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fail collection when a test uses the real services without the ``integration`` marker."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "services" in getattr(item, "fixturenames", ()) and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the real services (the `services` fixture) but are not marked "
+            "`integration`:\n  " + "\n  ".join(unmarked)
+        )
 
 
 @dataclass
@@ -91,49 +110,11 @@ def pg_dsn(services: Services) -> Iterator[str]:
 def make_settings(
     services: Services, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., Settings]:
-    """Factory of :class:`Settings` on the test services, with names unique to this test.
-
-    Keyword arguments override whole fields or, given a dict, fields of a nested section:
-    ``make_settings(window={"max_samples": 10})``. Calls within one test share topics, group, bucket,
-    database and ports, so settings made for two processes of one test see each other.
-    """
-    for var in [v for v in os.environ if v.startswith(ENV_PREFIX) or v == CONFIG_ENV]:
-        monkeypatch.delenv(var)
+    """Factory of :class:`Settings` on the test services, with names unique to this test (see
+    :func:`tests.settings_tools.settings_factory`); no STREAMENGINE_* variable of the caller's counts."""
+    clear_environment(monkeypatch)
     services.ensure_running()
-    suffix = uuid.uuid4().hex[:10]
-    api_port, metrics_port = free_port(), free_port()
-
-    def make(**overrides: Any) -> Settings:
-        fields: dict[str, Any] = {
-            "kafka": {
-                "bootstrap_servers": services.kafka_bootstrap,
-                "feedback_topic": f"feedback.events.{suffix}",
-                "dlq_topic": f"feedback.events.dlq.{suffix}",
-                "released_topic": f"adapter.released.{suffix}",
-                "group_id": f"streamengine-ingest-{suffix}",
-                "session_timeout_s": 6.0,
-                "rebalance_timeout_s": 6.0,
-            },
-            "database": {"url": pg_dsn},
-            "storage": {
-                "endpoint": services.s3_endpoint,
-                "access_key": services.s3_access_key,
-                "secret_key": services.s3_secret_key,
-                "bucket": f"se-test-{suffix}",
-            },
-            "worker": {"work_dir": tmp_path / "work"},
-            "serving": {"download_dir": tmp_path / "adapters"},
-            "api": {"port": api_port},
-            "metrics": {"port": metrics_port},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(fields.get(key), dict):
-                fields[key] = {**fields[key], **value}
-            else:
-                fields[key] = value
-        return load_settings(**fields)
-
-    return make
+    return settings_factory(services, pg_dsn, tmp_path)
 
 
 @pytest.fixture(scope="session")

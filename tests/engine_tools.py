@@ -1,35 +1,75 @@
-"""Helpers for tests of the running engine: samples straight into PostgreSQL, an engine in this event loop,
-fake registry rows (adapters that exist only in the database, for API and CLI tests)."""
+"""Helpers for tests of the running engine: samples straight into PostgreSQL, an engine or an ingest replica
+in this event loop, settings for the worker on the tiny model, fake registry rows (adapters that exist only in
+the database, for API and CLI tests)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from streamengine.config.settings import Settings
 from streamengine.contract.events import FeedbackEvent
-from streamengine.core.samples import SamplePolicy, to_sample
+from streamengine.core.samples import Sample, SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.engine import run_engine
 from streamengine.store import windows
 from streamengine.store.db import Database
+from streamengine.stream.app import build_app
+from streamengine.stream.ingest import IngestPipeline
+from streamengine.stream.producer import start_producer
+
+# One quick epoch on the tiny model: enough for a release whose eval loss went down.
+TRAINING = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "max_length": 64}
+
+
+def worker_settings(make_settings: Callable[..., Settings], tiny_model: Path, **extra: Any) -> Settings:
+    """Settings for a trainer worker on the tiny model: windows of 16 samples, :data:`TRAINING` unless told."""
+    extra.setdefault("training", TRAINING)
+    return make_settings(model={"base": str(tiny_model)}, window={"max_samples": 16}, **extra)
 
 
 async def add_samples(
-    db: Database, start: int, count: int, model: str = "tiny-llama", max_samples: int = 10_000
+    db: Database,
+    start: int,
+    count: int,
+    model: str = "tiny-llama",
+    max_samples: int = 10_000,
+    prompts: int | None = None,
 ) -> windows.BatchOutcome:
-    """``count`` thumbs-up samples (event ids ``s-<start>`` ...) written as ingest writes them."""
+    """``count`` thumbs-up samples (event ids ``s-<start>`` ...) written as ingest writes them; each its own
+    question, or the questions repeat every ``prompts`` samples."""
     policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
-    rows = []
+    rows: list[tuple[Sample, int | None, int | None]] = []
     for i in range(start, start + count):
-        event = FeedbackEvent(event_id=f"s-{i}", model=model, prompt=f"Q{i}?", response=f"A{i}", kind="thumbs_up")
+        n = i if prompts is None else i % prompts
+        event = FeedbackEvent(event_id=f"s-{i}", model=model, prompt=f"Q{n}?", response=f"A{n}", kind="thumbs_up")
         rows.append((to_sample(event, policy), 0, i))
     return await windows.write_batch(db, rows, WindowPolicy(max_samples=max_samples))
+
+
+async def fill_window(db: Database, start: int, count: int = 16) -> windows.BatchOutcome:
+    """One closed window of ``count`` samples over four questions: data the tiny model learns in one epoch."""
+    return await add_samples(db, start, count, max_samples=count, prompts=4)
+
+
+@contextlib.asynccontextmanager
+async def ingest_replica(settings: Settings, datadir: Path) -> AsyncIterator[Database]:
+    """One ingest replica in this loop: consumer + pipeline, as `streamengine run` wires them; yields its database."""
+    db = await Database.connect(settings.database)
+    producer = await start_producer(settings.kafka)
+    app = build_app(settings, IngestPipeline(settings, db, producer), datadir)
+    await app.start()
+    try:
+        yield db
+    finally:
+        await app.stop()
+        await producer.stop()
+        await db.close()
 
 
 @contextlib.asynccontextmanager
@@ -107,48 +147,3 @@ async def add_adapter(db: Database, version: str, model: str = "tiny-llama", **m
         body["size_bytes"],
         body,
     )
-
-
-async def eventually(predicate: Any, timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.2)
-
-
-def module_settings(services: Any, dsn: str, workdir: Any, **overrides: Any) -> Settings:
-    """Like the ``make_settings`` fixture, for a module-scoped engine (own topics, group, bucket, ports)."""
-    import uuid
-
-    from streamengine.config.settings import load_settings
-    from streamengine.local.embedded import free_port
-
-    suffix = uuid.uuid4().hex[:10]
-    fields: dict[str, Any] = {
-        "kafka": {
-            "bootstrap_servers": services.kafka_bootstrap,
-            "feedback_topic": f"feedback.events.{suffix}",
-            "dlq_topic": f"feedback.events.dlq.{suffix}",
-            "released_topic": f"adapter.released.{suffix}",
-            "group_id": f"streamengine-ingest-{suffix}",
-            "session_timeout_s": 6.0,
-            "rebalance_timeout_s": 6.0,
-            "partitions": 2,
-        },
-        "database": {"url": dsn},
-        "storage": {
-            "endpoint": services.s3_endpoint,
-            "access_key": services.s3_access_key,
-            "secret_key": services.s3_secret_key,
-            "bucket": f"se-test-{suffix}",
-        },
-        "worker": {"work_dir": workdir / "work"},
-        "serving": {"download_dir": workdir / "adapters"},
-        "api": {"port": free_port()},
-        "metrics": {"port": free_port()},
-    }
-    for key, value in overrides.items():
-        fields[key] = {**fields[key], **value} if isinstance(value, dict) and key in fields else value
-    return load_settings(**fields)

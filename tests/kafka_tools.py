@@ -1,4 +1,4 @@
-"""Plain-aiokafka helpers for tests: produce records, read a topic to its end."""
+"""Plain-aiokafka helpers for tests: produce records, read a topic to its end; what DLQ records may say."""
 
 from __future__ import annotations
 
@@ -9,6 +9,18 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
+
+# Every `error.class` ingest puts on a DLQ record (docs/operations.md); `internal_error` would be a bug.
+DLQ_REASONS = {
+    "empty",
+    "too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "schema",
+    "unknown_model",
+    "too_long",
+    "redaction_failed",
+}
 
 
 async def produce(bootstrap: str, topic: str, values: list[bytes], key: bytes | None = b"user") -> None:
@@ -78,6 +90,7 @@ async def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[
 
 
 def feedback(i: int, model: str = "tiny-llama", **fields: Any) -> bytes:
+    """A valid FeedbackEvent v1 record value (event id ``e-<i>``), with ``fields`` added or replaced."""
     event: dict[str, Any] = {
         "event_id": f"e-{i}",
         "model": model,
@@ -88,15 +101,3 @@ def feedback(i: int, model: str = "tiny-llama", **fields: Any) -> bytes:
     }
     event.update(fields)
     return json.dumps(event).encode()
-
-
-async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.2) -> Any:
-    """Poll an async predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s (last value {value!r})")
-        await asyncio.sleep(interval_s)

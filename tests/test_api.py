@@ -25,8 +25,10 @@ from streamengine.errors import ConfigError
 from streamengine.local.embedded import acreate_database, adrop_database
 from streamengine.store import job_queue
 from streamengine.store.db import Database
-from tests.engine_tools import add_adapter, add_samples, engine_running, eventually, metric, module_settings
+from tests.engine_tools import add_adapter, add_samples, engine_running, metric
 from tests.kafka_tools import read_all
+from tests.polling import wait_for
+from tests.settings_tools import clear_environment, module_settings
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +51,7 @@ async def api(services, tmp_path_factory) -> AsyncIterator[Api]:  # type: ignore
     name = f"se_test_{uuid.uuid4().hex[:12]}"
     dsn = await acreate_database(services.pg_admin_dsn, name)
     with pytest.MonkeyPatch.context() as patch:
-        for var in [v for v in __import__("os").environ if v.startswith("STREAMENGINE_")]:
-            patch.delenv(var)
+        clear_environment(patch)
         settings = module_settings(services, dsn, tmp_path_factory.mktemp("api"), api={"token": TOKEN})
         async with engine_running(settings) as http:
             db = await Database.connect(settings.database, migrate=False)
@@ -115,7 +116,7 @@ async def test_a_postgres_refusing_connections_gives_503_naming_it(api: Api) -> 
     async def healthy() -> bool:
         return (await api.anonymous.get("/health")).status_code == 200
 
-    assert await eventually(healthy, 15)
+    await wait_for(healthy, 15)
 
 
 async def test_every_mutating_endpoint_needs_the_token(api: Api) -> None:
@@ -236,7 +237,7 @@ async def test_adapters_list_info_deploy_and_rollback(api: Api) -> None:
         records = await read_all(k.bootstrap_servers, k.released_topic, timeout_s=2)
         return records if len(records) >= 2 else []
 
-    records = await eventually(announced, 20)
+    records = await wait_for(announced, 20)
     assert [(json.loads(r.value)["version"], json.loads(r.value)["reason"]) for r in records] == [
         ("v1.0", "manual"),
         ("v1.2", "rollback"),

@@ -232,14 +232,14 @@ async def engine(services, tmp_path_factory) -> AsyncIterator[Engine]:  # type: 
     from streamengine.local.embedded import acreate_database, adrop_database
     from streamengine.store.db import Database
     from tests import process_tools
-    from tests.engine_tools import engine_running, module_settings
+    from tests.engine_tools import engine_running
+    from tests.settings_tools import clear_environment, module_settings
 
     workdir = tmp_path_factory.mktemp("cli-engine")
     name = f"se_test_{uuid.uuid4().hex[:12]}"
     dsn = await acreate_database(services.pg_admin_dsn, name)
     with pytest.MonkeyPatch.context() as patch:
-        for var in [v for v in os.environ if v.startswith("STREAMENGINE_")]:
-            patch.delenv(var)
+        clear_environment(patch)
         settings = module_settings(services, dsn, workdir, api={"token": TOKEN}, kafka={"partitions": 1})
         config = process_tools.write_config(settings, workdir / "config.yaml")
         async with engine_running(settings):
@@ -261,8 +261,10 @@ async def cli_run(engine: Engine, *args: str, **env: str) -> Any:
     )
 
 
+@pytest.mark.integration
 async def test_reads_and_operations_against_a_running_engine(engine: Engine) -> None:
-    from tests.engine_tools import add_adapter, eventually
+    from tests.engine_tools import add_adapter
+    from tests.polling import wait_for
 
     health = await cli_run(engine, "health")
     assert health.exit_code == 0 and "status: ok" in health.output, health.output
@@ -284,7 +286,7 @@ async def test_reads_and_operations_against_a_running_engine(engine: Engine) -> 
         data = json.loads((await cli_run(engine, "status", "--json")).output)
         return (data["open_window"] or {}).get("samples") == 3
 
-    assert await eventually(stored, 30)
+    await wait_for(stored, 30)
     trained = await cli_run(engine, "train", "--json")
     assert trained.exit_code == 0, trained.output
     job = json.loads(trained.output)
@@ -319,6 +321,7 @@ async def test_reads_and_operations_against_a_running_engine(engine: Engine) -> 
     assert {"name": "streamengine_jobs", "labels": {"state": "queued"}, "value": 1.0} in samples
 
 
+@pytest.mark.integration
 async def test_exit_codes_for_auth_validation_and_a_dead_dependency(engine: Engine) -> None:
     refused = await cli_run(engine, "train", STREAMENGINE_API__TOKEN="wrong")
     assert refused.exit_code == 2 and "HTTP 401" in refused.output, refused.output
@@ -334,6 +337,7 @@ async def test_exit_codes_for_auth_validation_and_a_dead_dependency(engine: Engi
     assert down.exit_code == 3 and "DOWN" in down.output and "not ready (s3)" in down.output, down.output
 
 
+@pytest.mark.integration
 async def test_settings_lists_every_setting_with_secrets_masked(engine: Engine) -> None:
     from streamengine.config.reference import describe, doc_block, markdown
 
@@ -354,26 +358,19 @@ async def test_settings_lists_every_setting_with_secrets_masked(engine: Engine) 
     assert document == json.loads((ROOT / "docs" / "openapi.json").read_text())
 
 
+@pytest.mark.integration
 async def test_run_worker_and_subscribe_start_and_stop_cleanly(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import httpx
-
     from tests import process_tools
-    from tests.engine_tools import eventually
+    from tests.engine_tools import health_ok
+    from tests.polling import wait_for
 
     settings = make_settings()
     config = process_tools.write_config(settings, tmp_path / "config.yaml")
     run = process_tools.start(["run"], config, tmp_path / "run.log")
     subscriber = process_tools.start(["subscribe", "--print-only"], config, tmp_path / "subscribe.log")
     try:
-
-        async def healthy() -> bool:
-            try:
-                async with httpx.AsyncClient(base_url=settings.api.base_url()) as http:
-                    return (await http.get("/health")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        assert await eventually(healthy, 60), (tmp_path / "run.log").read_text()[-3000:]
+        log = tmp_path / "run.log"
+        await wait_for(lambda: health_ok(settings.api.base_url()), 60, describe=lambda: log.read_text()[-3000:])
         worker = await asyncio.to_thread(
             subprocess.run,
             [*PROGRAM, "--config", str(config), "worker", "--once"],
@@ -390,6 +387,7 @@ async def test_run_worker_and_subscribe_start_and_stop_cleanly(make_settings, tm
     assert subscribe_code == 0, (tmp_path / "subscribe.log").read_text()[-3000:]
 
 
+@pytest.mark.integration  # `up` starts its own broker, S3 server and PostgreSQL
 @pytest.mark.slow
 def test_up_runs_the_whole_loop_to_a_release(tmp_path: Path) -> None:
     """By default the terminal gets only up's own lines (no training steps, progress bars or notices about

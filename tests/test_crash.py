@@ -11,7 +11,8 @@ from streamengine.store.db import Database
 from streamengine.stream.topics import ensure_topics
 from tests import process_tools
 from tests.engine_tools import health_ok
-from tests.kafka_tools import feedback, produce, wait_for
+from tests.kafka_tools import feedback, produce
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -21,7 +21,8 @@ from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from tests.kafka_tools import produce, read_all, wait_for
+from tests.kafka_tools import produce, read_all
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,13 +11,13 @@ from streamengine.jobs.worker import Worker
 from streamengine.store import job_queue, registry
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from tests.test_worker import _settings, fill_window
+from tests.engine_tools import fill_window, worker_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def test_fisher_of_a_released_version_is_recomputed_and_used(make_settings, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    settings = _settings(make_settings, tiny_model)
+    settings = worker_settings(make_settings, tiny_model)
     db = await Database.connect(settings.database)
     store = ObjectStore.from_settings(settings.storage)
     try:

@@ -23,10 +23,9 @@ from streamengine.store.db import Database
 from streamengine.stream.ingest import DLQ_PREVIEW_BYTES
 from streamengine.stream.topics import ensure_topics
 from tests import process_tools
-from tests.engine_tools import health_ok, metric
-from tests.kafka_tools import feedback, produce, read_all, wait_for
-from tests.test_hostile_input import REASONS
-from tests.test_ingest import ingest_replica
+from tests.engine_tools import health_ok, ingest_replica, metric
+from tests.kafka_tools import DLQ_REASONS, feedback, produce, read_all
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +97,7 @@ async def test_hostile_stream_through_streamengine_run(make_settings, tmp_path) 
                 memory.append(memory_kib(engine.pid))
             deduplicated = await metric(http, "streamengine_events_deduplicated_total")
             rejected = {reason: await metric(http, "streamengine_events_rejected_total", reason=reason) or 0.0
-                        for reason in REASONS | {"internal_error"}}  # fmt: skip
+                        for reason in DLQ_REASONS | {"internal_error"}}  # fmt: skip
         hostile = {offset: case for offset, case in zip(offsets, cases, strict=True) if case.expect == "reject"}
         dlq = await wait_for(lambda: _at_least(k.bootstrap_servers, k.dlq_topic, len(hostile)), timeout_s=60)
         rows = {r["event_id"]: r["completion"] for r in await db.fetch("SELECT event_id, completion FROM samples")}
@@ -114,7 +113,7 @@ async def test_hostile_stream_through_streamengine_run(make_settings, tmp_path) 
     assert len(dlq) == len(by_offset) == len(hostile)
     assert set(by_offset) == set(hostile)
     for offset, (record, headers) in by_offset.items():
-        assert headers["error.class"] in REASONS and headers["error.message"], headers
+        assert headers["error.class"] in DLQ_REASONS and headers["error.message"], headers
         if hostile[offset].cls == "giant":
             assert headers["error.class"] == "too_large"
             assert headers["error.message"].startswith(f"DLQ value cut to its first {DLQ_PREVIEW_BYTES} of")

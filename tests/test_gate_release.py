@@ -12,7 +12,7 @@ from streamengine.jobs.worker import Worker
 from streamengine.store import registry, windows
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from tests.test_worker import TRAINING
+from tests.engine_tools import TRAINING
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -28,18 +28,9 @@ from streamengine.errors import EventRejected
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.stream.ingest import RawRecord
+from tests.kafka_tools import DLQ_REASONS
 
 MODEL = "tiny-llama"
-REASONS = {
-    "empty",
-    "too_large",
-    "invalid_utf8",
-    "invalid_json",
-    "schema",
-    "unknown_model",
-    "too_long",
-    "redaction_failed",
-}
 SETTINGS = load_settings(
     kafka={"max_record_bytes": 16_384}, samples={"max_prompt_chars": 2_000, "max_completion_chars": 1_000}
 )
@@ -129,7 +120,7 @@ def test_classify_only_ever_accepts_or_rejects_with_a_reason(raw: bytes | None) 
     batch = classifier(SETTINGS).classify([RawRecord("t", 0, 0, None, raw, [])])
     assert len(batch) == 1
     for _, error in batch.bad:
-        assert error.error_class in REASONS, error  # never internal_error: an exception caught as a bug
+        assert error.error_class in DLQ_REASONS, error  # never internal_error: an exception caught as a bug
         assert str(error)
 
 
@@ -143,7 +134,7 @@ def test_every_hostile_class_is_rejected_and_every_valid_one_accepted(cls: str, 
     if cls in ACCEPTED:
         assert outcome == "accepted"
     elif cls not in EITHER:
-        assert outcome in REASONS
+        assert outcome in DLQ_REASONS
 
 
 def test_hostile_classes_cover_the_brief() -> None:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from pathlib import Path
 
 import pytest
 
 from streamengine.config.settings import Settings
 from streamengine.store.db import Database
-from streamengine.stream.app import build_app
-from streamengine.stream.ingest import IngestPipeline
-from streamengine.stream.producer import start_producer
 from streamengine.stream.topics import ensure_topics
-from tests.kafka_tools import feedback, produce, read_all, wait_for
+from tests.engine_tools import ingest_replica
+from tests.kafka_tools import feedback, produce, read_all
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +21,6 @@ pytestmark = pytest.mark.integration
 def consumer(request: pytest.FixtureRequest) -> str:
     """Both ingest consumers (kafka.consumer) must behave the same."""
     return str(request.param)
-
-
-@contextlib.asynccontextmanager
-async def ingest_replica(settings: Settings, datadir: Path):  # type: ignore[no-untyped-def]
-    """One ingest replica: consumer + pipeline, as `streamengine run` wires them."""
-    db = await Database.connect(settings.database)
-    producer = await start_producer(settings.kafka)
-    app = build_app(settings, IngestPipeline(settings, db, producer), datadir)
-    await app.start()
-    try:
-        yield db
-    finally:
-        await app.stop()
-        await producer.stop()
-        await db.close()
 
 
 async def count(db: Database, query: str, *args: object) -> int:

@@ -12,8 +12,9 @@ import pytest
 from streamengine.jobs.worker import Worker
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from tests.engine_tools import engine_running, eventually, metric
+from tests.engine_tools import add_samples, engine_running, metric
 from tests.kafka_tools import feedback, produce
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-llama"
@@ -58,9 +59,9 @@ async def test_engine_metrics_match_what_was_ingested(make_settings) -> None:  #
 
             batch = [feedback(i) for i in range(7)] + [b"{broken", b"not json"] + [feedback(99, model="other")]
             await produce(k.bootstrap_servers, k.feedback_topic, batch)
-            assert await eventually(lambda: consumed(10))
+            await wait_for(lambda: consumed(10))
             await produce(k.bootstrap_servers, k.feedback_topic, [feedback(0), feedback(1)])  # duplicates
-            assert await eventually(lambda: consumed(12))
+            await wait_for(lambda: consumed(12))
             after = await _counters(http)
             delta = {key: after[key] - before[key] for key in after}
             assert (
@@ -87,7 +88,7 @@ async def test_engine_metrics_match_what_was_ingested(make_settings) -> None:  #
             async def caught_up() -> bool:
                 return await _lag(http, k.feedback_topic) == 0
 
-            assert await eventually(caught_up, 15)  # idle: the stored offsets get committed too
+            await wait_for(caught_up, 15)  # idle: the stored offsets get committed too
 
             # Hold the open window's row lock: ingest fetches 3 more records but cannot store them, so
             # they stay uncommitted: the lag is exactly 3 until the lock goes.
@@ -101,11 +102,11 @@ async def test_engine_metrics_match_what_was_ingested(make_settings) -> None:  #
                 async def lagging() -> bool:
                     return await _lag(http, k.feedback_topic) == 3
 
-                assert await eventually(lagging, 20)
+                await wait_for(lagging, 20)
                 await holding.rollback()
             finally:
                 await blocker.close()
-            assert await eventually(caught_up, 20)
+            await wait_for(caught_up, 20)
             assert await db.fetchval("SELECT count(*) FROM samples") == 10
         finally:
             await db.close()
@@ -130,8 +131,6 @@ async def test_worker_metrics_match_the_release(make_settings, tiny_model) -> No
     async with engine_running(settings) as http:
         db = await Database.connect(settings.database, migrate=False)
         try:
-            from tests.engine_tools import add_samples
-
             await add_samples(db, 0, 16)
             assert (await http.post("/train")).status_code == 202
             worker = Worker(settings, db, ObjectStore.from_settings(settings.storage), owner="metrics-test")
@@ -164,7 +163,7 @@ async def test_worker_metrics_match_the_release(make_settings, tiny_model) -> No
             async def published() -> bool:
                 return await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0
 
-            assert await eventually(published, 20)
+            await wait_for(published, 20)
             assert await metric(http, "streamengine_outbox_backlog") == 0
             assert json.loads(json.dumps(m))  # metrics are plain JSON
         finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.store import privacy, windows
 from streamengine.store.db import Database
-from tests.engine_tools import add_adapter, eventually, metric
-from tests.kafka_tools import produce, wait_for
+from tests.engine_tools import add_adapter, metric
+from tests.kafka_tools import produce
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,14 +44,14 @@ class Engine:
 async def engine(services, tmp_path_factory) -> AsyncIterator[Engine]:  # type: ignore[no-untyped-def]
     from streamengine.local.embedded import acreate_database, adrop_database
     from tests import process_tools
-    from tests.engine_tools import engine_running, module_settings
+    from tests.engine_tools import engine_running
+    from tests.settings_tools import clear_environment, module_settings
 
     workdir = tmp_path_factory.mktemp("privacy")
     name = f"se_test_{uuid.uuid4().hex[:12]}"
     dsn = await acreate_database(services.pg_admin_dsn, name)
     with pytest.MonkeyPatch.context() as patch:
-        for var in [v for v in os.environ if v.startswith("STREAMENGINE_")]:
-            patch.delenv(var)
+        clear_environment(patch)
         settings = module_settings(
             services,
             dsn,
@@ -61,7 +61,7 @@ async def engine(services, tmp_path_factory) -> AsyncIterator[Engine]:  # type: 
             privacy={
                 "retention_days": 1,
                 "patterns": {"ticket": r"TICKET-\d{4,}"},
-                "function": "tests.test_redact:redact_names",
+                "function": "tests.privacy_functions:redact_names",
             },
         )
         config = process_tools.write_config(settings, workdir / "config.yaml")
@@ -162,7 +162,7 @@ async def test_retention_deletes_old_samples_except_windows_a_job_needs(engine: 
     async def only_the_queued_window_left() -> bool:
         return await count(db, "ret-_-%") == 5
 
-    assert await eventually(only_the_queued_window_left, 30), await count(db, "ret-_-%")
+    await wait_for(only_the_queued_window_left, 30, describe=lambda: count(db, "ret-_-%"))
     assert await count(db, "ret-a-%") == 5 and await count(db, "ret-fresh-%") == 2
     now = await open_window(db)
     assert now["id"] == window["id"]
@@ -175,7 +175,7 @@ async def test_retention_deletes_old_samples_except_windows_a_job_needs(engine: 
     async def all_expired() -> bool:
         return await count(db, "ret-_-%") == 0
 
-    assert await eventually(all_expired, 30)
+    await wait_for(all_expired, 30)
     assert await count(db, "ret-fresh-%") == 2
     query = "SELECT samples, stored FROM windows w JOIN jobs j ON j.window_id = w.id WHERE j.id = $1"
     closed = await db.fetchrow(query, queued_job)

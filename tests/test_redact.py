@@ -4,7 +4,6 @@ the user function, and the ingest step that applies it (pure; the broker-to-Post
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import pytest
@@ -17,21 +16,7 @@ from streamengine.engine import connect
 from streamengine.errors import ConfigError, EventRejected
 from streamengine.stream.ingest import IngestPipeline, RawRecord
 from streamengine.stream.redaction import build_redactor, load_function
-
-NOT_CALLABLE = 42
-
-
-def redact_names(text: str) -> str:
-    """A user function as `privacy.function` names it (also used by the engine in test_privacy)."""
-    return re.sub(r"\b(Alice|Bob)\b", "[name]", text)
-
-
-def explode(text: str) -> str:
-    raise RuntimeError(f"cannot handle {text}")  # the text must not reach the DLQ message
-
-
-def not_a_string(text: str) -> int:
-    return len(text)
+from tests.privacy_functions import explode, not_a_string, redact_names
 
 
 def redacted(text: str, redactor: Redactor | None = None) -> tuple[str, dict[str, int]]:
@@ -205,13 +190,13 @@ def test_privacy_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_the_user_function_is_loaded_with_errors_naming_the_setting() -> None:
-    assert load_function("tests.test_redact:redact_names")("Bob and Carol") == "[name] and Carol"
-    redactor = build_redactor(PrivacySettings(function="tests.test_redact:redact_names"))
+    assert load_function("tests.privacy_functions:redact_names")("Bob and Carol") == "[name] and Carol"
+    redactor = build_redactor(PrivacySettings(function="tests.privacy_functions:redact_names"))
     assert redactor.function is not None and redactor.function.__name__ == "redact_names"
     cases = {
         "no_such_module_5f1c:clean": "cannot import module 'no_such_module_5f1c': ModuleNotFoundError",
-        "tests.test_redact:missing": "module 'tests.test_redact' has no attribute 'missing'",
-        "tests.test_redact:NOT_CALLABLE": "'tests.test_redact:NOT_CALLABLE' is a int, not a function",
+        "tests.privacy_functions:missing": "module 'tests.privacy_functions' has no attribute 'missing'",
+        "tests.privacy_functions:NOT_CALLABLE": "'tests.privacy_functions:NOT_CALLABLE' is a int, not a function",
     }
     for spec, message in cases.items():
         with pytest.raises(ConfigError) as raised:
@@ -238,7 +223,7 @@ def _counter(kind: str) -> float:
 
 
 def test_ingest_redacts_before_the_sample_is_made_and_dlqs_what_the_function_fails_on() -> None:
-    settings = load_settings(privacy={"function": "tests.test_redact:redact_names"})
+    settings = load_settings(privacy={"function": "tests.privacy_functions:redact_names"})
     # classify is the pipeline's pure step: it never touches the database or the producer.
     pipeline = IngestPipeline(settings, db=None, sender=None)  # type: ignore[arg-type]
     before = _counter("email"), _counter("function")
@@ -256,6 +241,6 @@ def test_ingest_redacts_before_the_sample_is_made_and_dlqs_what_the_function_fai
     assert "alice@example.com" not in "".join(batch.lines) and "7946" not in "".join(batch.lines)
     assert (_counter("email") - before[0], _counter("function") - before[1]) == (2, 1)
 
-    failing = IngestPipeline(load_settings(privacy={"function": "tests.test_redact:explode"}), None, None)  # type: ignore[arg-type]
+    failing = IngestPipeline(load_settings(privacy={"function": "tests.privacy_functions:explode"}), None, None)  # type: ignore[arg-type]
     batch = failing.classify([_record(3, prompt="secret", response="x")])
     assert not batch.good and batch.bad[0][1].error_class == "redaction_failed"

@@ -31,7 +31,9 @@ from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from streamengine.stream.outbox import relay_once
 from streamengine.stream.producer import start_producer
+from tests.engine_tools import add_samples
 from tests.kafka_tools import read_all
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -274,8 +276,6 @@ async def test_admin_api_delete_gc_and_train_major(line: Line) -> None:
         gc = await http.post("/adapters/gc", params={"keep": 0, "dry_run": True})
         assert gc.json()["kept"] == ["v1.2", "v1.1"] and gc.json()["deleted"] == [] and gc.json()["dry_run"]
 
-        from tests.engine_tools import add_samples
-
         await add_samples(line.db, 0, 3)
         train = await http.post("/train", params={"major": True}, json={"min_samples": 1})
         assert train.status_code == 202, train.text
@@ -294,7 +294,6 @@ async def test_cli_adapters_commands_through_the_admin_api(line: Line) -> None:
     from streamengine.api.context import EngineContext
     from streamengine.cli.main import cli
     from streamengine.local.embedded import free_port
-    from tests.engine_tools import add_samples
 
     for i in range(4):
         await line.release(i)
@@ -312,8 +311,7 @@ async def test_cli_adapters_commands_through_the_admin_api(line: Line) -> None:
         return result.output
 
     try:
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: server.started, 30, interval_s=0.02)
         table = await run("adapters", "list")
         assert "v1.3" in table and "production" in table and "previous" in table
         assert [a["version"] for a in json.loads(await run("adapters", "list", "--json"))] == [

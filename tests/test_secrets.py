@@ -42,7 +42,8 @@ import yaml
 
 from streamengine.local.embedded import SeaweedS3, free_port
 from tests import process_tools
-from tests.kafka_tools import feedback, produce, read_all, wait_for
+from tests.kafka_tools import feedback, produce, read_all
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration]
 

@@ -12,44 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from streamengine.config.settings import Settings
-from streamengine.contract.events import AdapterReleased, LoraSpec
-from streamengine.core.release import build_release
 from streamengine.errors import ServiceUnavailable
 from streamengine.serving import CallbackSwapper, PeftSwapper, Subscriber, adapter_name
 from streamengine.store.objects import ObjectStore
+from tests.serving_tools import Fleet, make_adapter
 
 pytestmark = pytest.mark.integration
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPT = "Hello, adapter!"
-
-
-def _make_adapter(tiny_model: Path, out: Path, seed: int, r: int = 4) -> Path:
-    """A fresh LoRA on the tiny model with random lora_B, so each adapter changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
 def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return [_make_adapter(tiny_model, root / f"a{seed}", seed) for seed in range(4)]
+    return [make_adapter(tiny_model, root / f"a{seed}", seed) for seed in range(4)]
 
 
 @pytest.fixture(scope="session")
@@ -67,57 +45,6 @@ def reference_logits(tiny_model: Path, adapters: list[Path]) -> list[Any]:
         with torch.no_grad():
             out.append(model(**inputs).logits[0, -1].float())
     return out
-
-
-class Fleet:
-    """The publishing side of one test: uploads adapter folders and produces AdapterReleased records."""
-
-    def __init__(self, settings: Settings, model: str) -> None:
-        self.settings = settings
-        self.model = model
-        self.store = ObjectStore.from_settings(settings.storage)
-        self.store.ensure_bucket()
-
-    def release(
-        self, folder: Path, version: str, *, key: str | None = None, reason: str = "threshold"
-    ) -> AdapterReleased:
-        hashes = self.store.upload_folder(folder, self.model, version)
-        return build_release(
-            model=self.model,
-            version=version,
-            parent_version=None,
-            base_model="tiny",
-            uri=self.store.uri(self.model, version),
-            files=hashes,
-            size_bytes=sum(p.stat().st_size for p in folder.iterdir()),
-            lora=LoraSpec(r=4, alpha=8, target_modules=TARGETS),
-            ewc_lambda=500.0,
-            window=None,
-            metrics={},
-            reason=reason,  # type: ignore[arg-type]
-            now=datetime.now(UTC),
-            signing_key=key,
-        )
-
-    async def produce(self, *values: AdapterReleased | bytes | None, key: str | None = None) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka.bootstrap_servers)
-        await producer.start()
-        try:
-            for value in values:
-                raw = value.model_dump_json().encode() if isinstance(value, AdapterReleased) else value
-                await producer.send_and_wait(
-                    self.settings.kafka.released_topic, value=raw, key=(key or self.model).encode()
-                )
-        finally:
-            await producer.stop()
-
-    async def create_topic(self, partitions: int) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap_servers)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(self.settings.kafka.released_topic, partitions, 1)])
-        finally:
-            await admin.close()
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -379,7 +306,7 @@ async def test_peft_swapper_hotswaps_in_place_when_rank_and_targets_match(
 ) -> None:
     import torch
 
-    wider = _make_adapter(tiny_model, tmp_path / "r8", seed=7, r=8)
+    wider = make_adapter(tiny_model, tmp_path / "r8", seed=7, r=8)
     swapper = PeftSwapper(tiny_model)
     steps = [(0, "v1.0"), (1, "v1.1"), (2, "v1.2"), (3, "v1.3"), (2, "v1.2"), (3, "v1.3")]
     methods = []

@@ -15,7 +15,7 @@ import pytest
 from streamengine.jobs.worker import Worker
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from tests.test_worker import _settings, fill_window
+from tests.engine_tools import fill_window, worker_settings
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 async def test_s3_stopped_mid_upload_releases_nothing_then_a_retry_succeeds(
     services: Any, make_settings: Any, tiny_model: Path
 ) -> None:
-    settings = _settings(make_settings, tiny_model)
+    settings = worker_settings(make_settings, tiny_model)
     db = await Database.connect(settings.database)
     store = ObjectStore.from_settings(settings.storage, attempts=3, backoff_s=0.05, connect_timeout_s=1)
     real_upload = store.client.fput_object

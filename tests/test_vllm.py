@@ -26,7 +26,8 @@ from streamengine.errors import ServiceUnavailable
 from streamengine.local.embedded import free_port
 from streamengine.serving import HttpSwapper, Subscriber, lora_name
 from streamengine.serving.http import AdapterRejected
-from tests.test_subscriber import Fleet
+from tests.polling import wait_for
+from tests.serving_tools import Fleet
 
 BASE = "base-model"
 
@@ -114,10 +115,9 @@ class FakeLoraServer:
 
     async def __aenter__(self) -> FakeLoraServer:
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.02)
+        self._server = server = uvicorn.Server(config)
+        self._task = asyncio.create_task(server.serve())
+        await wait_for(lambda: server.started, 30, interval_s=0.02)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -222,6 +222,7 @@ async def test_sglang_and_max_serve_configurations(flavour: str, tmp_path: Path)
         await swapper.aclose()
 
 
+@pytest.mark.integration
 async def test_subscriber_drives_vllm_end_to_end(make_settings, tmp_path: Path, vllm: FakeLoraServer) -> None:
     import httpx
 

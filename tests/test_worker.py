@@ -8,40 +8,19 @@ import json
 import pytest
 from minio import Minio
 
-from streamengine.config.settings import Settings
-from streamengine.contract.events import FeedbackEvent
-from streamengine.core.samples import SamplePolicy, to_sample
-from streamengine.core.windows import WindowPolicy
 from streamengine.jobs.worker import Worker
-from streamengine.store import job_queue, registry, windows
+from streamengine.store import job_queue, registry
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from tests import process_tools
-from tests.kafka_tools import wait_for
+from tests.engine_tools import TRAINING, fill_window, worker_settings
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
-TRAINING = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "max_length": 64}
-
-
-def _settings(make_settings, tiny_model, **extra) -> Settings:  # type: ignore[no-untyped-def]
-    extra.setdefault("training", TRAINING)
-    return make_settings(model={"base": str(tiny_model)}, window={"max_samples": 16}, **extra)
-
-
-async def fill_window(db: Database, start: int, count: int = 16) -> windows.BatchOutcome:
-    policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
-    rows = []
-    for i in range(start, start + count):
-        event = FeedbackEvent(
-            event_id=f"w-{i}", model="tiny-llama", prompt=f"Q{i % 4}?", response=f"A{i % 4}", kind="thumbs_up"
-        )
-        rows.append((to_sample(event, policy), 0, i))
-    return await windows.write_batch(db, rows, WindowPolicy(max_samples=count))
-
 
 async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> None:  # type: ignore[no-untyped-def]
-    settings = _settings(make_settings, tiny_model)
+    settings = worker_settings(make_settings, tiny_model)
     db = await Database.connect(settings.database)
     store = ObjectStore.from_settings(settings.storage)
     try:
@@ -89,7 +68,7 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
 
 async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     lease = {"lease_s": 4.0, "heartbeat_s": 1.0, "poll_s": 0.2}
-    settings = _settings(
+    settings = worker_settings(
         make_settings, tiny_model, worker=lease, training={**TRAINING, "epochs": 200}
     )  # long enough to be killed mid-training
     db = await Database.connect(settings.database)
@@ -113,7 +92,7 @@ async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings
         state = await db.fetchrow("SELECT state, attempts, lease_owner FROM jobs WHERE id = 1")
         assert (state["state"], state["attempts"]) == ("running", 1)
 
-        fast = _settings(make_settings, tiny_model, worker=lease)
+        fast = worker_settings(make_settings, tiny_model, worker=lease)
         rescuer = Worker(fast, db, ObjectStore.from_settings(fast.storage), owner="rescuer")
         assert await rescuer.run_once() is None  # lease still held by the dead worker
         await asyncio.sleep(settings.worker.lease_s)
@@ -131,7 +110,7 @@ async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings
 
 
 async def test_a_stopping_worker_gives_its_job_back(make_settings, tiny_model) -> None:  # type: ignore[no-untyped-def]
-    settings = _settings(make_settings, tiny_model, worker={"heartbeat_s": 0.5, "poll_s": 0.2},
+    settings = worker_settings(make_settings, tiny_model, worker={"heartbeat_s": 0.5, "poll_s": 0.2},
                          training={**TRAINING, "epochs": 500})  # fmt: skip
     db = await Database.connect(settings.database)
     try:

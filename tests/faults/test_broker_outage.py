@@ -10,7 +10,8 @@ import pytest
 from streamengine.engine import run_engine
 from streamengine.local.embedded import Tansu
 from streamengine.store.db import Database
-from tests.kafka_tools import feedback, produce, wait_for
+from tests.kafka_tools import feedback, produce
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -15,7 +15,8 @@ from streamengine.jobs.worker import Worker
 from streamengine.local.embedded import Postgres, create_database
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
-from tests.kafka_tools import feedback, produce, wait_for
+from tests.kafka_tools import feedback, produce
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

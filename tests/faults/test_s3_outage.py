@@ -26,7 +26,8 @@ from streamengine.local.embedded import SeaweedS3
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from tests import process_tools
-from tests.kafka_tools import feedback, produce, read_all, wait_for
+from tests.kafka_tools import feedback, produce, read_all
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

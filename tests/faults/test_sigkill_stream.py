@@ -24,7 +24,8 @@ import pytest
 from streamengine.store.db import Database
 from streamengine.stream.topics import ensure_topics
 from tests import process_tools
-from tests.kafka_tools import feedback, produce_batched, read_all, wait_for
+from tests.kafka_tools import feedback, produce_batched, read_all
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from streamengine.core.manifest import serving_files
 from streamengine.store.folders import verify
 from tests import process_tools
 from tests.faults.stall_proxy import StallProxy
-from tests.kafka_tools import wait_for
-from tests.test_subscriber import Fleet, _make_adapter
+from tests.polling import wait_for
+from tests.serving_tools import Fleet, make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,8 +53,8 @@ async def test_subscriber_killed_mid_download_restarts_clean_and_converges(
 ) -> None:
     settings = make_settings(model={"base": str(tiny_model)})
     fleet = Fleet(settings, MODEL)
-    small = _make_adapter(tiny_model, tmp_path / "small", seed=0)
-    big = _make_adapter(tiny_model, tmp_path / "big", seed=1, r=512)  # ~2 MiB of weights
+    small = make_adapter(tiny_model, tmp_path / "small", seed=0)
+    big = make_adapter(tiny_model, tmp_path / "big", seed=1, r=512)  # ~2 MiB of weights
     full_size = (big / "adapter_model.safetensors").stat().st_size
     assert full_size > 2 * MIB
     folder = Path(settings.serving.download_dir) / MODEL

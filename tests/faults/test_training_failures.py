@@ -32,9 +32,9 @@ from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from streamengine.training.spec import FisherResult, TrainResult
 from tests import process_tools
-from tests.engine_tools import engine_running
-from tests.kafka_tools import read_all, wait_for
-from tests.test_worker import TRAINING, _settings, fill_window
+from tests.engine_tools import TRAINING, engine_running, fill_window, worker_settings
+from tests.kafka_tools import read_all
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -70,7 +70,7 @@ async def _all_sent(db: Database) -> bool:
 async def test_diverging_training_fails_the_job_and_the_next_window_releases(
     make_settings: Any, tiny_model: Path
 ) -> None:
-    settings = _settings(make_settings, tiny_model)
+    settings = worker_settings(make_settings, tiny_model)
     db = await Database.connect(settings.database)
     store = ObjectStore.from_settings(settings.storage)
     try:
@@ -84,7 +84,7 @@ async def test_diverging_training_fails_the_job_and_the_next_window_releases(
             ]
             cases = [(job_id, training, f"training diverged: {reason}") for job_id, training, reason in cases]
             for job_id, training, reason in cases:
-                diverging = _settings(make_settings, tiny_model, training={**TRAINING, **training})
+                diverging = worker_settings(make_settings, tiny_model, training={**TRAINING, **training})
                 job = await Worker(diverging, db, store, owner=f"diverging-{job_id}").run_once()
                 assert job is not None and job.id == job_id
                 assert await _job(db, job_id) == {"state": "failed", "attempts": 1, "error": reason, "version": None}
@@ -123,7 +123,7 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
     # about twice what a normal job of the tiny model takes, and ~720 samples of 256 tokens in one batch (over
     # 2 GiB without a cap). Job 3: a normal window under the same 1 GiB cap.
     big_batch = {**TRAINING, "batch_size": 1024, "max_length": 256}
-    settings = _settings(make_settings, tiny_model, training=big_batch, worker={"trainer_memory_limit_mb": 1024})
+    settings = worker_settings(make_settings, tiny_model, training=big_batch, worker={"trainer_memory_limit_mb": 1024})
     db = await Database.connect(settings.database)
     store = ObjectStore.from_settings(settings.storage)
     try:
@@ -132,7 +132,9 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
             assert len((await _fill_long_window(db, 100, 800)).closed) == 1
             assert len((await _fill_long_window(db, 1000, 16)).closed) == 1
 
-            tiny_cap = _settings(make_settings, tiny_model, training=big_batch, worker={"trainer_memory_limit_mb": 64})
+            tiny_cap = worker_settings(
+                make_settings, tiny_model, training=big_batch, worker={"trainer_memory_limit_mb": 64}
+            )
             started = time.monotonic()
             assert (await Worker(tiny_cap, db, store, owner="starved").run_once()) is not None
             starved_s = time.monotonic() - started
@@ -170,7 +172,7 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
 async def test_trainer_sigkilled_like_the_oom_killer_is_retried_then_failed(
     make_settings: Any, tiny_model: Path
 ) -> None:
-    settings = _settings(make_settings, tiny_model, worker={"max_attempts": 2, "poll_s": 0.2})
+    settings = worker_settings(make_settings, tiny_model, worker={"max_attempts": 2, "poll_s": 0.2})
     marker = str(Path(settings.worker.work_dir) / "job-1" / "spec.json")
     db = await Database.connect(settings.database)
     stop = asyncio.Event()

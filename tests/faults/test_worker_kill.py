@@ -26,10 +26,10 @@ from streamengine.serving import follow
 from streamengine.store.db import Database
 from streamengine.store.objects import MANIFEST, ObjectStore
 from tests import process_tools
-from tests.engine_tools import engine_running
+from tests.engine_tools import TRAINING, engine_running, fill_window, worker_settings
 from tests.faults.stall_proxy import StallProxy
-from tests.kafka_tools import read_all, wait_for
-from tests.test_worker import TRAINING, _settings, fill_window
+from tests.kafka_tools import read_all
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -115,24 +115,11 @@ async def _seen_at_least(watcher: ReleaseWatcher, count: int) -> bool:
     return len(watcher.seen) >= count
 
 
-def _wait_for_child(worker: subprocess.Popen[bytes], marker: str, timeout_s: float, log: Path) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = process_tools.children(worker.pid, marker)
-        if found:
-            return found[0]
-        if worker.poll() is not None:
-            break
-        time.sleep(0.02)
-    process_tools.kill(worker)
-    raise AssertionError(f"no trainer process of the worker appeared:\n{log.read_text()[-3000:]}")
-
-
 async def test_workers_killed_during_training_another_finishes_one_version_per_window(
     make_settings: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
-    slow = _settings(make_settings, tiny_model, worker=LEASE, training={**TRAINING, "epochs": 200})
-    fast = _settings(make_settings, tiny_model, worker=LEASE)
+    slow = worker_settings(make_settings, tiny_model, worker=LEASE, training={**TRAINING, "epochs": 200})
+    fast = worker_settings(make_settings, tiny_model, worker=LEASE)
     slow_config = process_tools.write_config(slow, tmp_path / "slow.yaml")
     fast_config = process_tools.write_config(fast, tmp_path / "fast.yaml")
     logs = {name: tmp_path / f"worker-{name}.log" for name in "abc"}
@@ -150,7 +137,13 @@ async def test_workers_killed_during_training_another_finishes_one_version_per_w
             # Kill 1: the worker process alone, the moment its trainer child starts (still importing torch,
             # no output yet). The trainer must die with it rather than run on as an orphan.
             workers.append(process_tools.start(["worker"], slow_config, logs["a"]))
-            trainer = await asyncio.to_thread(_wait_for_child, workers[0], "job-1/spec.json", 120, logs["a"])
+            found = await wait_for(
+                lambda: process_tools.children(workers[0].pid, "job-1/spec.json"),
+                120,
+                interval_s=0.02,
+                describe=lambda: logs["a"].read_text()[-3000:],
+            )
+            trainer = found[0]
             os.kill(workers[0].pid, signal.SIGKILL)
             killed = time.monotonic()
             workers[0].wait(timeout=30)
@@ -193,7 +186,7 @@ async def test_workers_killed_during_training_another_finishes_one_version_per_w
 async def test_worker_killed_mid_upload_another_releases_once(
     services: Any, make_settings: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
-    settings = _settings(make_settings, tiny_model, worker=LEASE)
+    settings = worker_settings(make_settings, tiny_model, worker=LEASE)
     # The second file of the version folder never reaches S3: the worker is held exactly mid-upload.
     trigger = f"PUT /{settings.storage.bucket}/{MODEL}/v1.0/adapter_model.safetensors".encode()
     db = await Database.connect(settings.database)
@@ -202,7 +195,7 @@ async def test_worker_killed_mid_upload_another_releases_once(
     workers: list[subprocess.Popen[bytes]] = []
     try:
         async with StallProxy(services.s3_endpoint, trigger) as proxy, engine_running(settings):
-            stalled = _settings(make_settings, tiny_model, worker=LEASE, storage={"endpoint": proxy.endpoint})
+            stalled = worker_settings(make_settings, tiny_model, worker=LEASE, storage={"endpoint": proxy.endpoint})
             watcher = ReleaseWatcher(settings, store, tmp_path / "checks")
             watching = asyncio.create_task(watcher.run(stop))
             await fill_window(db, 0)
