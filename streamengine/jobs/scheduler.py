@@ -23,7 +23,7 @@ from streamengine import metrics
 from streamengine.config.settings import PrivacySettings, Settings
 from streamengine.core.job_states import ACTIVE_STATES, JOB_STATES
 from streamengine.core.windows import Schedule
-from streamengine.store import privacy, windows
+from streamengine.store import job_queue, privacy, registry, windows
 from streamengine.store.db import Database
 from streamengine.store.windows import ClosedWindow
 
@@ -40,8 +40,7 @@ async def tick_once(
 ) -> ClosedWindow | None:
     """Run the tick decision once (``now`` defaults to PostgreSQL's clock); count what happened."""
     if now is None:
-        now = await db.fetchval("SELECT now()")
-        assert now is not None
+        now = await windows.database_now(db)
     closed = await windows.tick(db, model, schedule, now, min_samples)
     if closed is not None:
         metrics.TICKS.labels(model, "closed").inc()
@@ -54,7 +53,7 @@ async def tick_once(
             closed.weight,
             closed.job_id,
         )
-    elif await db.fetchval("SELECT last_tick_at = $2 FROM model_lines WHERE model = $1", model, now):
+    elif await windows.last_tick(db, model) == now:
         metrics.TICKS.labels(model, "skipped").inc()
         log.info("tick for %s: the open window holds fewer than %d samples; kept open", model, min_samples)
     return closed
@@ -62,27 +61,19 @@ async def tick_once(
 
 async def refresh_gauges(db: Database, model: str, schedule: Schedule) -> None:
     """Set the gauges that mirror PostgreSQL: open windows, jobs, last release, ticks."""
-    open_windows = {
-        r["model"]: r for r in await db.fetch("SELECT model, samples, weight FROM windows WHERE state = 'open'")
-    }
-    for name in {model, *open_windows}:
-        row = open_windows.get(name)
-        metrics.WINDOW_SAMPLES.labels(name).set(row["samples"] if row else 0)
-        metrics.WINDOW_WEIGHT.labels(name).set(row["weight"] if row else 0.0)
-    rows = await db.fetch(
-        "SELECT state, count(*) AS n, extract(epoch FROM now() - min(CASE WHEN state = 'running'"
-        " THEN coalesce(started_at, created_at) ELSE created_at END)) AS age FROM jobs GROUP BY state"
-    )
-    by_state = {r["state"]: r for r in rows}
+    fill = await windows.open_window_fill(db)
+    for name in {model, *fill}:
+        samples, weight = fill.get(name, (0, 0.0))
+        metrics.WINDOW_SAMPLES.labels(name).set(samples)
+        metrics.WINDOW_WEIGHT.labels(name).set(weight)
+    by_state = await job_queue.state_summary(db)
     for state in JOB_STATES:
-        row = by_state.get(state)
-        metrics.JOBS.labels(state).set(row["n"] if row else 0)
+        metrics.JOBS.labels(state).set(by_state[state].count if state in by_state else 0)
     for state in ACTIVE_STATES:
-        row = by_state.get(state)
-        metrics.JOB_AGE.labels(state).set(float(row["age"]) if row else 0.0)
-    for row in await db.fetch("SELECT model, extract(epoch FROM max(created_at)) AS t FROM adapters GROUP BY model"):
-        metrics.LAST_RELEASE.labels(row["model"]).set(float(row["t"]))
-    last = await db.fetchval("SELECT last_tick_at FROM model_lines WHERE model = $1", model)
+        metrics.JOB_AGE.labels(state).set(by_state[state].oldest_age_s if state in by_state else 0.0)
+    for name, released_at in (await registry.last_release_times(db)).items():
+        metrics.LAST_RELEASE.labels(name).set(released_at)
+    last = await windows.last_tick(db, model)
     if last is not None:
         metrics.LAST_TICK.labels(model).set(last.timestamp())
         metrics.NEXT_TICK.labels(model).set(schedule.next_after(last).timestamp())

@@ -14,7 +14,6 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from streamengine.config.settings import Settings
 from streamengine.engine import run_engine
@@ -25,6 +24,7 @@ from streamengine.local.tinymodel import build_tiny_model
 from streamengine.logs import log_to_file
 from streamengine.serving.subscriber import Subscriber
 from streamengine.serving.swappers import PeftSwapper
+from streamengine.store import registry
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from streamengine.stream.produce import prepare, send
@@ -96,9 +96,8 @@ async def _run_loop(settings: Settings, events: int, exit_after: int, stop: asyn
     async def on_swap(version: str) -> None:
         nonlocal releases
         releases += 1
-        info: Any = await db.fetchrow("SELECT manifest FROM adapters WHERE model = $1 AND version = $2", MODEL, version)
-        m = info["manifest"]["metrics"] if info else {}
-        window = info["manifest"]["window"] if info else {}
+        manifest = (await registry.get_adapter(db, MODEL, version)).manifest
+        m, window = manifest.get("metrics") or {}, manifest.get("window") or {}
         _say(
             f"RELEASE {MODEL} {version}: {window.get('samples')} samples, loss {m.get('eval_loss_before', 0):.3f} -> "
             f"{m.get('eval_loss_after', 0):.3f}; serving node swapped it in "

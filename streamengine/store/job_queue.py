@@ -288,3 +288,21 @@ async def give_back(db: Database, job_id: int, owner: str) -> None:
         job_id,
         owner,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StateSummary:
+    """How many jobs are in one state, and the age of the oldest (running jobs: since they started)."""
+
+    count: int
+    oldest_age_s: float
+
+
+async def state_summary(db: Database) -> dict[str, StateSummary]:
+    """Jobs of every model line by state (states without jobs are absent)."""
+    rows = await db.fetch(
+        "SELECT state, count(*) AS n, extract(epoch FROM now() - min(CASE WHEN state = 'running'"
+        " THEN coalesce(started_at, created_at) ELSE created_at END)) AS age FROM jobs GROUP BY state"
+    )
+    return {r["state"]: StateSummary(r["n"], float(r["age"])) for r in rows}
+

@@ -272,3 +272,10 @@ async def collect_garbage(db: Database, store: ObjectStore, model: str, keep: in
         result.kept or "-",
     )
     return result
+
+
+async def last_release_times(db: Database) -> dict[str, float]:
+    """Unix time of each model line's newest version (for the last-release gauge)."""
+    rows = await db.fetch("SELECT model, extract(epoch FROM max(created_at)) AS t FROM adapters GROUP BY model")
+    return {r["model"]: float(r["t"]) for r in rows}
+

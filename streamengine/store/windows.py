@@ -280,3 +280,16 @@ async def get_window(db: Database, window_id: int) -> WindowSpec:
         start=row["opened_at"],
         end=row["closed_at"],
     )
+
+
+async def open_window_fill(db: Database) -> dict[str, tuple[int, float]]:
+    """Samples and weight of every open window, by model line (for the gauges)."""
+    rows = await db.fetch("SELECT model, samples, weight FROM windows WHERE state = 'open'")
+    return {r["model"]: (r["samples"], r["weight"]) for r in rows}
+
+
+async def database_now(db: Database) -> datetime:
+    """PostgreSQL's clock: the one every tick decision uses, whatever the replicas' clocks say."""
+    now: datetime = await db.fetchval("SELECT now()")
+    return now
+

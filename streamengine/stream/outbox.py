@@ -15,42 +15,34 @@ import logging
 from streamengine import metrics
 from streamengine.contract.cloudevents import as_kafka
 from streamengine.core.backoff import Backoff
+from streamengine.store import outbox
 from streamengine.store.db import Database
 from streamengine.stream.ingest import RecordSender
 
 log = logging.getLogger(__name__)
 
-_RELAY_LOCK = 0x5E_0002
-
-
 async def relay_once(db: Database, sender: RecordSender, limit: int = 100) -> int:
     """Publish up to ``limit`` pending rows; returns how many were published."""
     published = 0
     async with db.pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK):
+        if not await outbox.lock_relay(conn):
             return 0
-        rows = await conn.fetch("SELECT * FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1", limit)
-        for row in rows:
+        for row in await outbox.pending(conn, limit):
             try:
                 await sender.send_and_wait(
-                    row["topic"],
-                    value=json.dumps(row["value"], ensure_ascii=False).encode(),
-                    key=row["key"].encode(),
-                    headers=as_kafka(row["headers"]),
+                    row.topic,
+                    value=json.dumps(row.value, ensure_ascii=False).encode(),
+                    key=row.key.encode(),
+                    headers=as_kafka(row.headers),
                 )
             except Exception as exc:
                 metrics.OUTBOX_FAILURES.inc()
-                await conn.execute(
-                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
-                    row["id"],
-                    f"{type(exc).__name__}: {exc}"[:500],
-                )
-                log.warning("outbox row %d not published (%s); will retry", row["id"], type(exc).__name__)
+                await outbox.mark_failed(conn, row.id, f"{type(exc).__name__}: {exc}")
+                log.warning("outbox row %d not published (%s); will retry", row.id, type(exc).__name__)
                 break
-            await conn.execute("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = $1", row["id"])
+            await outbox.mark_sent(conn, row.id)
             published += 1
-        backlog = await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-    metrics.OUTBOX_BACKLOG.set(backlog)
+        metrics.OUTBOX_BACKLOG.set(await outbox.backlog(conn))
     metrics.OUTBOX_PUBLISHED.inc(published)
     return published
 
