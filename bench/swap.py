@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaProducer
 
 from streamengine.config.settings import Settings, load_settings
 from streamengine.contract.events import AdapterReleased, LoraSpec
-from streamengine.core.manifest import sha256_bytes
+from streamengine.core.manifest import Signer, sha256_bytes
 from streamengine.core.release import build_release
 from streamengine.local.embedded import SeaweedS3, Tansu
 from streamengine.serving import PeftSwapper, Subscriber
@@ -104,7 +104,7 @@ def release(store: ObjectStore, model: str, folder: Path, version: str) -> Adapt
         model=model, version=version, parent_version=None, base_model="bench", uri=store.uri(model, version),
         files=files, size_bytes=sum((folder / n).stat().st_size for n in files),
         lora=LoraSpec(r=16, alpha=32, target_modules=TARGETS), ewc_lambda=500.0, window=None, metrics={},
-        reason="threshold", now=datetime.now(UTC), signing_key=KEY,
+        reason="threshold", now=datetime.now(UTC), signer=Signer(hmac_key=KEY),
     )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from streamengine.contract.events import AdapterReleased, FeedbackEvent, LoraSpec, WindowSpec
-from streamengine.core.manifest import canonical_bytes, is_safe_artifact, sha256_bytes, sign, signature_valid
+from streamengine.core.manifest import Signer, canonical_bytes, is_safe_artifact, sha256_bytes, sign, signature_valid
 from streamengine.core.release import build_release, manifest_of, republish
 from streamengine.core.samples import Sample, SamplePolicy, to_sample
 from streamengine.core.versions import FIRST, Version, next_version
@@ -347,7 +347,7 @@ def release(signing_key: str | None = "s3cret") -> AdapterReleased:
         metrics={"train_loss": 1.25, "eval_loss_before": 2.5, "eval_loss_after": 0.1, "forgetting": None},
         reason="threshold",
         now=NOW,
-        signing_key=signing_key,
+        signer=Signer(hmac_key=signing_key) if signing_key else None,
     )
 
 
@@ -392,7 +392,7 @@ def test_each_build_gets_a_fresh_event_id_but_the_same_signature() -> None:
 def test_republish_keeps_the_version_and_re_signs() -> None:
     original = release()
     later = NOW + timedelta(days=2)
-    again = republish(original, "rollback", later, "s3cret")
+    again = republish(original, "rollback", later, Signer(hmac_key="s3cret"))
     assert (again.version, again.files, again.uri, again.size_bytes) == (
         original.version,
         original.files,

@@ -19,9 +19,8 @@ import pytest
 import pytest_asyncio
 
 from streamengine.config.settings import Settings
-from streamengine.contract import cloudevents
 from streamengine.contract.events import RELEASED_TYPE, LoraSpec
-from streamengine.core.manifest import sha256_bytes, signature_valid
+from streamengine.core.manifest import Signer, sha256_bytes, signature_valid
 from streamengine.core.release import build_release, manifest_of
 from streamengine.core.versions import Version, base_changed, next_version
 from streamengine.errors import ConfigError, Conflict, NotFound
@@ -74,6 +73,7 @@ class Line:
         new_base = await registry.base_model_changed(self.db, MODEL, base)
         version = await job_queue.reserve_version(self.db, job.id, "tester", major=new_base)
         folder = _folder(self.tmp / f"{version}-{seed}", seed)
+        signer = Signer(hmac_key=key) if key else None
         files = {p.name: sha256_bytes(p.read_bytes()) for p in sorted(folder.iterdir())}
         event = build_release(
             model=MODEL,
@@ -89,15 +89,12 @@ class Line:
             metrics={},
             reason="threshold",
             now=datetime.now(UTC),
-            signing_key=key,
+            signer=signer,
         )
         (folder / "manifest.json").write_text(json.dumps(manifest_of(event)))
         released = await registry.is_released(self.db, MODEL, version)
         await self.store.aupload_folder(folder, MODEL, version, overwrite=not released)
-        headers = cloudevents.headers(event.event_id, RELEASED_TYPE, event.created_at)
-        topic = self.settings.kafka.released_topic
-        await job_queue.release(self.db, job.id, "tester", manifest_of(event), event.model_dump(mode="json"), headers,
-                                topic)  # fmt: skip
+        await job_queue.release(self.db, job.id, "tester", event, self.settings.kafka.released_topic, signer)
         return version
 
     async def aliases(self) -> tuple[str | None, str | None]:
@@ -165,8 +162,8 @@ async def test_deploy_and_rollback_events_reach_the_topic(line: Line) -> None:
     for i in range(2):
         await line.release(i, key=key)
     topic = line.settings.kafka.released_topic
-    deployed = await registry.deploy(line.db, MODEL, "v1.0", topic, key)
-    rolled = await registry.rollback(line.db, MODEL, topic, key)
+    deployed = await registry.deploy(line.db, MODEL, "v1.0", topic, Signer(hmac_key=key))
+    rolled = await registry.rollback(line.db, MODEL, topic, Signer(hmac_key=key))
     assert (deployed.reason, rolled.reason, rolled.version) == ("manual", "rollback", "v1.1")
 
     records = await line.relay()

@@ -11,6 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from streamengine.api.context import EngineContext
 from streamengine.api.models import ErrorBody
+from streamengine.config.keys import release_signer
+from streamengine.core.manifest import Signer
 from streamengine.errors import NotFound, ServiceUnavailable
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -75,7 +77,6 @@ def model_of(ctx: EngineContext, model: str | None) -> str:
     return name
 
 
-def signing_key(ctx: EngineContext) -> str | None:
-    """The release signing key, when one is configured."""
-    key = ctx.settings.signing_key
-    return key.get_secret_value() if key else None
+def signer(ctx: EngineContext) -> Signer | None:
+    """What deploy and rollback announcements are signed with (the keys the settings name), if anything."""
+    return release_signer(ctx.settings)

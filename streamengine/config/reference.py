@@ -104,7 +104,8 @@ _NOTES = {
     "api.port": "Admin API port (also serves /metrics of `run`).",
     "api.token": "Bearer token required by the admin API's mutating endpoints (unset: none required).",
     "serving.download_dir": "Where a subscriber keeps downloaded adapters.",
-    "signing_key": "HMAC-SHA256 key that signs releases (subscribers refuse unsigned ones when set).",
+    "signing_key": "HMAC-SHA256 key shared by the engine, which signs releases, and the nodes, which check them "
+    "(and refuse unsigned ones). A node holding it could sign too: prefer Ed25519 (signing.private_key_file).",
 }
 
 

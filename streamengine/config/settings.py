@@ -247,6 +247,30 @@ class ServingSettings(_Section):
     )
     request_timeout_s: float = Field(120.0, gt=0, description="Longest wait for one load/unload call.")
     hotswap: bool = Field(True, description="PEFT: swap weights in place when rank and targets match.")
+    public_key_file: Path | None = Field(
+        None,
+        description="PEM file of the Ed25519 public key releases are signed with (`signing.private_key_file` on "
+        "the engine); releases must then carry a valid `signature_ed25519`. It cannot sign.",
+    )
+    require_signature: bool = Field(
+        False,
+        description="Refuse to start without a key to check releases with (this file or `signing_key`). Unset: a "
+        "node without one accepts unsigned releases and says so at start.",
+    )
+    max_adapter_bytes: int = Field(
+        4 << 30, ge=1, description="Most bytes the files of one release may have; a larger one is refused."
+    )
+    download_timeout_s: float = Field(
+        300.0, gt=0, description="Longest download of one file; a slower one is abandoned and tried again later."
+    )
+
+
+class SigningSettings(_Section):
+    private_key_file: Path | None = Field(
+        None,
+        description="PEM file of the Ed25519 private key the engine (worker, API) signs releases with; nodes "
+        "verify with the public key (`serving.public_key_file`). Can be used with or instead of `signing_key`.",
+    )
 
 
 class PrivacySettings(_Section):
@@ -321,6 +345,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
     signing_key: SecretStr | None = None
+    signing: SigningSettings = SigningSettings()
     env_api_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices(ENV_PREFIX + "API__TOKEN", ENV_PREFIX + "API_TOKEN"),

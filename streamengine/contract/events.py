@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from streamengine.errors import EventRejected
 
@@ -166,6 +166,9 @@ class AdapterReleased(BaseModel):
     base_model: str
     uri: str = Field(description="s3://<bucket>/<model>/<version>/, the adapter folder.")
     files: dict[str, str] = Field(description="file name -> sha256 hex")
+    file_sizes: dict[str, NonNegativeInt] | None = Field(
+        None, description="file name -> size in bytes; a node stops a download as soon as a file exceeds it."
+    )
     size_bytes: int = Field(ge=0)
     lora: LoraSpec
     ewc_lambda: float
@@ -173,7 +176,20 @@ class AdapterReleased(BaseModel):
     metrics: dict[str, float | None] = Field(default_factory=dict)
     reason: ReleaseReason
     created_at: datetime
-    signature: str | None = Field(None, description="HMAC-SHA256 of the canonical manifest.")
+    sequence: int | None = Field(
+        None,
+        ge=1,
+        description="Number of this announcement in its model line, given by the registry (releases, deploys and "
+        "rollbacks alike) and signed: a node refuses a record older than the one it serves.",
+    )
+    signature: str | None = Field(
+        None, description="HMAC-SHA256 (hex) of the canonical record: every field but `event_id` and `signature`."
+    )
+    signature_ed25519: str | None = Field(
+        None,
+        description="Ed25519 signature (hex) of the canonical record without `event_id`, `signature` and itself; "
+        "nodes verify it with the public key.",
+    )
 
 
 def _summarise(exc: ValidationError) -> str:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from streamengine.contract.events import AdapterReleased, LoraSpec, ReleaseReason, WindowSpec
-from streamengine.core.manifest import sign
+from streamengine.core.manifest import SIGNATURE_FIELDS, Signer
 
 
 def build_release(
@@ -25,9 +25,12 @@ def build_release(
     metrics: dict[str, float | None],
     reason: ReleaseReason,
     now: datetime,
-    signing_key: str | None,
+    signer: Signer | None,
+    file_sizes: dict[str, int] | None = None,
 ) -> AdapterReleased:
-    """The event announcing ``version``; signed over its canonical form when a key is given."""
+    """The event announcing ``version``; signed over its canonical form when a signer is given.
+
+    It has no ``sequence`` yet: the registry numbers it when it queues it (:func:`sequenced`)."""
     return _signed(
         {
             "model": model,
@@ -36,6 +39,7 @@ def build_release(
             "base_model": base_model,
             "uri": uri,
             "files": files,
+            "file_sizes": file_sizes,
             "size_bytes": size_bytes,
             "lora": lora,
             "ewc_lambda": ewc_lambda,
@@ -44,15 +48,24 @@ def build_release(
             "reason": reason,
             "created_at": now,
         },
-        signing_key,
+        signer,
     )
 
 
-def republish(event: AdapterReleased, reason: ReleaseReason, now: datetime, signing_key: str | None) -> AdapterReleased:
-    """The same version announced again (deploy, rollback): new id, reason and time, re-signed."""
-    data = event.model_dump(exclude={"event_id", "signature"})
-    data.update(reason=reason, created_at=now)
-    return _signed(data, signing_key)
+def republish(
+    event: AdapterReleased, reason: ReleaseReason, now: datetime, signer: Signer | None, sequence: int | None = None
+) -> AdapterReleased:
+    """The same version announced again (deploy, rollback): new id, reason, time and sequence, signed again."""
+    data = event.model_dump(exclude={"event_id", *SIGNATURE_FIELDS})
+    data.update(reason=reason, created_at=now, sequence=sequence)
+    return _signed(data, signer)
+
+
+def sequenced(event: AdapterReleased, sequence: int, signer: Signer | None) -> AdapterReleased:
+    """``event`` numbered ``sequence`` in its model line (the registry does, as it queues it), signed again."""
+    data = event.model_dump(exclude={"event_id", *SIGNATURE_FIELDS})
+    data.update(sequence=sequence)
+    return _signed(data, signer, event.event_id)
 
 
 def manifest_of(event: AdapterReleased) -> dict[str, Any]:
@@ -60,8 +73,9 @@ def manifest_of(event: AdapterReleased) -> dict[str, Any]:
     return event.model_dump(mode="json", exclude={"event_id"})
 
 
-def _signed(fields: dict[str, Any], signing_key: str | None) -> AdapterReleased:
-    event = AdapterReleased(event_id=str(uuid.uuid4()), **fields)
-    if signing_key:
-        event.signature = sign(event.model_dump(mode="json"), signing_key)
+def _signed(fields: dict[str, Any], signer: Signer | None, event_id: str | None = None) -> AdapterReleased:
+    event = AdapterReleased(event_id=event_id or str(uuid.uuid4()), **fields)
+    if signer is not None:
+        for name, value in signer.signatures(event.model_dump(mode="json")).items():
+            setattr(event, name, value)
     return event

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from streamengine import metrics
+from streamengine.config.keys import release_signer
 from streamengine.config.settings import Settings
-from streamengine.contract import cloudevents
-from streamengine.contract.events import RELEASED_TYPE, AdapterReleased, LoraSpec
+from streamengine.contract.events import AdapterReleased, LoraSpec
 from streamengine.core.backoff import Backoff
 from streamengine.core.gate import GateDecision, GatePolicy, decide
 from streamengine.core.job_states import JobState
@@ -54,6 +54,7 @@ class Worker:
         self.settings = settings
         self.db = db
         self.store = store
+        self.signer = release_signer(settings)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.work_dir = Path(settings.worker.work_dir)
         learning = settings.learning
@@ -184,15 +185,7 @@ class Worker:
             return
         version = await job_queue.reserve_version(self.db, job.id, self.owner, major=new_base)
         event = await self._upload(job, version, output, numbers)
-        await job_queue.release(
-            self.db,
-            job.id,
-            self.owner,
-            manifest_of(event),
-            event.model_dump(mode="json"),
-            cloudevents.headers(event.event_id, RELEASED_TYPE, event.created_at),
-            self.settings.kafka.released_topic,
-        )
+        await job_queue.release(self.db, job.id, self.owner, event, self.settings.kafka.released_topic, self.signer)
         metrics.RELEASES.labels(job.model, event.reason).inc()
         log.info("job %d released %s %s (%s)", job.id, job.model, version, decision.reason)
         await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -290,6 +283,7 @@ class Worker:
     ) -> AdapterReleased:
         window = await windows.get_window(self.db, job.window_id)
         files = await asyncio.to_thread(_hash_files, output)
+        sizes = await asyncio.to_thread(lambda: {name: (output / name).stat().st_size for name in files})
         event = build_release(
             model=job.model,
             version=version,
@@ -297,7 +291,8 @@ class Worker:
             base_model=self.settings.model.base,
             uri=self.store.uri(job.model, version),
             files=files,
-            size_bytes=await asyncio.to_thread(lambda: sum((output / name).stat().st_size for name in files)),
+            file_sizes=sizes,
+            size_bytes=sum(sizes.values()),
             lora=LoraSpec(
                 r=self.settings.lora.r, alpha=self.settings.lora.alpha, target_modules=self.settings.lora.target_modules
             ),
@@ -306,7 +301,7 @@ class Worker:
             metrics=numbers,
             reason=job.reason if job.reason in ("threshold", "schedule", "manual") else "manual",  # type: ignore[arg-type]
             now=datetime.now(UTC),
-            signing_key=self.settings.signing_key.get_secret_value() if self.settings.signing_key else None,
+            signer=self.signer,
         )
         (output / "manifest.json").write_text(json.dumps(manifest_of(event), indent=2, sort_keys=True))
         started = time.monotonic()

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+from streamengine.config.keys import ensure_key_pair
 from streamengine.config.settings import Settings
 from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
@@ -37,6 +38,8 @@ def _say(message: str) -> None:
 
 
 def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: Path, window: int) -> Settings:
+    """Settings of the local loop; releases are signed (Ed25519, a key pair kept in ``home``/keys)."""
+    private_key, public_key = ensure_key_pair(home / "keys")
     return Settings(
         kafka={"bootstrap_servers": kafka, "session_timeout_s": 6, "rebalance_timeout_s": 6, "partitions": 2},
         database={"url": pg_dsn},
@@ -47,7 +50,8 @@ def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: P
         worker={"work_dir": home / "work", "lease_s": 30, "heartbeat_s": 5, "poll_s": 0.5},
         api={"port": free_port()},
         metrics={"port": 0},
-        serving={"download_dir": home / "serving"},
+        serving={"download_dir": home / "serving", "public_key_file": public_key, "require_signature": True},
+        signing={"private_key_file": private_key},
     )
 
 

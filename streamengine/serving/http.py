@@ -106,13 +106,19 @@ class HttpSwapper:
         for stale in [n for n in await self._loaded(model) if n not in keep]:
             await self._unload(stale)
 
+    async def lost(self) -> bool:
+        """True when the server no longer holds the current version (it restarted); only a server that lists
+        its adapters can tell."""
+        if self.current is None or self._model is None or self.api.models_path is None:
+            return False
+        return lora_name(self._model, self.current) not in await self._loaded(self._model)
+
     async def reconcile(self, folder: Path) -> bool:
-        """Load the current version again if the server lost it (restarted); True when it did."""
-        if self.current is None or self._model is None:
+        """Load the current version again from ``folder`` if the server lost it; True when it did. (The
+        subscriber verifies the folder again before it calls this.)"""
+        if not await self.lost():
             return False
-        name = lora_name(self._model, self.current)
-        if self.api.models_path is None or name in await self._loaded(self._model):
-            return False
+        name = lora_name(self._model or "", self.current or "")
         log.warning("%s lost adapter %s (restarted?); loading it again", self.api.name, name)
         await self._load(name, self.server_path(folder))
         return True

@@ -1,4 +1,4 @@
-"""Local adapter folders: hashing, verification against expected sha256s, atomic replacement."""
+"""Local adapter folders: hashing, verification against expected sha256s and sizes, atomic replacement."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamengine.errors import ConfigError, IntegrityError
@@ -63,3 +65,42 @@ def parse_uri(uri: str) -> tuple[str, str]:
     if not bucket or not prefix.strip("/") or ".." in prefix.split("/"):
         raise IntegrityError(f"adapter uri {uri!r} does not name a bucket and a folder")
     return bucket, prefix.rstrip("/") + "/"
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadLimits:
+    """Bounds of one download: what the release declares (per file, in total) and what the node allows."""
+
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    declared_total: int | None = None
+    max_total: int | None = None
+    file_timeout_s: float | None = None
+
+    def budget(self, name: str, used: int) -> tuple[int, str] | None:
+        """The most bytes file ``name`` may have once the others took ``used``, and what sets that bound."""
+        bounds = []
+        if name in self.sizes:
+            bounds.append((self.sizes[name], f"its declared size of {self.sizes[name]} bytes"))
+        if self.declared_total is not None:
+            bounds.append((self.declared_total - used, f"the release's size_bytes ({self.declared_total})"))
+        if self.max_total is not None:
+            bounds.append((self.max_total - used, f"serving.max_adapter_bytes ({self.max_total})"))
+        return min(bounds, default=None)
+
+
+def write_chunks(chunks: Iterable[bytes], target: Path, budget: tuple[int, str] | None) -> tuple[str, int, float]:
+    """Write ``chunks`` to ``target``: (sha256, size, seconds spent hashing). IntegrityError as soon as the
+    file grows past ``budget`` (bytes, and what sets that bound), before writing the chunk that would."""
+    digest, size, hashing = hashlib.sha256(), 0, 0.0
+    with target.open("wb") as out:
+        for chunk in chunks:
+            if budget is not None and size + len(chunk) > budget[0]:
+                raise IntegrityError(
+                    f"{target.name}: more bytes than {budget[1]}; download stopped after {size + len(chunk)}"
+                )
+            started = time.perf_counter()
+            digest.update(chunk)
+            hashing += time.perf_counter() - started
+            out.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size, hashing

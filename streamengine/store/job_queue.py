@@ -13,7 +13,11 @@ from typing import Any
 
 import asyncpg
 
+from streamengine.contract import cloudevents
+from streamengine.contract.events import RELEASED_TYPE, AdapterReleased
 from streamengine.core.job_states import JobState
+from streamengine.core.manifest import Signer
+from streamengine.core.release import manifest_of, sequenced
 from streamengine.core.versions import Version, next_version
 from streamengine.errors import Conflict, NotFound
 from streamengine.store.db import Database
@@ -141,14 +145,17 @@ async def release(
     db: Database,
     job_id: int,
     owner: str,
-    manifest: dict[str, Any],
-    event: dict[str, Any],
-    headers: dict[str, str],
+    event: AdapterReleased,
     topic: str,
-) -> None:
-    """Record the adapter, move the aliases, queue the event and finish the job, in one transaction."""
+    signer: Signer | None,
+) -> AdapterReleased:
+    """Record the adapter, move the aliases, queue the event and finish the job, in one transaction.
+
+    The event is queued with the model line's next release sequence, signed again; returns it as queued."""
+    manifest = manifest_of(event)
     async with db.pool.acquire() as conn, conn.transaction():
         job = await _owned(conn, job_id, owner)
+        announced = sequenced(event, await next_sequence(conn, job["model"]), signer)
         version = Version.parse(manifest["version"])
         await conn.execute(
             "INSERT INTO adapters (model, version, major, minor, parent_version, job_id, uri, size_bytes,"
@@ -166,12 +173,32 @@ async def release(
             manifest["files"].get(FISHER_FILE),
         )
         await move_production(conn, job["model"], str(version))
-        await enqueue(conn, topic, job["model"], event, headers)
+        await enqueue_release(conn, topic, announced)
         await conn.execute(
             "UPDATE jobs SET state = 'released', finished_at = now(), lease_owner = NULL, metrics = $2 WHERE id = $1",
             job_id,
             manifest.get("metrics", {}),
         )
+    return announced
+
+
+async def next_sequence(conn: asyncpg.Connection, model: str) -> int:
+    """The model line's next release sequence (its row stays locked until the transaction ends).
+
+    One more than the last, or the database clock in milliseconds when that is larger: it only grows, and a
+    registry restored from a backup or created afresh still numbers above what nodes served before."""
+    sequence: int = await conn.fetchval(
+        "UPDATE model_lines SET release_sequence = greatest(release_sequence + 1,"
+        " floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) WHERE model = $1 RETURNING release_sequence",
+        model,
+    )
+    return sequence
+
+
+async def enqueue_release(conn: asyncpg.Connection, topic: str, event: AdapterReleased) -> None:
+    """Queue ``event`` for ``topic`` (keyed by its model, with its CloudEvents headers)."""
+    headers = cloudevents.headers(event.event_id, RELEASED_TYPE, event.created_at)
+    await enqueue(conn, topic, event.model, event.model_dump(mode="json"), headers)
 
 
 async def move_production(conn: asyncpg.Connection, model: str, version: str) -> None:

@@ -4,7 +4,9 @@ Only safe artifacts travel (safetensors and text, never pickles). Versions are i
 refuses a folder that already holds a ``manifest.json`` unless its caller owns that reserved, never
 released version (``overwrite``). ``manifest.json`` goes up last, so a listed manifest means a complete
 version; files above ``part_size`` go up in parts; every object is read back and its size and sha256
-compared. Downloads are verified in a temporary folder, then renamed into place. Transient S3 errors and
+compared. Downloads are verified in a temporary folder, then renamed into place; with
+:class:`DownloadLimits` a file is abandoned as soon as it outgrows its declared size or the node's cap,
+or outlasts its deadline (its socket is shut down, so even a stalled read ends). Transient S3 errors and
 timeouts are retried with bounded, jittered exponential backoff; an unreachable server raises
 :class:`ServiceUnavailable` naming "S3" and the endpoint (never the keys).
 """
@@ -12,6 +14,7 @@ timeouts are retried with bounded, jittered exponential backoff; an unreachable 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,8 +22,9 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -37,7 +41,16 @@ from streamengine.core.manifest import is_safe_artifact
 from streamengine.core.masking import redact
 from streamengine.core.versions import Version
 from streamengine.errors import ConfigError, Conflict, IntegrityError, NotFound, ServiceUnavailable
-from streamengine.store.folders import CHUNK, check_model, file_sha256, parse_uri, replace_dir, verify
+from streamengine.store.folders import (
+    CHUNK,
+    DownloadLimits,
+    check_model,
+    file_sha256,
+    parse_uri,
+    replace_dir,
+    verify,
+    write_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,20 +281,32 @@ class ObjectStore:
     # --- download ------------------------------------------------------------------------------
     def download_folder(self, model: str, version: str, dest: str | Path, expected: dict[str, str]) -> Path:
         """Download the files in ``expected`` into ``dest``, each checked against its sha256."""
-        return self._download(self.bucket, self.prefix(model, version), Path(dest), expected, None)
+        return self._download(self.bucket, self.prefix(model, version), Path(dest), expected, None, None)
 
     def download_uri(
-        self, uri: str, dest: str | Path, expected: dict[str, str], stats: dict[str, float] | None = None
+        self,
+        uri: str,
+        dest: str | Path,
+        expected: dict[str, str],
+        stats: dict[str, float] | None = None,
+        limits: DownloadLimits | None = None,
     ) -> Path:
         """Like :meth:`download_folder` for an ``s3://bucket/model/version/`` uri (as in events).
 
         ``stats``, when given, receives ``bytes`` and ``hash_s`` (time spent hashing, within the download).
+        ``limits`` bound each file's size and time: a file is abandoned as soon as it exceeds them.
         """
         bucket, prefix = parse_uri(uri)
-        return self._download(bucket, prefix, Path(dest), expected, stats)
+        return self._download(bucket, prefix, Path(dest), expected, stats, limits)
 
     def _download(
-        self, bucket: str, prefix: str, dest: Path, expected: dict[str, str], stats: dict[str, float] | None
+        self,
+        bucket: str,
+        prefix: str,
+        dest: Path,
+        expected: dict[str, str],
+        stats: dict[str, float] | None,
+        limits: DownloadLimits | None,
     ) -> Path:
         if not expected:
             raise IntegrityError(f"no files listed for s3://{bucket}/{prefix}")
@@ -298,42 +323,84 @@ class ObjectStore:
             if problem is None:
                 log.debug("s3://%s/%s already verified in %s", bucket, prefix, dest)
                 return dest
+        limits = limits or DownloadLimits()
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
+            used = 0
             for name, want in expected.items():
-                self._fetch(bucket, prefix + name, tmp / name, name, want, stats)
+                budget = limits.budget(name, used)
+                used += self._fetch(bucket, prefix + name, tmp / name, want, stats, budget, limits.file_timeout_s)
             replace_dir(tmp, dest, expected)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("downloaded and verified %d files of s3://%s/%s", len(expected), bucket, prefix)
         return dest
 
-    def _fetch(self, bucket: str, key: str, target: Path, name: str, want: str, stats: dict[str, float]) -> None:
+    def _fetch(
+        self,
+        bucket: str,
+        key: str,
+        target: Path,
+        want: str,
+        stats: dict[str, float],
+        budget: tuple[int, str] | None,
+        timeout_s: float | None,
+    ) -> int:
+        """Download one object to ``target``, checking its sha256; returns its size."""
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+
         def fetch() -> tuple[str, int, float]:
-            digest, size, hashing = hashlib.sha256(), 0, 0.0
+            if deadline is not None and time.monotonic() >= deadline:  # an earlier attempt used the time up
+                raise self._too_slow(key, timeout_s)
             response = self.client.get_object(bucket, key)
             try:
-                with target.open("wb") as out:
-                    for chunk in response.stream(CHUNK):
-                        started = time.perf_counter()
-                        digest.update(chunk)
-                        hashing += time.perf_counter() - started
-                        out.write(chunk)
-                        size += len(chunk)
+                with self._cut_off_at(deadline, response, key, timeout_s):
+                    return write_chunks(response.stream(CHUNK), target, budget)
             finally:
                 response.close()
                 response.release_conn()
-            return digest.hexdigest(), size, hashing
 
         try:
             got, size, hashing = self._call(f"download of {key}", fetch)
         except NotFound:
-            raise IntegrityError(f"{name}: missing from s3://{bucket}/{key}") from None
+            raise IntegrityError(f"{target.name}: missing from s3://{bucket}/{key}") from None
         stats["bytes"] += size
         stats["hash_s"] += hashing
         if got != want.lower():
-            raise IntegrityError(f"{name}: sha256 {got[:12]}... does not match the expected {want[:12]}...")
+            raise IntegrityError(f"{target.name}: sha256 {got[:12]}... does not match the expected {want[:12]}...")
+        return size
+
+    @contextlib.contextmanager
+    def _cut_off_at(self, deadline: float | None, response: Any, key: str, timeout_s: float | None) -> Iterator[None]:
+        """Shut the response's socket down at ``deadline`` (a read blocked on a slow or stalled server then
+        fails at once, whatever the read timeout) and raise ServiceUnavailable: not retried here, the
+        caller (a subscriber) tries again later or moves on to a newer release."""
+        if deadline is None:
+            yield
+            return
+        late = threading.Event()
+
+        def cut() -> None:
+            late.set()
+            with contextlib.suppress(Exception):
+                response.shutdown()  # urllib3 >= 2.3: wakes a read blocked in another thread
+
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except Exception:
+            if not late.is_set():
+                raise
+        finally:
+            timer.cancel()
+        if late.is_set():
+            raise self._too_slow(key, timeout_s)
+
+    def _too_slow(self, key: str, timeout_s: float | None) -> ServiceUnavailable:
+        return ServiceUnavailable("S3", self.endpoint, f"download of {key} took longer than {timeout_s:g} s")
 
     # --- listing and deletion ------------------------------------------------------------------
     def read_manifest(self, model: str, version: str) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The adapter registry: immutable versions, moving aliases, deploy, rollback, deletion and GC.
 
 Deploy and rollback publish AdapterReleased again (through the outbox, in the same transaction) so
-every serving node converges on the latest record of its model. Deleting a version keeps its row as
-a tombstone (``deleted_at``), so its number is never handed out again, and removes its objects from
-S3. Anything an alias points to, and the parent of a queued or running job, is never deleted.
+every serving node converges on the latest record of its model; each announcement, a release's too, takes
+the model line's next ``sequence``, so nodes tell a real rollback from a replayed old record. Deleting a
+version keeps its row as a tombstone (``deleted_at``), so its number is never handed out again, and
+removes its objects from S3. Anything an alias points to, and the parent of a queued or running job, is never deleted.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 import asyncpg
 
-from streamengine.contract import cloudevents
-from streamengine.contract.events import RELEASED_TYPE, AdapterReleased, ReleaseReason
+from streamengine.contract.events import AdapterReleased, ReleaseReason
+from streamengine.core.manifest import Signer
 from streamengine.core.release import republish
 from streamengine.core.versions import Version, base_changed
 from streamengine.errors import Conflict, NotFound
 from streamengine.store.db import Database
-from streamengine.store.job_queue import enqueue, move_production
+from streamengine.store.job_queue import enqueue_release, move_production, next_sequence
 from streamengine.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,9 @@ async def base_model_changed(db: Database, model: str, configured_base: str) -> 
 
 
 async def _announce(
-    conn: asyncpg.Connection, model: str, version: str, reason: ReleaseReason, topic: str, signing_key: str | None
+    conn: asyncpg.Connection, model: str, version: str, reason: ReleaseReason, topic: str, signer: Signer | None
 ) -> AdapterReleased:
+    """Queue ``version`` announced again, with the model line's next sequence (so nodes take it as newer)."""
     row = await conn.fetchrow(
         "SELECT manifest, deleted_at FROM adapters WHERE model = $1 AND version = $2", model, version
     )
@@ -152,34 +154,29 @@ async def _announce(
         raise NotFound(f"model '{model}' has no adapter version '{version}'")
     if row["deleted_at"] is not None:
         raise Conflict(f"adapter {model} {version} was deleted; it cannot be deployed")
-    event = republish(AdapterReleased(event_id="-", **row["manifest"]), reason, datetime.now(UTC), signing_key)
-    await enqueue(
-        conn,
-        topic,
-        model,
-        event.model_dump(mode="json"),
-        cloudevents.headers(event.event_id, RELEASED_TYPE, event.created_at),
-    )
+    stored = AdapterReleased(event_id="-", **row["manifest"])
+    event = republish(stored, reason, datetime.now(UTC), signer, await next_sequence(conn, model))
+    await enqueue_release(conn, topic, event)
     return event
 
 
-async def deploy(db: Database, model: str, version: str, topic: str, signing_key: str | None) -> AdapterReleased:
+async def deploy(db: Database, model: str, version: str, topic: str, signer: Signer | None) -> AdapterReleased:
     """Make ``version`` the production adapter and announce it (reason ``manual``)."""
     async with db.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", model)
-        event = await _announce(conn, model, version, "manual", topic, signing_key)
+        event = await _announce(conn, model, version, "manual", topic, signer)
         await move_production(conn, model, version)
         return event
 
 
-async def rollback(db: Database, model: str, topic: str, signing_key: str | None) -> AdapterReleased:
+async def rollback(db: Database, model: str, topic: str, signer: Signer | None) -> AdapterReleased:
     """Swap ``production`` and ``previous`` and announce the restored version (reason ``rollback``)."""
     async with db.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", model)
         previous = await conn.fetchval("SELECT version FROM aliases WHERE model = $1 AND alias = 'previous'", model)
         if previous is None:
             raise Conflict(f"model '{model}' has no previous version to roll back to")
-        event = await _announce(conn, model, previous, "rollback", topic, signing_key)
+        event = await _announce(conn, model, previous, "rollback", topic, signer)
         await move_production(conn, model, previous)
         return event
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from streamengine.api.dependencies import ERRORS, MUTATING, Ctx, ModelParam, VersionParam, model_of, signing_key
+from streamengine.api.dependencies import ERRORS, MUTATING, Ctx, ModelParam, VersionParam, model_of, signer
 from streamengine.api.models import AdapterInfo, ReleaseResponse
 from streamengine.store import registry
 
@@ -29,7 +29,7 @@ async def adapter_info(ctx: Ctx, version: VersionParam, model: ModelParam = None
 async def rollback(ctx: Ctx, model: ModelParam = None) -> ReleaseResponse:
     """Make `previous` the production version again and announce it (reason `rollback`)."""
     topic = ctx.settings.kafka.released_topic
-    event = await registry.rollback(ctx.db, model_of(ctx, model), topic, signing_key(ctx))
+    event = await registry.rollback(ctx.db, model_of(ctx, model), topic, signer(ctx))
     return ReleaseResponse(model=event.model, version=event.version, reason=event.reason, event_id=event.event_id)
 
 
@@ -37,7 +37,7 @@ async def rollback(ctx: Ctx, model: ModelParam = None) -> ReleaseResponse:
 async def deploy(ctx: Ctx, version: VersionParam, model: ModelParam = None) -> ReleaseResponse:
     """Make a version the production adapter and announce it on adapter.released (reason `manual`)."""
     name = model_of(ctx, model)
-    event = await registry.deploy(ctx.db, name, version, ctx.settings.kafka.released_topic, signing_key(ctx))
+    event = await registry.deploy(ctx.db, name, version, ctx.settings.kafka.released_topic, signer(ctx))
     return ReleaseResponse(model=event.model, version=event.version, reason=event.reason, event_id=event.event_id)
 
 
