@@ -15,6 +15,7 @@ from pathlib import Path
 from streamengine import metrics
 from streamengine.api.app import bind_api_socket, serve_api
 from streamengine.api.context import EngineContext
+from streamengine.config.keys import release_signer
 from streamengine.config.settings import Settings
 from streamengine.errors import StreamEngineError
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
@@ -75,6 +76,7 @@ async def connect(settings: Settings) -> EngineContext:
     """Reach every dependency (one clear error naming the first that fails), migrate, create topics."""
     schedule = schedule_of(settings)  # a bad cron or time zone fails before anything starts
     build_redactor(settings.privacy)  # so does a privacy.function that cannot be imported (cached for ingest)
+    release_signer(settings)  # and a signing key file that cannot be read (deploy and rollback sign)
     db = await Database.connect(settings.database)
     try:
         await ensure_topics(settings.kafka)
