@@ -23,6 +23,8 @@ LABEL org.opencontainers.image.title="streamengine" \
 RUN groupadd --system --gid 10001 streamengine \
  && useradd --system --uid 10001 --gid streamengine --home-dir /var/lib/streamengine --create-home streamengine
 COPY --from=build /opt/venv /opt/venv
+# The admin API of `run` listens on every interface of the container, so `run` needs a real
+# STREAMENGINE_API__TOKEN: without one it exits (code 2) naming the setting.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/var/lib/streamengine/hf \

@@ -16,7 +16,7 @@ from streamengine import metrics
 from streamengine.api.app import bind_api_socket, serve_api
 from streamengine.api.context import EngineContext
 from streamengine.config.keys import release_signer
-from streamengine.config.settings import Settings
+from streamengine.config.settings import DatabaseSettings, Settings
 from streamengine.errors import StreamEngineError
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
 from streamengine.store.db import Database
@@ -78,15 +78,25 @@ async def connect(settings: Settings) -> EngineContext:
     build_redactor(settings.privacy)  # so does a privacy.function that cannot be imported (cached for ingest)
     release_signer(settings)  # and a signing key file that cannot be read (deploy and rollback sign)
     db = await Database.connect(settings.database)
+    reads: Database | None = None
     try:
+        reads = await Database.connect(_api_pool(settings.database), migrate=False)
         await ensure_topics(settings.kafka)
         store = ObjectStore.from_settings(settings.storage)
         await store.aensure_bucket()
         producer = await start_producer(settings.kafka)
     except BaseException:
+        if reads is not None:
+            await reads.close()
         await db.close()
         raise
-    return EngineContext(settings, db, store, producer, schedule=schedule)
+    return EngineContext(settings, db, store, producer, reads, schedule=schedule)
+
+
+def _api_pool(database: DatabaseSettings) -> DatabaseSettings:
+    """The admin API's read pool: database.api_pool_size connections at most."""
+    size = database.api_pool_size
+    return database.model_copy(update={"pool_min": min(database.pool_min, size), "pool_max": size})
 
 
 async def _sample_lag(observer: LagObserver, stop: asyncio.Event) -> None:
@@ -114,7 +124,7 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
     observer = LagObserver(app, settings.kafka.feedback_topic)
     assert ctx.schedule is not None
     schedule = ctx.schedule
-    ctx.collectors += [lambda: refresh_gauges(ctx.db, settings.model.name, schedule), observer.observe]
+    ctx.collectors += [lambda: refresh_gauges(ctx.reads, settings.model.name, schedule), observer.observe]
     try:
         await app.start()
         ctx.app = app
@@ -145,6 +155,7 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
         with contextlib.suppress(Exception):
             await app.stop()
         await ctx.producer.stop()
+        await ctx.reads.close()
         await ctx.db.close()
         sock.close()
 

@@ -8,6 +8,7 @@ rules|config` and `promtool test rules`. The structural checks run everywhere.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -59,6 +60,7 @@ def test_docker_compose_config_validates() -> None:
     result = subprocess.run(
         ["docker-compose", "-f", "docker-compose.yaml", "config", "-q"],
         cwd=ROOT,
+        env={**os.environ, "STREAMENGINE_API__TOKEN": "a-token-of-the-operator"},  # the file has no default
         capture_output=True,
         text=True,
         timeout=60,

@@ -132,7 +132,7 @@ async def test_worker_metrics_match_the_release(make_settings, tiny_model) -> No
         db = await Database.connect(settings.database, migrate=False)
         try:
             await add_samples(db, 0, 16)
-            assert (await http.post("/train")).status_code == 202
+            assert (await http.post("/train", json={})).status_code == 202
             worker = Worker(settings, db, ObjectStore.from_settings(settings.storage), owner="metrics-test")
             job = await worker.run_once()
             assert job is not None

@@ -262,9 +262,10 @@ async def test_admin_api_delete_gc_and_train_major(line: Line) -> None:
 
     for i in range(3):
         await line.release(i)
-    ctx = EngineContext(line.settings, line.db, line.store, producer=None)  # type: ignore[arg-type]
+    ctx = EngineContext(line.settings, line.db, line.store, producer=None, reads=line.db)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=create_app(ctx))
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+    json_type = {"Content-Type": "application/json"}  # no token configured: mutating requests must say JSON
+    async with httpx.AsyncClient(transport=transport, base_url="http://api", headers=json_type) as http:
         refused = await http.delete("/adapters/v1.2")
         assert refused.status_code == 409 and "alias" in refused.json()["message"]
         deleted = await http.delete("/adapters/v1.0")
@@ -295,7 +296,7 @@ async def test_cli_adapters_commands_through_the_admin_api(line: Line) -> None:
     for i in range(4):
         await line.release(i)
     producer = await start_producer(line.settings.kafka)
-    ctx = EngineContext(line.settings, line.db, line.store, producer)
+    ctx = EngineContext(line.settings, line.db, line.store, producer, reads=line.db)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))  # fmt: skip

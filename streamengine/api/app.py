@@ -1,11 +1,14 @@
 """The streamengine admin HTTP API: health, manual training, training status, adapters, deploy, rollback, forgetting
 a user, metrics.
 
-Every mutating endpoint (POST) requires ``Authorization: Bearer <token>`` when ``api.token``
-(``STREAMENGINE_API__TOKEN``) is set; reads are open (Prometheus scrapes /metrics). Every error is JSON
-``{"error": <class>, "message": <text>}`` (validation errors add ``details``) with a fitting status:
-401 token, 404 unknown model line/version/route, 409 state conflict, 422 invalid request, 503 a
-dependency down.
+Every mutating endpoint (POST, DELETE) requires ``Authorization: Bearer <token>`` when ``api.token``
+(``STREAMENGINE_API__TOKEN``) is set, and ``Content-Type: application/json`` when it is not (a web page
+cannot send that to another origin without a CORS preflight, which this API never grants); without a
+token the API listens on loopback only (`run` refuses to start otherwise). Reads are open (Prometheus
+scrapes /metrics) and use a database pool of their own (``database.api_pool_size``), so a flood of
+reads cannot take ingest's connections. Every error is JSON ``{"error": <class>, "message": <text>}``
+(validation errors add ``details``) with a fitting status: 401 token, 404 unknown model
+line/version/route, 409 state conflict, 415 not JSON, 422 invalid request, 503 a dependency down.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from fastapi import FastAPI
 from streamengine.api.context import EngineContext
 from streamengine.api.error_handlers import install_error_handlers
 from streamengine.api.routers import adapters, health, metrics, privacy, training
-from streamengine.config.settings import Settings
+from streamengine.config.settings import ApiSettings, Settings, is_loopback
 from streamengine.errors import ConfigError
 
 
@@ -42,7 +45,9 @@ def openapi_document() -> dict[str, Any]:
 
 
 def bind_api_socket(settings: Settings) -> socket.socket:
-    """Listen on api.host:api.port now, so a taken port is a clear ConfigError before anything starts."""
+    """Listen on api.host:api.port now, so a taken port, or an API others could reach without a token, is a clear
+    ConfigError before anything starts."""
+    _refuse_open_api(settings.api)
     family = socket.AF_INET6 if ":" in settings.api.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,6 +61,16 @@ def bind_api_socket(settings: Settings) -> socket.socket:
         ) from None
     sock.set_inheritable(True)
     return sock
+
+
+def _refuse_open_api(api: ApiSettings) -> None:
+    """Secure by default: no mutating surface reachable from other machines without authentication."""
+    if api.token is None and not is_loopback(api.host):
+        raise ConfigError(
+            f"api.token (STREAMENGINE_API__TOKEN) is not set but the admin API would listen on {api.host or '*'}:"
+            f"{api.port}, reachable from other machines: set a token (e.g. `openssl rand -hex 32`) or listen on "
+            "127.0.0.1 (api.host, STREAMENGINE_API__HOST)"
+        )
 
 
 async def serve_api(ctx: EngineContext, sock: socket.socket) -> None:

@@ -1,7 +1,7 @@
 """A small client of the admin HTTP API, used by the CLI's operational commands.
 
 HTTP errors become :mod:`streamengine.errors` exceptions, so the CLI's exit codes follow the API's
-status codes: 401/422 -> 2 (setting or usage), 404 -> 4, 409 -> 5, 503 or unreachable -> 3, else 1.
+status codes: 401/415/422 -> 2 (setting or usage), 404 -> 4, 409 -> 5, 503 or unreachable -> 3, else 1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Unauthorized(ConfigError):
 
 
 class Rejected(ConfigError):
-    """The admin API refused the request as invalid (HTTP 422)."""
+    """The admin API refused the request as invalid (HTTP 422) or not JSON (HTTP 415)."""
 
 
 class EngineDegraded(ServiceUnavailable):
@@ -35,6 +35,7 @@ _BY_STATUS: dict[int, type[StreamEngineError]] = {
     401: Unauthorized,
     404: NotFound,
     409: Conflict,
+    415: Rejected,
     422: Rejected,
 }
 
@@ -52,6 +53,9 @@ class AdminClient:
     def request(
         self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201, 202), **kwargs: Any
     ) -> httpx.Response:
+        """``method`` on ``path``; a mutating one always says JSON (the API refuses other types without a token)."""
+        if method not in ("GET", "HEAD"):
+            kwargs["headers"] = {"Content-Type": "application/json", **kwargs.get("headers", {})}
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:

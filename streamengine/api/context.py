@@ -26,6 +26,9 @@ class EngineContext:
     db: Database
     store: ObjectStore
     producer: AIOKafkaProducer
+    reads: Database
+    """The admin API's read endpoints' own small pool (database.api_pool_size): a flood of reads waits there, not
+    in ``db``, the pool of ingest and the background loops."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     schedule: Schedule | None = None
     app: IngestConsumer | None = None

@@ -38,6 +38,10 @@ class Unauthorized(Exception):
     """A mutating request without the configured bearer token (answered 401 by the error handlers)."""
 
 
+class NotJson(Exception):
+    """A mutating request without a token configured and without a JSON content type (answered 415)."""
+
+
 def _engine(request: Request) -> EngineContext:
     ctx: EngineContext | None = request.app.state.ctx
     if ctx is None:
@@ -48,14 +52,20 @@ def _engine(request: Request) -> EngineContext:
 Ctx = Annotated[EngineContext, Depends(_engine)]
 
 
-def authorize(ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Refuse a mutating request without the configured bearer token (constant-time comparison)."""
+def authorize(
+    request: Request, ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Refuse a mutating request that a web page could have sent: without the configured bearer token
+    (constant-time comparison) or, when no token is configured (loopback only), without a JSON content type.
+    A page can send another origin only simple requests (forms, text/plain) without a CORS preflight, and this
+    API grants none."""
     token = ctx.settings.api.token
-    if token is None:
-        return
-    given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise Unauthorized()
+    if token is not None:
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise Unauthorized()
+    elif request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise NotJson()
 
 
 MUTATING: dict[str, Any] = {
@@ -64,9 +74,10 @@ MUTATING: dict[str, Any] = {
         **ERRORS,
         401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
         409: {"model": ErrorBody, "description": "Conflicts with the current state"},
+        415: {"model": ErrorBody, "description": "No token configured and the request is not application/json"},
     },
 }
-"""Keyword arguments of every mutating route: the token check and its documented error responses."""
+"""Keyword arguments of every mutating route: the token (or JSON) check and its documented error responses."""
 
 
 def model_of(ctx: EngineContext, model: str | None) -> str:

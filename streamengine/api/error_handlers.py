@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from streamengine.api.dependencies import Unauthorized
+from streamengine.api.dependencies import NotJson, Unauthorized
 from streamengine.api.models import ErrorBody
 from streamengine.errors import (
     ConfigError,
@@ -39,7 +39,7 @@ def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map domain errors, a missing token, invalid requests, unknown routes and dead dependencies to JSON."""
+    """Map domain errors, no token or JSON type, invalid requests, unknown routes and dead dependencies to JSON."""
 
     @app.exception_handler(StreamEngineError)
     async def _domain(_: Request, exc: StreamEngineError) -> JSONResponse:
@@ -51,6 +51,11 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _error(401, "Unauthorized", "missing or wrong bearer token (api.token, STREAMENGINE_API__TOKEN)")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.exception_handler(NotJson)
+    async def _not_json(_: Request, __: NotJson) -> JSONResponse:
+        message = "send Content-Type: application/json (no api.token is set, so that is what keeps web pages out)"
+        return _error(415, "UnsupportedMediaType", message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,7 +11,7 @@ from streamengine.core.job_states import JobState
 
 
 class ErrorBody(BaseModel):
-    """Every error response: 401, 404, 409, 422, 500, 503."""
+    """Every error response: 401, 404, 409, 415, 422, 500, 503."""
 
     error: str = Field(description="Error class: Unauthorized, NotFound, Conflict, ValidationError, ...")
     message: str = Field(description="What went wrong, fit to show a user (never a secret).")

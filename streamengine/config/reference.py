@@ -77,8 +77,8 @@ _NOTES = {
     "is masked when shown; a `password=` parameter too).",
     "database.pool_min": "Fewest pooled connections per process.",
     "database.pool_max": "Most pooled connections per process.",
-    "storage.access_key": "S3 access key.",
-    "storage.secret_key": "S3 secret key.",
+    "storage.access_key": "S3 access key (MinIO's default `minioadmin` only with a loopback storage.endpoint).",
+    "storage.secret_key": "S3 secret key (MinIO's default `minioadmin` only with a loopback storage.endpoint).",
     "storage.bucket": "Bucket of the adapter folders (created when missing).",
     "storage.secure": "Use TLS (https) for S3.",
     "storage.region": "S3 region.",
@@ -102,7 +102,9 @@ _NOTES = {
     "worker.work_dir": "Scratch folder of the worker (one subfolder per job).",
     "api.host": "Admin API listen address (0.0.0.0 in containers).",
     "api.port": "Admin API port (also serves /metrics of `run`).",
-    "api.token": "Bearer token required by the admin API's mutating endpoints (unset: none required).",
+    "api.token": "Bearer token required by the admin API's mutating endpoints. Unset (or empty): they need "
+    "`Content-Type: application/json` instead, and `run` refuses an api.host other than loopback. Placeholders "
+    "(`change-me`, `secret`, ...) are refused, as for every secret.",
     "serving.download_dir": "Where a subscriber keeps downloaded adapters.",
     "signing_key": "HMAC-SHA256 key shared by the engine, which signs releases, and the nodes, which check them "
     "(and refuse unsigned ones). A node holding it could sign too: prefer Ed25519 (signing.private_key_file).",

@@ -8,17 +8,20 @@ max length 2048, weekly tick "0 2 * * 1", bucket ``lora-adapters``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -26,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +44,49 @@ ENV_PREFIX = "STREAMENGINE_"
 CONFIG_ENV = "STREAMENGINE_CONFIG"
 _YAML_FILE: ContextVar[Path | None] = ContextVar("streamengine_yaml_file", default=None)
 """The YAML file :func:`load_settings` is reading (unset: ``STREAMENGINE_CONFIG``, if set)."""
+
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "change-me", "changeme", "change_me", "change me", "changeit", "change-it", "replace-me", "replaceme",
+        "secret", "password", "passwd", "token", "admin", "default", "example", "xxx", "todo", "fixme",
+    }
+)  # fmt: skip
+"""Values that examples and templates ship in place of a secret (compared ignoring case and surrounding
+blanks): refused for every secret setting, so a copied example never guards a real deployment."""
+_API_TOKEN_ENVS = (ENV_PREFIX + "API__TOKEN", ENV_PREFIX + "API_TOKEN")
+"""The environment names of api.token, the current spelling first."""
+MINIO_DEFAULT_KEY = "minioadmin"
+"""MinIO's well-known default keys (storage.access_key/secret_key): allowed only with a loopback endpoint."""
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a name or an address, IPv6 in brackets or not) reaches this machine only."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _blank_is_unset(value: Any) -> Any:
+    """An empty or blank secret (``STREAMENGINE_API__TOKEN=``) counts as unset: the field keeps its default."""
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if isinstance(raw, str) and not raw.strip():
+        raise PydanticUseDefault()
+    return value
+
+
+def _not_placeholder(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+        raise ValueError("is a placeholder from an example, not a secret: set a real one (e.g. `openssl rand -hex 32`)")
+    return value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_blank_is_unset), AfterValidator(_not_placeholder)]
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_blank_is_unset), AfterValidator(_not_placeholder)]
+"""Every secret setting: blank counts as unset (its default), a placeholder (:data:`PLACEHOLDER_SECRETS`) is refused."""
 
 
 class _Section(BaseModel):
@@ -69,6 +116,12 @@ class DatabaseSettings(_Section):
     url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streamengine")
     pool_min: int = Field(1, ge=0)
     pool_max: int = Field(8, ge=1)
+    api_pool_size: int = Field(
+        2,
+        ge=1,
+        description="Connections of the admin API's read endpoints (/health, /metrics, /training/status, /adapters) "
+        "in a pool of their own, besides pool_max: a flood of reads waits there instead of taking ingest's.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -86,8 +139,8 @@ class DatabaseSettings(_Section):
 
 class StorageSettings(_Section):
     endpoint: str = Field("127.0.0.1:9000", description="S3 host:port")
-    access_key: SecretStr = SecretStr("minioadmin")
-    secret_key: SecretStr = SecretStr("minioadmin")
+    access_key: Secret = SecretStr(MINIO_DEFAULT_KEY)
+    secret_key: Secret = SecretStr(MINIO_DEFAULT_KEY)
     bucket: str = "lora-adapters"
     secure: bool = False
     region: str = "us-east-1"
@@ -98,6 +151,16 @@ class StorageSettings(_Section):
         if "://" in value or "/" in value:
             raise ValueError("give host:port without a scheme (use storage.secure for TLS)")
         return value
+
+    @model_validator(mode="after")
+    def _default_keys_on_loopback_only(self) -> StorageSettings:
+        keys = (self.access_key.get_secret_value(), self.secret_key.get_secret_value())
+        if MINIO_DEFAULT_KEY in keys and not is_loopback(urlsplit("//" + self.endpoint).hostname or ""):
+            raise ValueError(
+                f"storage.access_key/secret_key (STREAMENGINE_STORAGE__ACCESS_KEY/__SECRET_KEY) are MinIO's default "
+                f"'{MINIO_DEFAULT_KEY}', allowed only with a loopback storage.endpoint: set the keys of the S3 server"
+            )
+        return self
 
 
 class ModelSettings(_Section):
@@ -221,7 +284,7 @@ class WorkerSettings(_Section):
 class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    token: SecretStr | None = None
+    token: OptionalSecret = None
     url: str = Field("", description="Where CLI commands reach the admin API (default host:port).")
 
     def base_url(self) -> str:
@@ -241,7 +304,7 @@ class ServingSettings(_Section):
         "runtime LoRA API (vLLM, SGLang, MAX Serve), or print only.",
     )
     server_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM/SGLang/MAX server.")
-    api_key: SecretStr | None = Field(None, description="Bearer token of that server (vLLM --api-key).")
+    api_key: OptionalSecret = Field(None, description="Bearer token of that server (vLLM --api-key).")
     server_adapter_dir: str = Field(
         "", description="download_dir as the inference server sees it (another mount point); default: the same."
     )
@@ -344,11 +407,11 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
-    signing_key: SecretStr | None = None
+    signing_key: OptionalSecret = None
     signing: SigningSettings = SigningSettings()
-    env_api_token: SecretStr | None = Field(
+    env_api_token: OptionalSecret = Field(
         None,
-        validation_alias=AliasChoices(ENV_PREFIX + "API__TOKEN", ENV_PREFIX + "API_TOKEN"),
+        validation_alias=AliasChoices(*_API_TOKEN_ENVS),
         exclude=True,
         repr=False,
         description="api.token as the environment gives it: the older spelling STREAMENGINE_API_TOKEN is "
@@ -421,9 +484,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
-            problems.append(f"{dotted} ({env_name(err['loc'])}): {err['msg']}")
-        raise ConfigError("invalid setting: " + "; ".join(problems)) from None
+            # api.token given by the environment is checked twice, once under the name of the variable
+            loc = ("api", "token") if err["loc"] and err["loc"][0] in _API_TOKEN_ENVS else err["loc"]
+            dotted = ".".join(str(p) for p in loc)
+            problems.append(f"{dotted} ({env_name(loc)}): {err['msg']}")
+        raise ConfigError("invalid setting: " + "; ".join(dict.fromkeys(problems))) from None
     except SettingsError as exc:  # a JSON value in the environment that does not parse (never quoted)
         found = re.search(r'field "([^"]+)"', str(exc))
         env = env_name((found.group(1) if found else "?",))

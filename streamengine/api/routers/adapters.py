@@ -16,13 +16,13 @@ router = APIRouter(tags=["adapters"])
 @router.get("/adapters", response_model=list[AdapterInfo], responses=ERRORS)
 async def list_adapters(ctx: Ctx, model: ModelParam = None) -> list[dict[str, Any]]:
     """Every version of the model line, newest first, with its aliases and metrics."""
-    return [a.as_dict() for a in await registry.list_adapters(ctx.db, model_of(ctx, model))]
+    return [a.as_dict() for a in await registry.list_adapters(ctx.reads, model_of(ctx, model))]
 
 
 @router.get("/adapters/{version}", response_model=AdapterInfo, responses=ERRORS)
 async def adapter_info(ctx: Ctx, version: VersionParam, model: ModelParam = None) -> dict[str, Any]:
     """One version, by name or alias."""
-    return (await registry.get_adapter(ctx.db, model_of(ctx, model), version)).as_dict()
+    return (await registry.get_adapter(ctx.reads, model_of(ctx, model), version)).as_dict()
 
 
 @router.post("/adapters/rollback", response_model=ReleaseResponse, **MUTATING)

@@ -34,7 +34,7 @@ async def health(ctx: Ctx) -> JSONResponse:
     """Readiness: Kafka, PostgreSQL and S3 probed concurrently (each within 3 s), ingest and background loops."""
     names = ("kafka", "postgres", "s3")
     probes = await asyncio.gather(
-        _probe(ctx, _kafka_ping(ctx)), _probe(ctx, ctx.db.ping()), _probe(ctx, ctx.store.aping())
+        _probe(ctx, _kafka_ping(ctx)), _probe(ctx, ctx.reads.ping()), _probe(ctx, ctx.store.aping())
     )
     checks = dict(zip(names, probes, strict=True))
     checks["ingest"] = _ingest_check(ctx)

@@ -68,17 +68,17 @@ async def training_status(
 ) -> TrainingStatus:
     """The open window, production version, next tick and recent jobs (running ones with progress)."""
     name = model_of(ctx, model)
-    window = await windows.open_window(ctx.db, name)
-    last_tick = await windows.last_tick(ctx.db, name)
-    jobs = await job_queue.list_jobs(ctx.db, name, limit)
+    window = await windows.open_window(ctx.reads, name)
+    last_tick = await windows.last_tick(ctx.reads, name)
+    jobs = await job_queue.list_jobs(ctx.reads, name, limit)
     return TrainingStatus(
         model=name,
-        production=await registry.alias(ctx.db, name, "production"),
-        previous=await registry.alias(ctx.db, name, "previous"),
+        production=await registry.alias(ctx.reads, name, "production"),
+        previous=await registry.alias(ctx.reads, name, "previous"),
         open_window=OpenWindow(**dataclasses.asdict(window)) if window else None,
         last_tick_at=last_tick,
         next_tick_at=ctx.schedule.next_after(last_tick) if ctx.schedule and last_tick else None,
-        jobs_by_state=await job_queue.count_by_state(ctx.db, name),
+        jobs_by_state=await job_queue.count_by_state(ctx.reads, name),
         jobs=[
             JobInfo(
                 **{k: getattr(j, k) for k in JobInfo.model_fields if k != "progress"},
