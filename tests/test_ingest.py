@@ -6,9 +6,14 @@ import asyncio
 import json
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streamengine.config.settings import Settings
+from streamengine.engine import LagObserver
 from streamengine.store.db import Database
+from streamengine.stream.app import build_app
+from streamengine.stream.ingest import IngestPipeline
+from streamengine.stream.producer import start_producer
 from streamengine.stream.topics import ensure_topics
 from tests.engine_tools import ingest_replica
 from tests.kafka_tools import feedback, produce, read_all
@@ -95,3 +100,52 @@ async def test_two_replicas_close_each_window_exactly_once(make_settings, tmp_pa
     assert len(closed) == total // 25
     assert all(w["samples"] == 25 for w in closed)  # exactly at the threshold, never over
     assert [j["window_id"] for j in jobs] == [w["id"] for w in closed]  # one job per closed window
+
+
+async def test_both_consumers_commit_what_they_stored_and_report_it(make_settings, tmp_path, consumer) -> None:  # type: ignore[no-untyped-def]
+    """Through the one interface the engine uses: the lag observer reads the offsets the replica committed after
+    its samples were stored (lag 0 at the end), and the consumer group's offsets on the broker agree."""
+    settings: Settings = make_settings(kafka={"partitions": 2, "consumer": consumer, "commit_interval_s": 0.2})
+    await ensure_topics(settings.kafka)
+    k = settings.kafka
+    await _produce_to_partitions(k.bootstrap_servers, k.feedback_topic, [feedback(i) for i in range(30)])
+    db = await Database.connect(settings.database)
+    producer = await start_producer(k)
+    app = build_app(settings, IngestPipeline(settings, db, producer), tmp_path)
+    observer = LagObserver(app, k.feedback_topic)
+    await app.start()
+    try:
+        await wait_for(lambda: _equals(db, "SELECT count(*) FROM samples", 30), timeout_s=60)
+        lags = await wait_for(lambda: _caught_up(observer, partitions=2), timeout_s=30)
+        committed = {tp.partition: app.committed(tp) for tp in app.assignment()}
+    finally:
+        await app.stop()
+        await producer.stop()
+        await db.close()
+    assert lags == {0: 0, 1: 0}
+    assert committed == {0: 15, 1: 15}  # the next offset to read, per partition
+    assert await _group_offsets(k.bootstrap_servers, k.group_id, k.feedback_topic) == committed
+
+
+async def _produce_to_partitions(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    """Half of ``values`` to partition 0, the other half to partition 1."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await asyncio.gather(*[await producer.send(topic, v, partition=i % 2) for i, v in enumerate(values)])
+    finally:
+        await producer.stop()
+
+
+async def _caught_up(observer: LagObserver, partitions: int) -> dict[int, int] | None:
+    lags = await observer.observe()
+    return lags if len(lags) == partitions and not any(lags.values()) else None
+
+
+async def _group_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await reader.start()
+    try:
+        return {p: await reader.committed(TopicPartition(topic, p)) for p in (0, 1)}
+    finally:
+        await reader.stop()
