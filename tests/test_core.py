@@ -106,6 +106,21 @@ def test_string_prompt_is_json_text_too() -> None:
     assert json.loads(sample.prompt) == 'say "ünïcode"'
 
 
+def test_prompt_text_is_what_json_dumps_writes_for_every_character() -> None:
+    text = "".join(chr(c) for c in range(1, 0x110000) if not 0xD800 <= c <= 0xDFFF)  # all but NUL and surrogates
+    messages = [{"role": text[:5000], "content": text, text[-99:]: text[::7]}, {"role": "a", "content": "", "n": 1.5}]
+    for prompt in (text, messages, messages[:1]):
+        assert to_sample(event(prompt=prompt), POLICY).prompt == json.dumps(prompt, ensure_ascii=False)
+
+
+def test_holdout_is_the_first_four_bytes_of_the_event_ids_sha256() -> None:
+    for event_id in ("e1", "evt-000000001-5f2a", "ünïcode", "x" * 256):
+        position = int.from_bytes(hashlib.sha256(event_id.encode()).digest()[:4], "big") / 2**32
+        assert to_sample(event(event_id=event_id), SamplePolicy(kind_weights={}, holdout_fraction=0.5)).holdout == (
+            position < 0.5
+        )
+
+
 def test_trainable_needs_positive_label_and_positive_weight() -> None:
     def make(label: int, weight: float) -> Sample:
         return Sample("e", "m", "thumbs_up", '"p"', "c", weight, label, None, None, None, None)

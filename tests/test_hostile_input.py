@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_decoder import ACCEPTED, EITHER, Corpus, check, classifier, hostile_classes, main
 from streamengine.config.settings import Settings, load_settings
-from streamengine.contract.events import FeedbackEvent, decode_feedback
+from streamengine.contract import events as events_module
+from streamengine.contract.events import Feedback, FeedbackEvent, decode_feedback, decode_fields
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.errors import EventRejected
@@ -353,6 +355,89 @@ def test_truncate_drops_the_earliest_messages_first() -> None:
         {"role": "user", "content": "why?"},
     ]
     assert sample.truncated == ("prompt",)
+
+
+# --- ingest's decoder: the same accepted records, values and reasons as the model ------------------------
+def _outcome(decode: Callable[[bytes | None, int], Feedback], raw: bytes | None) -> Any:
+    """What a decoder makes of ``raw``: the reason it gives, or the fields with their types and time offset."""
+    try:
+        fields = decode(raw, 16_384)
+    except EventRejected as exc:
+        return exc.error_class, str(exc)
+    when = fields.timestamp
+    return fields, [type(v) for v in msgspec.structs.astuple(fields)], when and (when.tzinfo, when.utcoffset())
+
+
+def _by_the_model(raw: bytes | None, max_bytes: int) -> Feedback:
+    return Feedback.of(decode_feedback(raw, max_bytes))
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(raw=records | events.map(_encode) | valid_events.map(_encode) | st.none())
+def test_ingest_decoder_agrees_with_the_model(raw: bytes | None) -> None:
+    assert _outcome(decode_fields, raw) == _outcome(_by_the_model, raw)
+
+
+_BASE = '"event_id": "e", "model": "tiny-llama", "prompt": "p", "response": "r"'
+_BODIES = [
+    '"kind": "rating", "rating": 5.0', '"kind": "rating", "rating": 5e0', '"kind": "rating", "rating": true',
+    '"kind": "rating", "rating": "5"', '"kind": "rating"', '"kind": "correction", "correction": ""',
+    '"kind": "thumbs_up", "weight": 2', '"kind": "thumbs_up", "weight": 1e6', '"kind": "thumbs_up", "weight": 0',
+    '"kind": "thumbs_up", "weight": 1e-320', '"kind": "thumbs_up", "weight": NaN', '"kind": "thumbs_up", "x": NaN',
+    '"kind": "thumbs_up", "x": Infinity', '"kind": "thumbs_up", "x": 1e400', '"kind": "thumbs_up", "x": -0.0',
+    '"kind": "thumbs_up", "x": ' + "[" * 150 + "]" * 150, '"kind": "thumbs_up", "x": ' + "[" * 250 + "]" * 250,
+    '"kind": "thumbs_up", "x": ' + '{"a": ' * 201 + "1" + "}" * 201, '"kind": "thumbs_up", "user_id": "\\u0000"',
+    '"kind": "thumbs_up", "user_id": "a\\u0000"', '"kind": "thumbs_up", "x": "a\\u0000"',
+    '"kind": "thumbs_up", "user_id": "\\ud83d\\ude00"', '"kind": "thumbs_up", "user_id": "\\ud800"',
+    '"kind": "thumbs_up", "user_id": "' + "\U0001f600" * 256 + '"',
+    '"kind": "thumbs_up", "user_id": "' + "\U0001f600" * 257 + '"', '"kind": "thumbs_up", "kind": "rating"',
+    '"kind": "thumbs_up", "user_id": null, "rating": null, "timestamp": null', '"kind": "THUMBS_UP"',
+]  # fmt: skip
+_TIMESTAMPS = [
+    "2024-01-01", "2024-01-01T00:00:00", "2024-01-01T00:00:00.1234567Z", "2024-01-01t00:00:00z",
+    "2024-01-01 00:00:00+01:00", "1700000000", "1700000000.5", "2024-01-01T23:59:60Z", "0001-01-01T00:00:00+00:01",
+    "0001-01-02T00:00:00+23:59", "9999-12-31T23:59:59-00:01", "9998-12-31T23:59:59-23:59", "2024-02-30T00:00:00Z",
+    "2024-01-01T00:00:00+24:00", "",
+]  # fmt: skip
+_PROMPTS = [
+    "[]", '[{"role": "", "content": "c"}]', '[{"role": "u"}]', '[{"role": "u", "content": null}]',
+    '[{"role": "u", "content": "c", "name": "n"}]', '[{"role": "u", "content": "c", "n": 1}]',
+    '[{"role": "u", "content": "c", "role": "s"}]', '[{"content": "c", "role": "u"}]', '"[]"',
+]  # fmt: skip
+EDGE_CASES = (
+    _BODIES
+    + [f'"kind": "thumbs_up", "timestamp": "{t}"' for t in _TIMESTAMPS]
+    + [f'"kind": "thumbs_up", "prompt": {m}' for m in _PROMPTS]
+)
+
+
+@pytest.mark.parametrize("body", EDGE_CASES)
+def test_ingest_decoder_agrees_with_the_model_on_edge_cases(body: str) -> None:
+    raw = ("{" + _BASE + ", " + body + "}").encode()
+    assert _outcome(decode_fields, raw) == _outcome(_by_the_model, raw)
+    assert _outcome(decode_fields, b"\xef\xbb\xbf" + raw) == _outcome(_by_the_model, b"\xef\xbb\xbf" + raw)
+
+
+def test_the_common_record_is_decoded_without_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of ``decode_fields``: a plain valid record never reaches pydantic's model (its speed is in
+    bench/ingest.py); only a reject or a rarer form does, for the model's reason and values."""
+
+    def unused(raw: bytes | None, max_bytes: int) -> FeedbackEvent:
+        raise AssertionError("the model decoded a plain record")
+
+    plain: list[dict[str, Any]] = [
+        {"prompt": "2+2?", "kind": "thumbs_up"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 😀"}]},
+        {"kind": "rating", "rating": 4, "weight": 2, "timestamp": "2024-05-06T07:08:09+02:00"},
+        {"kind": "correction", "correction": "4", "user_id": "u", "session_id": "s", "adapter_version": "v1.2"},
+        {"timestamp": "2024-05-06T07:08:09.5Z", "trace": {"id": [1, None, True]}, "response": 'say "hi"\n'},
+    ]
+    monkeypatch.setattr(events_module, "decode_feedback", unused)
+    for fields in plain:
+        event = {"event_id": "e", "model": MODEL, "prompt": "p", "response": "r", "kind": "thumbs_up", **fields}
+        for ensure_ascii in (True, False):
+            decoded = decode_fields(json.dumps(event, ensure_ascii=ensure_ascii).encode(), 16_384)
+            assert (decoded.prompt, decoded.response) == (event["prompt"], event["response"])
 
 
 # --- the fuzz script -------------------------------------------------------------------------------------

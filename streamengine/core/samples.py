@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from streamengine.contract.events import FeedbackEvent, FeedbackKind
+import msgspec
+
+from streamengine.contract.events import Feedback, FeedbackEvent, FeedbackKind, Message
 from streamengine.errors import EventRejected
 
 Overlength = Literal["reject", "truncate"]
@@ -32,12 +35,12 @@ class SamplePolicy:
     start, the completion from its end (as training truncates tokens), and the sample names the cut fields."""
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(msgspec.Struct, frozen=True, gc=False):
     """A stored sample. ``label`` is +1 (desirable), -1 (undesirable) or 0 (neutral).
 
     Only desirable samples are trained on with the supervised objective; the others are kept for
-    objectives that use negative feedback.
+    objectives that use negative feedback. (A frozen msgspec struct: ingest makes one per event, ten times
+    faster than a frozen dataclass.)
     """
 
     event_id: str
@@ -60,16 +63,28 @@ class Sample:
         return self.label > 0 and self.weight > 0
 
 
-_json_text = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), made once
+_json_dumps = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), made once
 
 
-def _label_and_scale(event: FeedbackEvent, policy: SamplePolicy) -> tuple[int, float]:
-    kind = event.kind
+def _json_text(prompt: str | list[Message]) -> str:
+    """The prompt as ``json.dumps(prompt, ensure_ascii=False)`` writes it; strings and messages of strings (all
+    but rare extra fields) in C, in a third of the time, to the same text (tests/test_core.py)."""
+    try:
+        if isinstance(prompt, str):
+            return msgspec.json.encode(prompt).decode()
+        if all(type(value) is str for message in prompt for value in message.values()):  # numbers print otherwise
+            return msgspec.json.format(msgspec.json.encode(prompt), indent=0).decode()
+    except UnicodeEncodeError:  # a lone surrogate, which only Python code can put there
+        pass
+    return _json_dumps(prompt)
+
+
+def _label_and_scale(kind: FeedbackKind, rating: int | None, policy: SamplePolicy) -> tuple[int, float]:
     if kind is FeedbackKind.THUMBS_UP or kind is FeedbackKind.CORRECTION:
         return 1, 1.0
     if kind is FeedbackKind.THUMBS_DOWN:
         return -1, 1.0
-    rating = event.rating or 0
+    rating = rating or 0
     if rating >= policy.positive_rating_min:
         # 5 of 5 counts fully; each star below the top counts half as much again.
         return 1, 0.5 ** (5 - rating)
@@ -78,15 +93,15 @@ def _label_and_scale(event: FeedbackEvent, policy: SamplePolicy) -> tuple[int, f
     return 0, 1.0
 
 
-def _prompt_chars(prompt: str | list[dict[str, Any]]) -> int:
+def _prompt_chars(prompt: str | list[Message]) -> int:
     return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
-def _keep_end(prompt: str | list[dict[str, Any]], limit: int) -> str | list[dict[str, Any]]:
+def _keep_end(prompt: str | list[Message], limit: int) -> str | list[Message]:
     """The last ``limit`` characters of a prompt: earlier messages go first, then the start of the next one."""
     if isinstance(prompt, str):
         return prompt[len(prompt) - limit :]
-    kept: list[dict[str, Any]] = []
+    kept: list[Message] = []
     for message in reversed(prompt):
         if limit <= 0:
             break
@@ -102,55 +117,55 @@ def _over(field: str, length: int, setting: str, limit: int) -> EventRejected:
     return EventRejected("too_long", f"{field} is {length} characters, over samples.{setting} ({limit})")
 
 
-def to_sample(event: FeedbackEvent, policy: SamplePolicy) -> Sample:
+def to_sample(event: Feedback | FeedbackEvent, policy: SamplePolicy) -> Sample:
     """Turn a validated event into the sample stored for it.
 
     Raises :class:`EventRejected` (``too_long``) when a text is over the policy's limit and it rejects.
     """
-    label, scale = _label_and_scale(event, policy)
-    kind = str(event.kind)
-    is_correction = event.kind is FeedbackKind.CORRECTION
-    completion = (event.correction if is_correction else event.response) or ""
-    weight = policy.kind_weights.get(kind, 1.0) * scale * (event.weight or 1.0)
-    prompt: str | list[dict[str, Any]]
-    if isinstance(event.prompt, str):
-        prompt = event.prompt
-    else:  # what model_dump() gives (fields, then extra fields), at a fifth of its cost
-        prompt = [{"role": m.role, "content": m.content, **(m.model_extra or {})} for m in event.prompt]
-    truncated: list[str] = []
+    fields = event if isinstance(event, Feedback) else Feedback.of(event)
+    kind = fields.kind
+    label, scale = _label_and_scale(kind, fields.rating, policy)
+    is_correction = kind is FeedbackKind.CORRECTION
+    completion = (fields.correction if is_correction else fields.response) or ""
+    weight = policy.kind_weights.get(kind, 1.0) * scale * (fields.weight or 1.0)
+    prompt: str | list[Message] = fields.prompt
+    truncated: tuple[str, ...] = ()
     limit = policy.max_prompt_chars
     if limit is not None and (length := _prompt_chars(prompt)) > limit:
         if policy.overlength == "reject":
             raise _over("prompt", length, "max_prompt_chars", limit)
         prompt = _keep_end(prompt, limit)
-        truncated.append("prompt")
+        truncated += ("prompt",)
     limit = policy.max_completion_chars
     if limit is not None and len(completion) > limit:
         if policy.overlength == "reject":
             field = "correction" if is_correction else "response"
             raise _over(field, len(completion), "max_completion_chars", limit)
         completion = completion[:limit]
-        truncated.append("completion")
+        truncated += ("completion",)
     return Sample(
-        event_id=event.event_id,
-        model=event.model,
-        kind=kind,
+        event_id=fields.event_id,
+        model=fields.model,
+        kind=str(kind),
         prompt=_json_text(prompt),
         completion=completion,
         weight=weight,
         label=label,
-        user_id=event.user_id,
-        session_id=event.session_id,
-        adapter_version=event.adapter_version,
-        event_time=event.timestamp,
-        holdout=is_holdout(event.event_id, policy.holdout_fraction),
-        truncated=tuple(truncated),
+        user_id=fields.user_id,
+        session_id=fields.session_id,
+        adapter_version=fields.adapter_version,
+        event_time=fields.timestamp,
+        holdout=is_holdout(fields.event_id, policy.holdout_fraction),
+        truncated=truncated,
     )
 
 
+_FIRST_UINT32 = struct.Struct(">I").unpack_from
+
+
 def _bucket(event_id: str) -> float:
-    """A stable position in [0, 1) from the event id alone."""
-    return int.from_bytes(hashlib.sha256(event_id.encode()).digest()[:4], "big") / 2**32
+    """A stable position in [0, 1) from the event id alone: the first 4 bytes of its SHA-256, big-endian."""
+    return _FIRST_UINT32(hashlib.sha256(event_id.encode()).digest())[0] / 2**32
 
 
 def is_holdout(event_id: str, fraction: float) -> bool:

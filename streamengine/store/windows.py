@@ -176,7 +176,7 @@ async def write_batch(
 
 async def _insert(conn: asyncpg.Connection, window_id: int, items: list[tuple[SampleAt, str]]) -> None:
     prefix = f"{window_id}\t"
-    data = "".join([f"{prefix}{line}\n" for _, line in items]).encode()
+    data = (prefix + f"\n{prefix}".join([line for _, line in items]) + "\n").encode()
 
     async def source() -> AsyncIterator[bytes]:
         yield data

@@ -38,8 +38,9 @@ class Checkpoint(ConsumerRebalanceListener):
 
     def stored(self, records: Sequence[Record]) -> None:
         """The records' side effects are durable: commit the offsets after them with the next commit."""
-        for record in records:  # in offset order per partition
-            self._stored[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        last = {(r.topic, r.partition): r.offset for r in records}  # records are in offset order per partition
+        for (topic, partition), offset in last.items():
+            self._stored[TopicPartition(topic, partition)] = offset + 1
 
     def due(self) -> bool:
         """Something is stored and ``interval_s`` has passed since the last commit."""

@@ -21,7 +21,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from streamengine import metrics
 from streamengine.config.settings import Settings
-from streamengine.contract.events import decode_feedback
+from streamengine.contract.events import decode_fields
 from streamengine.core.backoff import Backoff
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
@@ -134,7 +134,7 @@ class IngestPipeline:
         redactions: dict[str, int] = {}
         for record in records:
             try:
-                event = decode_feedback(record.value, limit)
+                event = decode_fields(record.value, limit)
                 if event.model not in self.models:
                     raise EventRejected("unknown_model", f"model line '{event.model[:100]}' is not configured here")
                 event = self.redactor.event(event, redactions)  # privacy: nothing unredacted is stored
