@@ -198,7 +198,7 @@ class Loop:
 
 async def record_times(settings: Settings) -> dict[str, float]:
     """The Kafka timestamp (seconds) of every ``adapter.released`` record of the model line, by version."""
-    consumer = await follow.open_consumer(settings.kafka.bootstrap_servers, "bench-e2e-reader", 100)
+    consumer = await follow.open_consumer(settings.kafka, "bench-e2e-reader", 100)
     try:
         records = await follow.read_to_end(
             consumer, settings.kafka.released_topic, MODEL.encode(), 30.0, asyncio.Event()

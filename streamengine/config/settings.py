@@ -14,7 +14,7 @@ import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from pydantic import (
@@ -89,6 +89,22 @@ OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_blank_is_unset), A
 """Every secret setting: blank counts as unset (its default), a placeholder (:data:`PLACEHOLDER_SECRETS`) is refused."""
 
 
+def _existing_file(value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError(f"no file {value}")
+    return value
+
+
+OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset), AfterValidator(_existing_file)]
+"""A certificate or key file: blank counts as unset, a named file must exist (checked at start, not at first use)."""
+OptionalName = Annotated[str | None, BeforeValidator(_blank_is_unset)]
+
+
+def _hosts(servers: str) -> list[str]:
+    """The host names of ``host:port[,host:port...]``."""
+    return [urlsplit("//" + server.strip()).hostname or "" for server in servers.split(",") if server.strip()]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -110,6 +126,55 @@ class KafkaSettings(_Section):
     session_timeout_s: float = Field(30.0, gt=0)
     rebalance_timeout_s: float = Field(60.0, gt=0)
     commit_interval_s: float = Field(1.0, gt=0)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How every Kafka client (ingest, DLQ and outbox producers, topic admin, subscribers, faust) "
+        "connects: PLAINTEXT, SSL (TLS; mutual TLS with ssl_certfile), SASL_SSL (user and password over TLS: "
+        "managed Kafka) or SASL_PLAINTEXT.",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism of SASL_SSL / SASL_PLAINTEXT."
+    )
+    sasl_username: OptionalName = Field(None, description="SASL user (required with SASL_*).")
+    sasl_password: OptionalSecret = Field(None, description="SASL password (required with SASL_*).")
+    ssl_cafile: OptionalFile = Field(
+        None, description="PEM file of the CA of the brokers' certificates (SSL, SASL_SSL); unset: the system's CAs."
+    )
+    ssl_certfile: OptionalFile = Field(
+        None, description="Client certificate (PEM) for mutual TLS; may hold its key too (else ssl_keyfile)."
+    )
+    ssl_keyfile: OptionalFile = Field(None, description="Private key (PEM, unencrypted) of ssl_certfile.")
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaSettings:
+        """Settings that would be silently ignored, or send a password in the clear, are refused."""
+        protocol = self.security_protocol
+        sasl, tls = protocol.startswith("SASL_"), protocol in ("SSL", "SASL_SSL")
+        env = ENV_PREFIX + "KAFKA__"
+        if sasl and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(
+                f"kafka.security_protocol {protocol} needs kafka.sasl_username and kafka.sasl_password "
+                f"({env}SASL_USERNAME, {env}SASL_PASSWORD)"
+            )
+        if not sasl and (self.sasl_username is not None or self.sasl_password is not None):
+            raise ValueError(
+                f"kafka.sasl_username/sasl_password are set but kafka.security_protocol is {protocol}: "
+                f"set it ({env}SECURITY_PROTOCOL) to SASL_SSL"
+            )
+        if not tls and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
+            raise ValueError(
+                f"kafka.ssl_cafile/ssl_certfile/ssl_keyfile are set but kafka.security_protocol is {protocol}: "
+                f"set it ({env}SECURITY_PROTOCOL) to SSL or SASL_SSL"
+            )
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError(f"kafka.ssl_keyfile is set without kafka.ssl_certfile ({env}SSL_CERTFILE)")
+        clear = protocol == "SASL_PLAINTEXT" and self.sasl_mechanism == "PLAIN"
+        if clear and not all(is_loopback(host) for host in _hosts(self.bootstrap_servers)):
+            raise ValueError(
+                "kafka.sasl_mechanism PLAIN over SASL_PLAINTEXT would send the password in the clear to a broker "
+                "on another machine: use security_protocol SASL_SSL (or a SCRAM mechanism)"
+            )
+        return self
 
 
 class DatabaseSettings(_Section):
@@ -122,6 +187,27 @@ class DatabaseSettings(_Section):
         description="Connections of the admin API's read endpoints (/health, /metrics, /training/status, /adapters) "
         "in a pool of their own, besides pool_max: a flood of reads waits there instead of taking ingest's.",
     )
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        None,
+        description="TLS to PostgreSQL, as libpq's sslmode (wins over an `sslmode=` in the url). Unset: the url's, "
+        "else `prefer` (TLS when the server offers it, certificate not checked). `verify-full` checks the "
+        "certificate against database.ca_file and the host name.",
+    )
+    ca_file: OptionalFile = Field(
+        None,
+        description="PEM file of the CA of the server's certificate (wins over `sslrootcert=` in the url); needs "
+        "sslmode require, verify-ca or verify-full. Unset: ~/.postgresql/root.crt.",
+    )
+
+    @model_validator(mode="after")
+    def _ca_needs_verification(self) -> DatabaseSettings:
+        mode = self.sslmode or parse_qs(urlsplit(self.url.get_secret_value()).query).get("sslmode", [None])[-1]
+        if self.ca_file is not None and mode not in ("require", "verify-ca", "verify-full"):
+            raise ValueError(
+                f"database.ca_file is set but the sslmode is {mode or 'unset (prefer)'}, which checks no "
+                f"certificate: set database.sslmode ({ENV_PREFIX}DATABASE__SSLMODE) to verify-full"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -144,6 +230,11 @@ class StorageSettings(_Section):
     bucket: str = "lora-adapters"
     secure: bool = False
     region: str = "us-east-1"
+    ca_file: OptionalFile = Field(
+        None,
+        description="PEM file of the CA of the S3 server's certificate (needs storage.secure). Unset: the file "
+        "SSL_CERT_FILE names, else certifi's public CAs.",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -159,6 +250,10 @@ class StorageSettings(_Section):
             raise ValueError(
                 f"storage.access_key/secret_key (STREAMENGINE_STORAGE__ACCESS_KEY/__SECRET_KEY) are MinIO's default "
                 f"'{MINIO_DEFAULT_KEY}', allowed only with a loopback storage.endpoint: set the keys of the S3 server"
+            )
+        if self.ca_file is not None and not self.secure:
+            raise ValueError(
+                f"storage.ca_file is set but storage.secure is false: set {ENV_PREFIX}STORAGE__SECURE=true for TLS"
             )
         return self
 

@@ -365,6 +365,10 @@ class Postgres(_Server):
     def dsn(self) -> str:
         return f"postgresql://postgres@{HOST}:{self.port}/postgres"
 
+    def _bin(self, name: str) -> str:
+        """The PostgreSQL program ``name`` (initdb, postgres) this server runs."""
+        return _pg_bin(name)
+
     def _prepare(self) -> dict[str, Any]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.user is not None:
@@ -375,14 +379,14 @@ class Postgres(_Server):
             os.chown(self.data_dir, account.pw_uid, account.pw_gid)
         self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").is_file():
-            initdb = [_pg_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "--locale=C"]
+            initdb = [self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "--locale=C"]
             done = subprocess.run([*initdb, "-E", "UTF8"], user=self.user, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise self._fail(f"initdb failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return {"user": self.user}
 
     def _command(self) -> list[str]:
-        command = [_pg_bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
+        command = [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         return [*command, "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories="]
 
     def _ready(self) -> bool:

@@ -13,25 +13,22 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streamengine.errors import ServiceUnavailable
+from streamengine.config.settings import KafkaSettings
+from streamengine.stream import security
 
 log = logging.getLogger(__name__)
 
 
-async def open_consumer(bootstrap: str, client_id: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
+async def open_consumer(kafka: KafkaSettings, client_id: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **security.client_options(kafka),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         client_id=client_id,
         fetch_max_wait_ms=fetch_wait_ms,
     )
-    try:
-        await consumer.start()
-    except (KafkaError, OSError) as exc:
-        await consumer.stop()
-        raise ServiceUnavailable("Kafka", bootstrap, str(exc) or type(exc).__name__) from None
+    await security.start(consumer, kafka)
     return consumer
 
 

@@ -398,7 +398,7 @@ class Subscriber:
         await asyncio.to_thread(self._remove_leftovers)
         self._floor = await asyncio.to_thread(self._served_before)
         consumer = await follow.open_consumer(
-            self.settings.kafka.bootstrap_servers, f"streamengine-subscriber-{self.model}", self.fetch_wait_ms
+            self.settings.kafka, f"streamengine-subscriber-{self.model}", self.fetch_wait_ms
         )
         self._consumer = consumer
         started = time.perf_counter()

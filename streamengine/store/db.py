@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -37,12 +39,15 @@ class Database:
         where, passwords = target(url), dsn_passwords(url)
         try:
             pool = await asyncpg.create_pool(
-                url,
+                _with_tls(settings),
                 min_size=settings.pool_min,
                 max_size=settings.pool_max,
                 init=_init_connection,
                 timeout=10,
             )
+        except ssl.SSLError as exc:
+            reason = f"TLS failed: {_safe_reason(exc, passwords)} (check database.sslmode and database.ca_file)"
+            raise ServiceUnavailable("PostgreSQL", where, reason) from None
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise ServiceUnavailable("PostgreSQL", where, _safe_reason(exc, passwords)) from None
         except (asyncpg.InterfaceError, ValueError) as exc:  # asyncpg cannot use the DSN (scheme, port, option)
@@ -103,6 +108,18 @@ class Database:
         async with self.pool.acquire() as conn:
             result: str = await conn.execute(query, *args)
             return result
+
+
+def _with_tls(settings: DatabaseSettings) -> str:
+    """database.url with database.sslmode and ca_file as its ``sslmode=`` and ``sslrootcert=`` (they win)."""
+    url = settings.url.get_secret_value()
+    tls = {"sslmode": settings.sslmode, "sslrootcert": str(settings.ca_file) if settings.ca_file else None}
+    given = {name: value for name, value in tls.items() if value}
+    if not given:
+        return url
+    parts = urlsplit(url)
+    query = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True) if name not in given]
+    return urlunsplit(parts._replace(query=urlencode([*query, *given.items()])))
 
 
 def _safe_reason(exc: BaseException, passwords: list[str]) -> str:

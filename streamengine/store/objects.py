@@ -115,13 +115,14 @@ class ObjectStore:
         read_timeout_s: float = 60.0,
         part_size: int = DEFAULT_PART_SIZE,
     ) -> ObjectStore:
-        # Our own pool: bounded timeouts and no urllib3-level retries (we retry, bounded, here).
+        # Our own pool: bounded timeouts, no urllib3-level retries (we retry, bounded, here), and certificates
+        # checked against storage.ca_file, else the CAs of SSL_CERT_FILE or certifi.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             retries=False,
             maxsize=10,
             cert_reqs="CERT_REQUIRED",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            ca_certs=str(settings.ca_file or os.environ.get("SSL_CERT_FILE") or certifi.where()),
         )
         access = settings.access_key.get_secret_value()
         secret = settings.secret_key.get_secret_value()

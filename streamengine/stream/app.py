@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamengine.config.settings import Settings
+from streamengine.stream import security
 from streamengine.stream.checkpoint import Checkpoint
 from streamengine.stream.ingest import Classified, IngestPipeline, Record
 
@@ -82,7 +83,7 @@ class IngestApp:
     async def start(self) -> None:
         kafka = self.settings.kafka
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap_servers,
+            **security.client_options(kafka),
             group_id=kafka.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -94,7 +95,7 @@ class IngestApp:
         )
         checkpoint = Checkpoint(consumer, kafka.commit_interval_s)
         consumer.subscribe([kafka.feedback_topic], listener=checkpoint)
-        await consumer.start()
+        await security.start(consumer, kafka)
         self.kafka, self.checkpoint = consumer, checkpoint
         self.should_stop = False
         self._task = asyncio.create_task(self._run(consumer, checkpoint), name="ingest")

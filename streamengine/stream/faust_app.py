@@ -16,9 +16,12 @@ from typing import Any, cast
 
 import faust
 from aiokafka import TopicPartition
+from faust.auth import SASLCredentials, SSLCredentials
 from faust.transport.consumer import Consumer
+from faust.types.auth import CredentialsT as Credentials
 
-from streamengine.config.settings import Settings
+from streamengine.config.settings import KafkaSettings, Settings
+from streamengine.stream import security
 from streamengine.stream.ingest import IngestPipeline, RawRecord
 
 
@@ -67,11 +70,24 @@ class FaustIngest:
         return await self.app.consumer.position(tp)
 
 
+def broker_credentials(kafka: KafkaSettings) -> Credentials | None:
+    """The ``kafka.*`` security settings as faust takes them (None: PLAINTEXT)."""
+    context = security.ssl_context(kafka)
+    if security.uses_sasl(kafka):
+        assert kafka.sasl_password is not None  # KafkaSettings refuses SASL without user and password
+        password = kafka.sasl_password.get_secret_value()
+        return SASLCredentials(
+            username=kafka.sasl_username, password=password, ssl_context=context, mechanism=kafka.sasl_mechanism
+        )
+    return SSLCredentials(context) if context is not None else None
+
+
 def build_faust_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> FaustIngest:
     kafka = settings.kafka
     app = faust.App(
         kafka.group_id,
         broker=f"kafka://{kafka.bootstrap_servers}",
+        broker_credentials=broker_credentials(kafka),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",

@@ -5,21 +5,19 @@ from __future__ import annotations
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
 from streamengine.config.settings import KafkaSettings
 from streamengine.contract.topics import topic_specs
-from streamengine.errors import ServiceUnavailable
+from streamengine.stream import security
 
 log = logging.getLogger(__name__)
 
+
 async def ensure_topics(kafka: KafkaSettings) -> list[str]:
     """Create the contract's topics that do not exist yet; returns the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10_000)
-    try:
-        await admin.start()
-    except (KafkaError, OSError) as exc:
-        raise ServiceUnavailable("Kafka", kafka.bootstrap_servers, str(exc) or type(exc).__name__) from None
+    admin = AIOKafkaAdminClient(**security.client_options(kafka), request_timeout_ms=10_000)
+    await security.start(admin, kafka)
     created: list[str] = []
     try:
         existing = set(await admin.list_topics())

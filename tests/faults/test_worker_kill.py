@@ -55,7 +55,7 @@ class ReleaseWatcher:
     seen: list[Seen] = field(default_factory=list)
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = await follow.open_consumer(self.settings.kafka.bootstrap_servers, "fault-watcher", 100)
+        consumer = await follow.open_consumer(self.settings.kafka, "fault-watcher", 100)
         try:
             parts = await follow.partitions(consumer, self.settings.kafka.released_topic)
             assert parts, "the engine creates the topic before it is ready"
