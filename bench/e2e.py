@@ -134,8 +134,9 @@ class Loop:
         for event in events:
             event["timestamp"] = datetime.now(UTC).isoformat()
             (record,) = prepare([json.dumps(event).encode()], self.settings.kafka.max_record_bytes, False).records
-            key, value, headers = record
-            await producer.send_and_wait(self.settings.kafka.feedback_topic, value=value, key=key, headers=headers)
+            await producer.send_and_wait(
+                self.settings.kafka.feedback_topic, value=record.value, key=record.key, headers=record.headers
+            )
         self.sent += len(events)
 
     async def stored(self) -> bool:

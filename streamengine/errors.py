@@ -7,6 +7,8 @@ secrets.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class StreamEngineError(Exception):
     """Base class: a failure with a message fit to show a user."""
@@ -37,6 +39,35 @@ class EventRejected(StreamEngineError):
     def __init__(self, error_class: str, message: str) -> None:
         super().__init__(message)
         self.error_class = error_class
+
+
+class InvalidFeedback(EventRejected, ValueError):
+    """A producer was given an event the engine would reject; nothing was sent. ``field`` names the first bad
+    field (None when the fault is not one field's, such as a rating event without a rating)."""
+
+    def __init__(self, error_class: str, message: str, field: str | None = None) -> None:
+        super().__init__(error_class, message)
+        self.field = field
+
+
+class BufferFull(StreamEngineError):
+    """A producer in non-blocking mode holds ``capacity`` records not yet acknowledged; the record was not taken."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(f"the producer's buffer holds {capacity} records not yet acknowledged by Kafka")
+        self.capacity = capacity
+
+
+class Undelivered(StreamEngineError):
+    """Records Kafka did not acknowledge: refused for good by the broker (``reason`` ``refused``) or still
+    unacknowledged when the producer closed (``closed``). ``records`` are the records themselves."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, records: list[Any], reason: str = "closed") -> None:
+        super().__init__(message)
+        self.records = records
+        self.reason = reason
 
 
 class NotFound(StreamEngineError):

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a serving node's subscriber (defined once per process, labelled by model line).
+"""Prometheus metrics of a serving node: its subscriber and its feedback producer (defined once per process,
+labelled by model line).
 
 Counters are exposed with the ``_total`` suffix (``streamengine_subscriber_swaps_total``...), the
 histograms in seconds, the current version as an Info (``..._current_version_info{version="v1.3"} 1``).
@@ -6,7 +7,7 @@ histograms in seconds, the current version as an Info (``..._current_version_inf
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -35,3 +36,16 @@ STAGE_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 CURRENT = Info("streamengine_subscriber_current_version", "The adapter version being served.", ["model"])
+
+FEEDBACK_SENT = Counter(
+    "streamengine_producer_events_sent_total", "Feedback events acknowledged by Kafka.", ["model"]
+)
+FEEDBACK_FAILED = Counter(
+    "streamengine_producer_events_failed_total",
+    "Feedback events not sent, by reason: invalid (refused at the call), buffer_full (a non-blocking send with the "
+    "buffer full), refused (by the broker), closed (not acknowledged when the producer closed).",
+    ["model", "reason"],
+)
+FEEDBACK_BUFFERED = Gauge(
+    "streamengine_producer_buffered_events", "Feedback events taken and not yet acknowledged by Kafka.", ["model"]
+)

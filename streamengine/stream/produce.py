@@ -6,18 +6,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from streamengine.config.settings import Settings
-from streamengine.contract import cloudevents
-from streamengine.contract.events import FEEDBACK_TYPE, decode_feedback
-from streamengine.errors import EventRejected
-from streamengine.stream.producer import start_producer
-
-KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
-"""key, value, headers"""
+from streamengine.contract.events import decode_feedback
+from streamengine.errors import EventRejected, Undelivered
+from streamengine.stream.sender import Record, RecordSender, feedback_record
 
 
 @dataclass
 class Prepared:
-    records: list[KafkaRecord] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     invalid: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -33,23 +29,27 @@ def prepare(lines: Iterable[bytes], max_bytes: int, keep_invalid: bool) -> Prepa
         except EventRejected as exc:
             prepared.invalid.append((line_no, f"{exc.error_class}: {exc}"))
             if keep_invalid:
-                prepared.records.append((None, raw, []))
+                prepared.records.append(Record(None, raw, []))
             continue
-        key = event.user_id or event.session_id
-        headers = cloudevents.as_kafka(cloudevents.headers(event.event_id, FEEDBACK_TYPE, event.timestamp))
-        prepared.records.append((key.encode() if key else None, raw, headers))
+        prepared.records.append(feedback_record(event, raw))
     return prepared
 
 
-async def send(settings: Settings, topic: str, records: list[KafkaRecord]) -> int:
-    """Send records and wait for every acknowledgement; returns how many were sent."""
+async def send(settings: Settings, topic: str, records: list[Record], timeout_s: float = 30.0) -> int:
+    """Send records and wait for every acknowledgement, at most ``timeout_s`` (then :class:`Undelivered`);
+    returns how many were sent."""
     if not records:
         return 0
-    producer = await start_producer(settings.kafka)
+    sender = RecordSender(settings.kafka, topic)
+    await sender.start()
+    futures = []
     try:
-        futures = [await producer.send(topic, value=v, key=k, headers=h) for k, v, h in records]
-        for future in futures:
-            await future
+        for record in records:
+            futures.append(await sender.send(record))
     finally:
-        await producer.stop()
-    return len(futures)
+        await sender.close(timeout_s)  # settles every future
+    failed = [record for future, record in zip(futures, records, strict=True) if future.exception() is not None]
+    if failed:
+        first = next(f.exception() for f in futures if f.exception() is not None)
+        raise Undelivered(f"{len(failed)} of {len(records)} records not sent to {topic}: {first}", failed)
+    return len(records)
