@@ -67,7 +67,10 @@ async def test_events_are_stored_with_the_version_that_answered(make_settings, t
     node = Subscriber(settings, CallbackSwapper(lambda *_: None))
     await node.apply(fleet.release(folder, "v1.0"))
     invalid_before = _metric("streamengine_producer_events_failed_total", model=model, reason="invalid")
-    async with FeedbackProducer(settings, versions=node) as feedback:
+    reported: list[tuple[str | None, Undelivered | None]] = []
+    async with FeedbackProducer(
+        settings, versions=node, on_delivery=lambda record, error: reported.append((record.event_id, error))
+    ) as feedback:
         began_on = feedback.version()  # a streamed answer begins on v1.0 ...
         first = await feedback.send_and_wait(prompt="2+2?", response="4", kind="thumbs_up", user_id="u-1")
         await node.apply(fleet.release(folder, "v1.1"))  # ... and the node swaps while it streams
@@ -81,6 +84,7 @@ async def test_events_are_stored_with_the_version_that_answered(make_settings, t
         )
         await _refused_at_the_call(feedback)
     assert _metric("streamengine_producer_events_failed_total", model=model, reason="invalid") == invalid_before + 4
+    assert len(reported) == 3 and all(error is None for _, error in reported)
 
     async with ingest_replica(settings, tmp_path / "ingest") as db:
         stored = await wait_for(lambda: _stored_if(db, 3), timeout_s=30)
@@ -134,7 +138,10 @@ async def test_a_full_buffer_pushes_back_and_close_returns_the_rest(make_setting
         settings: Settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap})
         await ensure_topics(settings.kafka)
         model = settings.model.name
-        waiting = FeedbackProducer(settings, max_buffered=5, attempt_timeout_s=1.0)
+        reported: list[Undelivered | None] = []
+        waiting = FeedbackProducer(
+            settings, max_buffered=5, attempt_timeout_s=1.0, on_delivery=lambda _, error: reported.append(error)
+        )
         await waiting.start()
         with pytest.raises(Undelivered) as raised:
             async with FeedbackProducer(
@@ -155,6 +162,7 @@ async def test_a_full_buffer_pushes_back_and_close_returns_the_rest(make_setting
         closed_before = _metric("streamengine_producer_events_failed_total", model=model, reason="closed")
         left = await waiting.close(timeout_s=0.5)
         assert len(left) == 5 and all(json.loads(r.value)["prompt"].startswith("q") for r in left)
+        assert len(reported) == 5 and all(error is not None and error.reason == "closed" for error in reported)
         assert _metric("streamengine_producer_events_failed_total", model=model, reason="closed") == closed_before + 5
     finally:
         broker.stop()
