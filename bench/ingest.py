@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,7 +64,7 @@ from streamengine.local.embedded import Postgres, Tansu, create_database, drop_d
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.stream.app import build_app
-from streamengine.stream.ingest import Classified, IngestPipeline
+from streamengine.stream.ingest import Classified, IngestPipeline, Record
 from streamengine.stream.producer import start_producer
 from streamengine.stream.topics import ensure_topics
 
@@ -369,13 +369,22 @@ async def run_copy(dsn: str, rows: list[tuple[Any, ...]], batch: int, pg: PgBack
 
 
 class _MeasuredPipeline(IngestPipeline):
-    """The real pipeline; only counts what it stores and starts/stops the clock."""
+    """The real pipeline; only counts what it stores, starts/stops the clock and times its pure CPU step."""
 
     def __init__(self, settings: Settings, db: Database, sender: Any, n: int, clock: Clock) -> None:
         super().__init__(settings, db, sender)
         self.n, self.clock = n, clock
         self.batches = self.seen = self.stored = self.first = 0
+        self.classify_cpu = 0.0
+        """CPU seconds in ``classify`` while the clock runs (decode, validate, redact, event -> sample, COPY line)."""
         self.done = asyncio.Event()
+
+    def classify(self, records: Sequence[Record]) -> Classified:
+        started = time.process_time()
+        batch = super().classify(records)
+        if self.clock.t0 and not self.clock.t1:
+            self.classify_cpu += time.process_time() - started
+        return batch
 
     async def store(self, batch: Classified) -> windows.BatchOutcome:
         outcome = await super().store(batch)
@@ -416,6 +425,7 @@ async def run_ingest(settings: Settings, dbname: str, n: int, pg: PgBackends, br
     return clock.result(
         "ingest", n - pipeline.first, batches=pipeline.batches, windows_closed=closed,
         mean_batch=round(pipeline.seen / pipeline.batches, 1),
+        classify_cpu_us_per_event=pipeline.classify_cpu / (n - pipeline.first) * 1e6,
     )  # fmt: skip
 
 
@@ -631,10 +641,10 @@ def summarise(cfg: Config, runs: list[list[Result]]) -> dict[str, Any]:
             ratios["ingest_vs_plain"].append(rate["ingest"] / rate["plain"])
             ratios["ingest_cpu_vs_plain"].append(cpu["ingest"] / cpu["plain"])
     medians = {name: _median(values) for name, values in ratios.items()}
-    cpu = rows["ingest"]["cpu_us_per_event"] if "ingest" in rows else None
+    ingest_cpu = rows["ingest"]["cpu_us_per_event"] if "ingest" in rows else None
     targets = {
         f"ingest_vs_limit >= {LIMIT_TARGET:g}": _at_least(medians["ingest_vs_limit"], LIMIT_TARGET),
-        f"ingest_cpu_us_per_event <= {CPU_TARGET_US:g}": None if cpu is None else cpu <= CPU_TARGET_US,
+        f"ingest_cpu_us_per_event <= {CPU_TARGET_US:g}": None if ingest_cpu is None else ingest_cpu <= CPU_TARGET_US,
         f"ingest_vs_naive >= {NAIVE_TARGET:g}": _at_least(medians["ingest_vs_naive"], NAIVE_TARGET),
     }
     return {
@@ -691,10 +701,13 @@ def table(summary: dict[str, Any]) -> str:
             f"{name.replace('_vs_', ' / ')}: {median:.2f} (target >= {target:g}: {verdict}; per repeat {each})"
         )
     if "ingest" in phases:
-        cpu, runs = phases["ingest"]["cpu_us_per_event"], [r["cpu_us_per_event"] for r in phases["ingest"]["runs"]]
+        cpu, runs = phases["ingest"]["cpu_us_per_event"], phases["ingest"]["runs"]
         verdict = "met" if cpu <= CPU_TARGET_US else "MISSED"
-        each = ", ".join(f"{r:.1f}" for r in runs)
+        each = ", ".join(f"{r['cpu_us_per_event']:.1f}" for r in runs)
         lines.append(f"ingest CPU us/event: {cpu:.1f} (target <= {CPU_TARGET_US:g}: {verdict}; per repeat {each})")
+        classify = [r["extra"]["classify_cpu_us_per_event"] for r in runs]
+        each = ", ".join(f"{r:.1f}" for r in classify)
+        lines.append(f"  of which classify (decode ... COPY line): {_median(classify):.1f} (per repeat {each})")
     for name, what in (("ingest_vs_plain", "rate"), ("ingest_cpu_vs_plain", "CPU us per event")):
         median, runs = ratios[name]["median"], ratios[name]["runs"]
         if median is not None:
