@@ -34,7 +34,7 @@ async def test_fisher_of_a_released_version_is_recomputed_and_used(make_settings
         assert job is not None and job.id == job_id and job.kind == "fisher"
         assert await db.fetchval("SELECT state FROM jobs WHERE id = $1", job_id) == "done"
         updated = await registry.get_adapter(db, "tiny-llama", "v1.0")
-        assert updated.fisher_file == f"fisher-job{job_id}.safetensors"
+        assert updated.fisher_file == f"fisher-job{job_id}-{str(updated.fisher_sha256)[:16]}.safetensors"
         assert updated.manifest == released.manifest  # the version itself is immutable
 
         folder = await store.adownload_uri(

@@ -1,10 +1,10 @@
 """Runs a training (or Fisher) job in a child process, streams its progress and parses its result.
 
 A crash, OOM kill or hang in training ends the child, never the worker; the child dies with the worker
-(:mod:`streamengine.training.child`). What ended a child is said in the error the job records: the child's
-own message (diverged, bad input), "out of memory" (an allocation failed, e.g. above
-``worker.trainer_memory_limit_mb``), "killed by signal 9 (SIGKILL...)" (e.g. the kernel's OOM killer), or
-its exit code with the last line it logged.
+and sees none of its secrets (:mod:`streamengine.training.child`). What ended a child is said in the error
+the job records: the child's own message (diverged, bad input), "out of memory" (an allocation failed, e.g.
+above ``worker.trainer_memory_limit_mb``), "killed by signal 9 (SIGKILL...)" (e.g. the kernel's OOM killer),
+or its exit code with the last line it logged.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ async def run_training(
             *child_process.command(argv, memory_limit_mb),
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
+            env=child_process.environment(),
         )
         result: Result | None = None
         error: str | None = None

@@ -1,9 +1,9 @@
 """The trainer worker: claim a job, train in a child process, upload, release.
 
 Sequence for one job (each step safe to repeat after a crash):
-claim (lease) -> samples from PostgreSQL -> parent adapter from S3 -> train (child process, lease
-heartbeats carry progress) -> reserve the version -> manifest + upload + verify -> one transaction:
-registry row, aliases, outbox row, job released.
+claim (lease) -> samples from PostgreSQL -> parent adapter from S3 -> train (child process) -> reserve
+the version -> manifest + upload + verify -> one transaction: registry row, aliases, outbox row, job
+released. Heartbeats keep the lease (and carry progress) through all of it (:mod:`streamengine.jobs.lease`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from streamengine import metrics
 from streamengine.config.keys import release_signer
@@ -31,9 +30,11 @@ from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
 from streamengine.jobs import dataset
+from streamengine.jobs.lease import Lease, LeaseLost
 from streamengine.jobs.trainer_process import Result, TrainingCrashed, run_training
 from streamengine.store import job_queue, registry, windows
 from streamengine.store.db import Database
+from streamengine.store.folders import file_sha256
 from streamengine.store.job_queue import FISHER_FILE
 from streamengine.store.objects import ObjectStore
 from streamengine.training.launch import fisher_command, training_command
@@ -43,10 +44,6 @@ log = logging.getLogger(__name__)
 
 OUTAGE_BACKOFF_MAX_S = 30.0
 """Longest wait between two tries while a dependency (S3) is unreachable (from ``worker.poll_s``, doubling)."""
-
-
-class LeaseLost(Conflict):
-    pass
 
 
 class Worker:
@@ -94,17 +91,16 @@ class Worker:
     async def run_once(self) -> job_queue.Job | None:
         """Claim one job and take it to its end state; None when the queue is empty."""
         worker = self.settings.worker
+        claimed_at = time.monotonic()
         job = await job_queue.claim(self.db, self.owner, worker.lease_s, worker.max_attempts)
         if job is None:
             self.outages = 0  # PostgreSQL answers and nothing waits
             return None
         log.info("job %d (%s, window %d, attempt %d) claimed", job.id, job.model, job.window_id, job.attempts)
         outages, self.outages = self.outages, 0
+        lease = Lease(self.db, job.id, self.owner, worker, claimed_at)
         try:
-            if job.kind == "fisher":
-                await self._process_fisher(job)
-            else:
-                await self._process(job)
+            await lease.hold(self._process_fisher(job, lease) if job.kind == "fisher" else self._process(job, lease))
         except LeaseLost as exc:
             log.warning("job %d: %s", job.id, exc)
         except TrainingCrashed as exc:
@@ -140,7 +136,7 @@ class Worker:
         except Conflict:
             return "taken over"
 
-    async def _process(self, job: job_queue.Job) -> None:
+    async def _process(self, job: job_queue.Job, lease: Lease) -> None:
         folder = self.work_dir / f"job-{job.id}"
         await asyncio.to_thread(_fresh_dir, folder)
         objective = self.settings.training.objective
@@ -170,7 +166,8 @@ class Worker:
         await asyncio.to_thread(spec.write, spec_path)
         started = time.monotonic()
         argv = training_command(spec_path, self.settings.training.processes)
-        result = await self._run_child(job, argv, folder / "train.log", TrainResult)
+        lease.phase("training")
+        result = await self._run_child(job, lease, argv, folder / "train.log", TrainResult)
         record_training_metrics(job.model, result)
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
         decision = decide(result.eval, self.gate)
@@ -178,14 +175,18 @@ class Worker:
         if decision.forgetting is not None:
             metrics.FORGETTING.labels(job.model).set(decision.forgetting)
         if not decision.release:
-            await job_queue.finish_unreleased(self.db, job.id, self.owner, "rejected", decision.reason, numbers)
+            async with lease.last_step():
+                await job_queue.finish_unreleased(self.db, job.id, self.owner, "rejected", decision.reason, numbers)
             metrics.REJECTIONS.labels(job.model).inc()
             log.warning("job %d rejected, nothing released: %s", job.id, decision.reason)
             await asyncio.to_thread(shutil.rmtree, folder, True)
             return
         version = await job_queue.reserve_version(self.db, job.id, self.owner, major=new_base)
+        lease.phase("uploading")
         event = await self._upload(job, version, output, numbers)
-        await job_queue.release(self.db, job.id, self.owner, event, self.settings.kafka.released_topic, self.signer)
+        lease.phase("releasing")
+        async with lease.last_step():
+            await job_queue.release(self.db, job.id, self.owner, event, self.settings.kafka.released_topic, self.signer)
         metrics.RELEASES.labels(job.model, event.reason).inc()
         log.info("job %d released %s %s (%s)", job.id, job.model, version, decision.reason)
         await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -203,8 +204,12 @@ class Worker:
         fisher_dir = await self.store.adownload_uri(adapter.uri, folder / "parent-fisher", fisher)
         return parent, fisher_dir / adapter.fisher_file
 
-    async def _process_fisher(self, job: job_queue.Job) -> None:
-        """Compute the Fisher of a released version on its window and add it to the version's folder."""
+    async def _process_fisher(self, job: job_queue.Job, lease: Lease) -> None:
+        """Compute the Fisher of a released version on its window and add it to the version's folder.
+
+        The file is named by the job and its content (``fisher-job<id>-<sha256[:16]>.safetensors``): a retry
+        that finds its earlier attempt's object stored adds nothing, and one that computed other bytes (not
+        every accelerator sums in the same order) stores a name of its own; stored objects stay immutable."""
         assert job.target_version is not None
         folder = self.work_dir / f"job-{job.id}"
         await asyncio.to_thread(_fresh_dir, folder)
@@ -213,12 +218,11 @@ class Worker:
         files = {name: sha for name, sha in adapter.manifest["files"].items() if name != FISHER_FILE}
         adapter_dir = await self.store.adownload_uri(adapter.uri, folder / "adapter", files)
         _, parent_fisher = await self._fetch_parent(job.model, adapter.parent_version, folder)
-        name = f"fisher-job{job.id}.safetensors"
         spec = FisherSpec(
             base_model=self.settings.model.base,
             adapter_dir=str(adapter_dir),
             samples_path=str(data.samples_path),
-            out_path=str(folder / name),
+            out_path=str(folder / "fisher.safetensors"),
             parent_fisher=str(parent_fisher) if parent_fisher else None,
             ewc=self.settings.ewc,
             training=self.settings.training,
@@ -226,23 +230,27 @@ class Worker:
         )
         spec_path = folder / "fisher.json"
         await asyncio.to_thread(spec.write, spec_path)
-        result = await self._run_child(job, fisher_command(spec_path), folder / "fisher.log", FisherResult)
-        sha = await self.store.aadd_file(result.path, job.model, adapter.version)
-        await job_queue.finish_fisher(self.db, job.id, self.owner, job.model, adapter.version, name, sha)
+        lease.phase("fisher")
+        result = await self._run_child(job, lease, fisher_command(spec_path), folder / "fisher.log", FisherResult)
+        sha = await asyncio.to_thread(file_sha256, Path(result.path))
+        name = f"fisher-job{job.id}-{sha[:16]}.safetensors"
+        lease.phase("uploading")
+        stored = await asyncio.to_thread(Path(result.path).rename, folder / name)
+        await self.store.aadd_file(stored, job.model, adapter.version)
+        async with lease.last_step():
+            await job_queue.finish_fisher(self.db, job.id, self.owner, job.model, adapter.version, name, sha)
         log.info(
             "job %d: Fisher of %s %s stored as %s (%.1fs)", job.id, job.model, adapter.version, name, result.seconds
         )
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def _run_child(
-        self, job: job_queue.Job, argv: list[str], log_path: Path, result_type: type[Result]
+        self, job: job_queue.Job, lease: Lease, argv: list[str], log_path: Path, result_type: type[Result]
     ) -> Result:
-        """Run a training child process while heartbeats keep the lease (and carry its progress)."""
-        progress: dict[str, Any] = {"phase": "training"}
-        lease_lost = asyncio.Event()
+        """Run a training child process; its progress goes into the lease's heartbeats and the metrics."""
 
         async def on_progress(record: Progress) -> None:
-            progress.update(record.model_dump(mode="json"))
+            lease.progress = {"phase": lease.progress["phase"], **record.model_dump(mode="json")}
             metrics.TRAINING_LOSS.labels(job.model).set(record.task_loss)
             metrics.EWC_PENALTY.labels(job.model).set(record.penalty)
             step, total = record.step, record.total_steps
@@ -257,26 +265,8 @@ class Worker:
                     record.eta_s,
                 )
 
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.settings.worker.heartbeat_s)
-                if not await job_queue.heartbeat(self.db, job.id, self.owner, self.settings.worker.lease_s, progress):
-                    lease_lost.set()
-                    return
-
-        heart = asyncio.create_task(beat())
         limit = self.settings.worker.trainer_memory_limit_mb
-        child = asyncio.create_task(run_training(argv, log_path, result_type, on_progress, memory_limit_mb=limit))
-        try:
-            lost = asyncio.create_task(lease_lost.wait())
-            done, _ = await asyncio.wait({child, lost}, return_when=asyncio.FIRST_COMPLETED)
-            lost.cancel()
-            if child not in done:
-                child.cancel()
-                raise LeaseLost(f"job {job.id}: lease lost while its child process ran; abandoned")
-            return child.result()
-        finally:
-            heart.cancel()
+        return await run_training(argv, log_path, result_type, on_progress, memory_limit_mb=limit)
 
     async def _upload(
         self, job: job_queue.Job, version: str, output: Path, numbers: dict[str, float | None]
@@ -311,10 +301,6 @@ class Worker:
         await self.store.aupload_folder(output, job.model, version, overwrite=not released)
         metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
         metrics.UPLOAD_BYTES.inc(event.size_bytes)
-        if not await job_queue.heartbeat(
-            self.db, job.id, self.owner, self.settings.worker.lease_s, {"phase": "releasing"}
-        ):
-            raise LeaseLost(f"job {job.id}: lease lost during upload; abandoned")
         return event
 
 

@@ -155,6 +155,9 @@ async def release(
     manifest = manifest_of(event)
     async with db.pool.acquire() as conn, conn.transaction():
         job = await _owned(conn, job_id, owner)
+        # The model line's lock, as deploy and rollback take it, before production is read: the aliases move
+        # one transaction at a time whatever the order of the statements below.
+        await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", job["model"])
         announced = sequenced(event, await next_sequence(conn, job["model"]), signer)
         version = Version.parse(manifest["version"])
         await conn.execute(

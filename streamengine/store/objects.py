@@ -246,19 +246,22 @@ class ObjectStore:
     def add_file(self, path: str | Path, model: str, version: str) -> str:
         """Add one new file (e.g. a recomputed Fisher) to a version's folder; returns its sha256.
 
-        The version's existing objects stay untouched: a name already stored is refused (Conflict).
+        The version's existing objects stay untouched: a name already stored with these very bytes is
+        accepted as it is (a retry), with other bytes refused (Conflict).
         """
         file = Path(path)
         if not is_safe_artifact(file.name):
             raise IntegrityError(f"refusing to upload {file.name}: not a safe artifact name")
         key = self.prefix(model, version) + file.name
+        digest, size = file_sha256(file), file.stat().st_size
         try:
             self._call(f"stat of {key}", partial(self.client.stat_object, self.bucket, key))
         except NotFound:
             pass
         else:
-            raise Conflict(f"s3://{self.bucket}/{key} exists already: stored objects are immutable")
-        digest, size = file_sha256(file), file.stat().st_size
+            if self._call(f"read-back of {key}", partial(self._hash_object, key)) == (digest, size):
+                return digest
+            raise Conflict(f"s3://{self.bucket}/{key} exists already with other bytes: stored objects are immutable")
         upload = partial(
             self.client.fput_object, self.bucket, key, str(file), metadata={"sha256": digest}, part_size=self.part_size
         )

@@ -1,5 +1,10 @@
 """`python -m streamengine.training.child PARENT_PID MEMORY_MB -- COMMAND...`: how a worker starts a child process.
 
+The child gets only the environment it needs (:func:`environment`: an allow-list of paths, locale, Python,
+CUDA, torch/torchrun, Hugging Face and thread settings), never the worker's secrets: the database DSN, S3
+keys, signing key and API token (``STREAMENGINE_*``), cloud credentials (``AWS_*``). Training code is
+third-party code running on untrusted data; what it cannot read, it cannot leak.
+
 Two guards are set, then COMMAND replaces this process (``exec``: same pid, pipes and signals reach it):
 
 - The child dies with its worker (Linux ``PR_SET_PDEATHSIG`` = SIGKILL, and an exit when the worker is
@@ -20,6 +25,29 @@ import sys
 
 MODULE = "streamengine.training.child"
 _PR_SET_PDEATHSIG = 1
+
+ENV_NAMES = frozenset(
+    {
+        *("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP"),
+        *("LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "LOGLEVEL"),
+        *("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"),  # the hub, behind a private CA
+        *("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"),
+    }
+)
+"""Variables a training child keeps by name."""
+ENV_PREFIXES = (
+    *("PYTHON", "LC_"),
+    *("CUDA_", "CUDNN_", "NCCL_", "NVIDIA_", "HIP_", "ROCR_", "HSA_"),  # accelerators
+    *("TORCH", "PYTORCH_", "PET_", "GLOO_", "TRITON_", "ACCELERATE_", "BNB_"),  # torch, torchrun (PET_: its options)
+    *("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_"),  # Hugging Face (HF_TOKEN: a gated base model)
+    *("OMP_", "MKL_", "KMP_", "OPENBLAS_"),  # CPU threads
+)
+"""... and by prefix (``TORCH`` covers ``TORCH_*`` and ``TORCHELASTIC_*``)."""
+
+
+def environment() -> dict[str, str]:
+    """The part of this process's environment a training child may see."""
+    return {name: value for name, value in os.environ.items() if name in ENV_NAMES or name.startswith(ENV_PREFIXES)}
 
 
 def command(argv: list[str], memory_limit_mb: int | None = None) -> list[str]:
