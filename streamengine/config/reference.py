@@ -51,7 +51,14 @@ def _type(annotation: Any) -> str:
         return "mapping (JSON)"
     if annotation is SecretStr:
         return "secret"
-    names = {"str": "string", "int": "integer", "float": "number", "bool": "true/false", "Path": "path"}
+    names = {
+        "str": "string",
+        "int": "integer",
+        "float": "number",
+        "bool": "true/false",
+        "Path": "path",
+        "timedelta": "duration",
+    }
     return names.get(getattr(annotation, "__name__", ""), str(annotation))
 
 

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 from contextvars import ContextVar
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -423,6 +424,58 @@ class ServingSettings(_Section):
     )
 
 
+def _seconds_text(value: Any) -> Any:
+    """A duration given as a number of seconds in text (an environment variable: ``86400``) is read as one."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value):
+        return float(value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_seconds_text)]
+"""Seconds (``86400``), ``[D days,] HH:MM:SS`` or ISO 8601 (``PT24H``, ``P1D``)."""
+
+
+class RolloutSettings(_Section):
+    """Canary releases judged by live feedback (see docs/serving.md, Canary judgement)."""
+
+    canary_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of a model line's serving nodes that run a new version first, chosen by a stable hash of "
+        "node id and line (at least one node, and below 1 never every node of two or more). 0: no canary, every "
+        "node at once.",
+    )
+    max_regression: float = Field(
+        0.02, ge=0, lt=1, description="Largest rise in the share of negative feedback (absolute) that is promoted."
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Posterior probability a promotion or an evidence rollback needs."
+    )
+    min_events: int = Field(
+        200, ge=1, description="Feedback events (after the per-user cap) each side needs before the evidence decides."
+    )
+    max_user_share: float = Field(
+        0.005,
+        gt=0,
+        le=1,
+        description="Most of a side's feedback events one user (else session) holds in the judgement; with fewer "
+        "than 1/max_user_share users on a side, each counts as much as the lightest. 1 turns the cap off.",
+    )
+    max_failed_nodes: int = Field(0, ge=0, description="Nodes that may fail to load a canary; one more rolls it back.")
+    max_duration: Duration = Field(
+        timedelta(hours=24),
+        gt=timedelta(0),
+        description="Longest canary: then timeout_action. Seconds, HH:MM:SS or ISO 8601 (PT24H).",
+    )
+    timeout_action: Literal["rollback", "promote"] = Field(
+        "rollback", description="What a canary still undecided after max_duration gets: rolled back or promoted."
+    )
+    node_timeout_s: float = Field(
+        120.0, gt=0, description="A serving node whose status is older than this counts as silent."
+    )
+
+
 class SigningSettings(_Section):
     private_key_file: Path | None = Field(
         None,
@@ -501,6 +554,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     metrics: MetricsSettings = MetricsSettings()
     serving: ServingSettings = ServingSettings()
+    rollout: RolloutSettings = RolloutSettings()
     privacy: PrivacySettings = PrivacySettings()
     signing_key: OptionalSecret = None
     signing: SigningSettings = SigningSettings()
