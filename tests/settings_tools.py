@@ -50,6 +50,9 @@ def settings_factory(services: Any, dsn: str, workdir: Path) -> Callable[..., Se
                 "bucket": f"se-test-{suffix}",
             },
             "worker": {"work_dir": workdir / "work"},
+            # Self anchors where a test asks for them (the tiny random model cannot write prompts; a build of
+            # 256 samples costs a minute): tests/test_anchor_store.py, tests/test_gate_release.py.
+            "learning": {"self_anchor": {"enabled": False}},
             "serving": {"download_dir": workdir / "adapters"},
             "api": {"port": api_port},
             "metrics": {"port": metrics_port},

@@ -71,3 +71,29 @@ def write_spec(spec: TrainSpec, path: Path) -> Path:
 
 def python() -> str:
     return sys.executable
+
+
+def pretrained_ok_model(folder: Path) -> Path:
+    """A tiny chat model fully trained to answer "ok" to "q <word>" (whole sequences in the loss, 60 steps)."""
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from streamengine.local.tinymodel import build_tiny_model
+    from streamengine.training.data import Example, collate, encode, pad_id
+    from streamengine.training.losses import forward_logits, sample_losses
+
+    build_tiny_model(folder, seed=0)
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(60):
+        rows = [encode(tokenizer, Example("", f"q {step}-{i}", "ok", 1.0), 32) for i in range(16)]
+        batch = collate([replace(e, labels=e.input_ids) for e in rows], pad_id(tokenizer))
+        loss = sample_losses(forward_logits(model, batch, torch.device("cpu")), batch["labels"]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder

@@ -147,6 +147,18 @@ def _row(path: list[str], info: FieldInfo, current: Any) -> SettingInfo:
     )
 
 
+def _section_rows(path: list[str], section: type[BaseModel], current: Any) -> list[SettingInfo]:
+    """The rows of a section's fields; a field that is a section itself (learning.self_anchor) is walked too."""
+    rows: list[SettingInfo] = []
+    for sub, sub_info in section.model_fields.items():
+        value, kind = getattr(current, sub), sub_info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            rows += _section_rows([*path, sub], kind, value)
+        else:
+            rows.append(_row([*path, sub_info.alias or sub], sub_info, value))
+    return rows
+
+
 def describe(settings: Settings | None = None) -> list[SettingInfo]:
     """One entry per setting, in declaration order; ``value`` is the default when ``settings`` is None."""
     rows: list[SettingInfo] = []
@@ -156,8 +168,7 @@ def describe(settings: Settings | None = None) -> list[SettingInfo]:
         section_type = info.annotation
         current = getattr(settings, name) if settings is not None else info.get_default(call_default_factory=True)
         if isinstance(section_type, type) and issubclass(section_type, BaseModel):
-            for sub, sub_info in section_type.model_fields.items():
-                rows.append(_row([name, sub_info.alias or sub], sub_info, getattr(current, sub)))
+            rows += _section_rows([name], section_type, current)
         else:
             rows.append(_row([name], info, current))
     return rows

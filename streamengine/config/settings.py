@@ -327,6 +327,42 @@ class SampleSettings(_Section):
         return value
 
 
+class SelfAnchorSettings(_Section):
+    """Anchor samples without a curated anchor set: prompts answered by the base model (docs/learning.md)."""
+
+    enabled: bool = Field(
+        True,
+        description="When learning.anchor_path is unset, build an anchor set from prompts the base model answers: "
+        "once per base model, stored in S3 beside the adapters and reused by every job on that base.",
+    )
+    prompts_path: Path | None = Field(
+        None, description='A prompt-only file (JSONL of {"prompt": ...}, or one prompt a line): answered first.'
+    )
+    stream_prompts: int = Field(
+        0, ge=0, description="Most prompts drawn from the stream (every kind of feedback, every model line) to answer."
+    )
+    magpie: bool = Field(
+        True,
+        description="Top the set up with prompts the base writes from its chat template's user-turn prefix "
+        "(Magpie; needs a chat template).",
+    )
+    samples: int = Field(256, ge=2, description="Size of the set; half of it is the gate's anchor check.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest prompt the base writes, and longest answer.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the prompts the base writes.")
+    min_chars: int = Field(1, ge=1, description="Prompts or answers shorter than this are dropped.")
+    max_repeat: float = Field(
+        0.5, gt=0, le=1, description="Text whose most frequent 4-gram covers more than this share of it is dropped."
+    )
+    seed: int = Field(0, description="Seed of the prompts the base writes.")
+
+
+class DistillSettings(_Section):
+    """Distillation toward the base model on the anchor samples (docs/learning.md)."""
+
+    weight: float = Field(0.0, ge=0, description="Weight of KL(base || model) on anchor completions; 0: off.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions (loss times T^2).")
+
+
 class LearningSettings(_Section):
     """Replay, holdouts, the anchor set, the per-user cap and the release gate (see docs/learning.md)."""
 
@@ -342,10 +378,18 @@ class LearningSettings(_Section):
     anchor_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of each job's samples drawn from the anchor set."
     )
+    anchor_min_samples: int = Field(
+        16, ge=0, description="Fewest anchor samples in a job (a small window's share would be a handful)."
+    )
     max_user_share: float = Field(0.2, gt=0, le=1, description="Most of a window's weight one user may hold.")
     gate: bool = Field(True, description="Refuse candidates that do not improve or forget too much.")
-    max_forgetting: float = Field(0.1, ge=0, description="Largest relative rise of retention/anchor loss released.")
+    max_forgetting: float = Field(0.1, ge=0, description="Largest relative rise of retention loss released.")
     min_improvement: float = Field(0.0, description="Smallest relative fall of holdout loss released.")
+    max_base_forgetting: float = Field(
+        0.1, ge=0, description="Largest rise of the anchor set's loss from the base model's released (see docs)."
+    )
+    self_anchor: SelfAnchorSettings = SelfAnchorSettings()
+    distill: DistillSettings = DistillSettings()
 
     @model_validator(mode="after")
     def _fractions(self) -> LearningSettings:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import (
 SIGNATURE_FIELDS = ("signature", "signature_ed25519")
 SIGNED_FIELDS_EXCLUDE = frozenset({"signature", "event_id"})
 ED25519_EXCLUDE = SIGNED_FIELDS_EXCLUDE | {"signature_ed25519"}
-ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".md", ".jinja", ".model")
+ALLOWED_SUFFIXES = (".json", ".jsonl", ".safetensors", ".txt", ".md", ".jinja", ".model")
 
 
 def canonical_bytes(manifest: dict[str, Any], exclude: frozenset[str] = SIGNED_FIELDS_EXCLUDE) -> bytes:

@@ -49,14 +49,13 @@ def _sample_line(sample: Sample, source: str, weight: float | None = None) -> st
 
 
 def read_anchor_set(path: Path) -> list[dict[str, Any]]:
-    """Anchor samples: JSONL of {"prompt": str or messages, "completion": str, "weight"?: float}."""
+    """Anchor samples (the user's ``learning.anchor_path``, or the self-anchor set): JSONL of
+    {"prompt": str or messages, "completion": str, "weight"?: float}."""
     items = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(
-            f"learning.anchor_path (STREAMENGINE_LEARNING__ANCHOR_PATH): cannot read {path}: {exc}"
-        ) from None
+        raise ConfigError(f"anchor set {path} (learning.anchor_path or the self-anchor set): {exc}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -78,6 +77,14 @@ def read_anchor_set(path: Path) -> list[dict[str, Any]]:
     return items
 
 
+def job_mix(window: int, replay_fraction: float, anchor_fraction: float, anchor_min: int = 0) -> tuple[int, int]:
+    """How many replay and anchor samples join ``window`` training samples to make up these shares of the job;
+    at least ``anchor_min`` anchors when there are any (a few anchors, repeated every epoch, hold no skill)."""
+    total = window / (1 - replay_fraction - anchor_fraction)
+    anchors = max(round(anchor_fraction * total), anchor_min) if anchor_fraction > 0 else 0
+    return round(replay_fraction * total), anchors
+
+
 def _anchor_lines(items: list[dict[str, Any]]) -> list[str]:
     return [_line(i["event_id"], i["prompt"], i["completion"], i["weight"], 1, "anchor") for i in items]
 
@@ -90,7 +97,9 @@ async def prepare(
     window_id: int,
     folder: Path,
     with_negatives: bool = False,
+    anchor_path: Path | None = None,
 ) -> JobData:
+    """The job's samples file and eval sets; ``anchor_path`` is its anchor set (:mod:`anchors`), if any."""
     learning = settings.learning
     window = await sample_store.window_samples(db, window_id, with_negatives)
     train, holdout = split_holdout(window, learning.min_holdout_samples)
@@ -103,16 +112,16 @@ async def prepare(
         metrics.SAMPLES_DOWNWEIGHTED.inc(sum(1 for s in train if s.user_id in factors))
 
     anchors: list[dict[str, Any]] = []
-    if learning.anchor_path is not None:
-        anchors = await asyncio.to_thread(read_anchor_set, learning.anchor_path)
+    if anchor_path is not None:
+        anchors = await asyncio.to_thread(read_anchor_set, anchor_path)
     anchor_eval = [a for a in anchors if is_holdout(a["event_id"], 0.5)]
     anchor_pool = [a for a in anchors if not is_holdout(a["event_id"], 0.5)]
     anchor_share = learning.anchor_fraction if anchor_pool else 0.0
-    total = len(train) / (1 - learning.replay_fraction - anchor_share)
+    n_replay, n_anchor = job_mix(len(train), learning.replay_fraction, anchor_share, learning.anchor_min_samples)
     replay = await sample_store.earlier_samples(
-        db, model, window_id, holdout=False, limit=round(learning.replay_fraction * total), seed=f"replay-{job_id}"
+        db, model, window_id, holdout=False, limit=n_replay, seed=f"replay-{job_id}"
     )
-    picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), round(anchor_share * total)))
+    picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), n_anchor))
 
     lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
     lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked)

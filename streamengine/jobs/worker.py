@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from streamengine import metrics
@@ -29,7 +30,7 @@ from streamengine.core.job_states import JobState
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
-from streamengine.jobs import dataset
+from streamengine.jobs import anchors, dataset
 from streamengine.jobs.lease import Lease, LeaseLost
 from streamengine.jobs.trainer_process import Result, TrainingCrashed, run_training
 from streamengine.store import job_queue, registry, windows
@@ -55,7 +56,9 @@ class Worker:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.work_dir = Path(settings.worker.work_dir)
         learning = settings.learning
-        self.gate = GatePolicy(learning.gate, learning.max_forgetting, learning.min_improvement)
+        self.gate = GatePolicy(
+            learning.gate, learning.max_forgetting, learning.min_improvement, learning.max_base_forgetting
+        )
         self.outages = 0
         """Jobs in a row that ended on an unreachable dependency: the next claim waits longer each time."""
 
@@ -140,8 +143,10 @@ class Worker:
         folder = self.work_dir / f"job-{job.id}"
         await asyncio.to_thread(_fresh_dir, folder)
         objective = self.settings.training.objective
+        run_child = partial(self._run_child, job, lease)
+        anchor_path = await anchors.job_anchor_set(self.settings, self.db, self.store, folder, run_child)
         data = await dataset.prepare(
-            self.db, self.settings, job.id, job.model, job.window_id, folder, with_negatives=objective == "kto"
+            self.db, self.settings, job.id, job.model, job.window_id, folder, objective == "kto", anchor_path
         )
         log.info("job %d data: %s", job.id, ", ".join(f"{k} {v}" for k, v in data.counts.items()))
         # A new base model starts a new major line, trained from scratch (the old adapter fits the old base).
@@ -160,6 +165,8 @@ class Worker:
             lora=self.settings.lora,
             training=self.settings.training,
             ewc=self.settings.ewc,
+            distill=self.settings.learning.distill,
+            base_sets=["anchor"],
             quantization=self.settings.model.quantization,
         )
         spec_path = folder / "spec.json"
@@ -324,7 +331,10 @@ def release_metrics(result: TrainResult, decision: GateDecision) -> dict[str, fl
     for set_name, losses in result.eval.items():
         numbers[f"{set_name}_loss_before"] = losses["before"]
         numbers[f"{set_name}_loss_after"] = losses["after"]
+        if "base" in losses:
+            numbers[f"{set_name}_loss_base"] = losses["base"]
     numbers["forgetting"] = decision.forgetting
+    numbers["base_forgetting"] = decision.base_forgetting
     numbers["holdout_improvement"] = decision.improvement
     return numbers
 

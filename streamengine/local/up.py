@@ -47,6 +47,8 @@ def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: P
         model={"name": MODEL, "base": str(model_dir)},
         window={"max_samples": window},
         training={"epochs": 2, "batch_size": 8, "learning_rate": 2e-3, "max_length": 128},
+        # The demo's tiny base cannot write prompts: Magpie would give noise (and take a minute). No self anchors.
+        learning={"self_anchor": {"enabled": False}},
         worker={"work_dir": home / "work", "lease_s": 30, "heartbeat_s": 5, "poll_s": 0.5},
         api={"port": free_port()},
         metrics={"port": 0},

@@ -58,3 +58,15 @@ async def earlier_samples(
         limit,
     )
     return [_sample(r) for r in rows]
+
+
+async def stream_prompts(db: Database, limit: int, seed: str) -> list[str | list[dict[str, str]]]:
+    """A deterministic pseudo-random pick of distinct prompts from every stored sample: every model line,
+    kind, label and weight (what users ask, whatever their feedback was)."""
+    rows = await db.fetch(
+        "SELECT prompt FROM (SELECT DISTINCT ON (prompt) prompt, event_id FROM samples ORDER BY prompt, event_id) p"
+        " ORDER BY md5(event_id || $1) LIMIT $2",
+        seed,
+        limit,
+    )
+    return [r["prompt"] for r in rows]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 import time
 
-from streamengine.errors import TrainingError
 from streamengine.training.fisher import compute_fisher_file
-from streamengine.training.spec import FisherResult, FisherSpec, event_line
+from streamengine.training.launch import FISHER_MODULE
+from streamengine.training.spec import FisherResult, FisherSpec, child_main
 
 
 def run(spec: FisherSpec) -> FisherResult:
@@ -35,17 +35,7 @@ def run(spec: FisherSpec) -> FisherResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print(event_line("error", {"message": "usage: python -m streamengine.training.fisher_job SPEC.json"}))
-        return 2
-    try:
-        result = run(FisherSpec.read(args[0]))
-    except (TrainingError, OSError, ValueError) as exc:
-        print(event_line("error", {"message": f"{type(exc).__name__}: {exc}"}), flush=True)
-        return 2
-    print(event_line("result", result), flush=True)
-    return 0
+    return child_main(sys.argv[1:] if argv is None else argv, FISHER_MODULE, FisherSpec, run)
 
 
 if __name__ == "__main__":

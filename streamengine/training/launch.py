@@ -3,7 +3,8 @@
 A training job in one process: ``python -m streamengine.training.recipe SPEC``; in ``N`` processes, torchrun
 (``python -m torch.distributed.run --standalone --nproc_per_node N -m streamengine.training.recipe SPEC``;
 see :mod:`streamengine.training.dist` for what the processes do then). A Fisher job:
-``python -m streamengine.training.fisher_job SPEC``. SPEC is a :mod:`streamengine.training.spec` file.
+``python -m streamengine.training.fisher_job SPEC``. A self-anchor build:
+``python -m streamengine.training.anchor_job SPEC``. SPEC is a :mod:`streamengine.training.spec` file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 RECIPE_MODULE = "streamengine.training.recipe"
 FISHER_MODULE = "streamengine.training.fisher_job"
+ANCHOR_MODULE = "streamengine.training.anchor_job"
 
 
 def training_command(spec_path: str | os.PathLike[str], processes: int = 1, python: str | None = None) -> list[str]:
@@ -27,3 +29,8 @@ def training_command(spec_path: str | os.PathLike[str], processes: int = 1, pyth
 def fisher_command(spec_path: str | os.PathLike[str], python: str | None = None) -> list[str]:
     """The argv that runs one Fisher job (a :class:`~streamengine.training.spec.FisherSpec` file)."""
     return [python or sys.executable, "-m", FISHER_MODULE, str(spec_path)]
+
+
+def anchor_command(spec_path: str | os.PathLike[str], python: str | None = None) -> list[str]:
+    """The argv that builds a self-anchor set (an :class:`~streamengine.training.spec.AnchorSpec` file)."""
+    return [python or sys.executable, "-m", ANCHOR_MODULE, str(spec_path)]

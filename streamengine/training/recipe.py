@@ -6,12 +6,13 @@
    the samples (every line: window, replay and anchor) and the eval sets, load the model (fresh LoRA or the
    parent adapter, trainable; a quantized base must first pass :func:`quant.check_quantized_gradients`).
 2. :func:`measure_before`: the weighted NLL on the training samples and on every eval set (eval mode, no
-   dropout), at the parent adapter or the base; for KTO also the reference log-probabilities.
+   dropout), at the parent adapter or the base, and on the ``base_sets`` at the base itself (adapter off);
+   for KTO also the reference log-probabilities.
 3. :func:`train_loop`: AdamW for ``epochs``. Task loss: SFT (each desirable sample's mean token NLL over
    its completion tokens times its weight, over the batch's weight sum) or KTO (:mod:`kto`, against the
-   model as it was at step 0). Plus the EWC penalty from the parent's Fisher (:mod:`ewc`) and any extra
-   ``penalty``. Each step reports task loss and penalty separately. A NaN or infinite objective stops the
-   job with a :class:`TrainingError` naming the step.
+   model as it was at step 0), plus the distillation term on anchor samples (:mod:`distill`). Plus the EWC
+   penalty from the parent's Fisher (:mod:`ewc`) and any extra ``penalty``. Each step reports task loss and
+   penalty separately. A NaN or infinite objective stops the job with a :class:`TrainingError` naming the step.
 4. :func:`finish`: measure again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`),
    save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors`` only, never pickle),
    compute the exact Fisher of the window's samples at the trained adapter and write ``fisher.safetensors``
@@ -46,6 +47,7 @@ from streamengine.errors import TrainingError
 from streamengine.files import write_text_atomic
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id, read_samples
 from streamengine.training.dist import Dist
+from streamengine.training.distill import kl_to_base
 from streamengine.training.ewc import EwcPenalty
 from streamengine.training.fisher import (
     FISHER_FILE,
@@ -57,7 +59,7 @@ from streamengine.training.fisher import (
     save_fisher,
 )
 from streamengine.training.kto import KtoReference, kto_step_loss, mismatched_examples, sequence_logps
-from streamengine.training.losses import batch_losses, batches, evaluate, sample_losses, weighted_loss
+from streamengine.training.losses import batch_losses, batches, evaluate, forward_logits, sample_losses, weighted_loss
 from streamengine.training.model import dtype_for, load_for_training
 from streamengine.training.quant import check_quantized_gradients
 from streamengine.training.spec import Progress, TrainResult, TrainSpec, event_line
@@ -118,6 +120,7 @@ class Before:
     training: float
     eval: dict[str, float]
     reference: KtoReference | None  # KTO's reference log-probabilities; None for SFT
+    base: dict[str, float]  # the spec's base_sets, scored at the base model (adapter off)
 
 
 @dataclass
@@ -196,6 +199,8 @@ def measure_before(setup: Setup) -> Before:
     if not math.isfinite(training):
         raise TrainingError(f"the loss before training is {training}: the model is broken")
     before = {name: setup.measure(items) for name, items in setup.eval_sets.items()}
+    with setup.model.disable_adapter():
+        base = {n: setup.measure(items) for n, items in setup.eval_sets.items() if n in setup.spec.base_sets}
     reference = None
     if setup.spec.training.objective == "kto":
         cfg, model = setup.spec.training, setup.model
@@ -204,7 +209,7 @@ def measure_before(setup: Setup) -> Before:
         logps = sequence_logps(model, setup.encoded, cfg.batch_size, setup.pad, setup.device).cpu()
         kl_logps = sequence_logps(model, kl_encoded, cfg.batch_size, setup.pad, setup.device).cpu()
         reference = KtoReference(logps, kl_logps, kl_encoded)
-    return Before(training, before, reference)
+    return Before(training, before, reference, base)
 
 
 # --- 3. train ----------------------------------------------------------------------------------------
@@ -277,7 +282,8 @@ def _step(
             step_model, setup.model, items, ref, cfg, batch_weight, setup.pad, setup.device, setup.reduce
         )
     else:
-        share = _sft_share(step_model, items, batch_weight, setup.pad, setup.device, dist.world)
+        anchors = torch.tensor([setup.examples[i].source == "anchor" for i in mine])
+        share = _sft_share(setup, step_model, items, anchors, batch_weight)
     extra = sum((p(setup.model) for p in setup.penalties), torch.zeros((), device=setup.device))
     counted = sum(len(e.input_ids) for e in items if e.weight > 0)
     stats = dist.sum(torch.tensor([float(share.detach()), float(counted)], dtype=torch.float64))
@@ -291,12 +297,16 @@ def _step(
 
 
 def _sft_share(
-    model: torch.nn.Module, items: list[Encoded], batch_weight: float, pad: int, device: torch.device, world: int
+    setup: Setup, model: torch.nn.Module, items: list[Encoded], anchors: torch.Tensor, batch_weight: float
 ) -> torch.Tensor:
-    """This process's share of the batch's weighted SFT loss (the whole loss in one process)."""
-    batch = collate(items, pad)
-    losses = batch_losses(model, batch, device)
-    if world == 1:
+    """This process's share of the batch's weighted SFT loss (the whole loss in one process); anchor samples
+    add the distillation term (:mod:`distill`) when ``distill.weight`` is set."""
+    batch, device, distill = collate(items, setup.pad), setup.device, setup.spec.distill
+    logits = forward_logits(model, batch, device)
+    losses = sample_losses(logits, batch["labels"].to(device))
+    if distill.weight > 0:
+        losses = losses + distill.weight * kl_to_base(setup.model, logits, batch, anchors, distill.temperature)
+    if setup.dist.world == 1:
         return weighted_loss(losses, batch["weights"])
     return (losses * batch["weights"].to(device)).sum() / batch_weight
 
@@ -337,6 +347,7 @@ def _measure_after(setup: Setup, before: Before) -> tuple[float, dict[str, dict[
     training = setup.measure(setup.scored)
     evals = {
         n: {"before": before.eval[n], "after": setup.measure(items), "samples": float(len(items))}
+        | ({"base": before.base[n]} if n in before.base else {})
         for n, items in setup.eval_sets.items()
     }
     # The last update can break the model too; a NaN eval loss must never reach the release gate.

@@ -1,5 +1,5 @@
 """The child processes' input and output: :class:`TrainSpec` -> :class:`Progress`, :class:`TrainResult`;
-:class:`FisherSpec` -> :class:`FisherResult`.
+:class:`FisherSpec` -> :class:`FisherResult`; :class:`AnchorSpec` -> :class:`AnchorResult`.
 
 These models are the boundary between the worker and the processes it runs (torch-free, so the worker
 imports them): the worker writes a spec as JSON, runs the command line of :mod:`launch` and reads one
@@ -19,14 +19,22 @@ Eval sets (``eval_sets``) use the same format; their desirable lines are scored.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streamengine.config.settings import EwcSettings, LoraSettings, TrainingSettings
+from streamengine.config.settings import (
+    DistillSettings,
+    EwcSettings,
+    LoraSettings,
+    SelfAnchorSettings,
+    TrainingSettings,
+)
 from streamengine.errors import TrainingError
 
+SpecT = TypeVar("SpecT", bound="_SpecFile")
 Objective = Literal["sft", "kto"]
 Quantization = Literal["none", "8bit", "4bit"]
 
@@ -66,8 +74,12 @@ class TrainSpec(_SpecFile):
     parent_fisher: str | None = Field(
         None, description="The parent version's fisher.safetensors: the EWC penalty's F and theta*; none, no penalty."
     )
+    distill: DistillSettings = DistillSettings()
     eval_sets: dict[str, str] = Field(
         {}, description="Name -> JSONL path (samples format); each is scored before and after training."
+    )
+    base_sets: list[str] = Field(
+        [], description="Eval sets also scored at the base model (adapter off): eval[set]['base'] (the anchor set)."
     )
     quantization: Quantization = Field("none", description="Load the base in 8 or 4 bits (bitsandbytes).")
     compute_fisher: bool = Field(True, description="Write fisher.safetensors (online EWC) beside the adapter.")
@@ -93,8 +105,8 @@ class TrainResult(BaseModel):
     measured in eval mode (no dropout) before the first and after the last step. ``train_loss`` is the
     weighted mean task loss (SFT NLL, or the KTO loss) over the last epoch's training batches (dropout
     on). ``eval`` holds the same NLL for every eval set: ``before`` at the parent adapter (or the base),
-    ``after`` at the trained adapter; ``samples`` is how many desirable samples were scored. A set
-    with no desirable sample of positive weight is left out.
+    ``after`` at the trained adapter, ``base`` at the base model for the spec's ``base_sets``; ``samples``
+    is how many desirable samples were scored. A set with no desirable sample of positive weight is left out.
     """
 
     train_loss: float
@@ -104,7 +116,7 @@ class TrainResult(BaseModel):
     tokens: int = Field(description="Non-padding tokens fed through the model in training steps.")
     seconds: float = Field(description="Wall time of the whole job, loading and saving included.")
     samples: int = Field(description="Samples trained on (those with a positive weight).")
-    eval: dict[str, dict[str, float]] = Field({}, description="{set: {before, after, samples}}.")
+    eval: dict[str, dict[str, float]] = Field({}, description="{set: {before, after, samples[, base]}}.")
     fisher_seconds: float = Field(0.0, description="Wall time of the Fisher computation (0 when not computed).")
     ewc_penalty: float = Field(0.0, description="The last step's EWC penalty (0 without a parent Fisher).")
     objective: Objective = "sft"
@@ -131,7 +143,46 @@ class FisherResult(BaseModel):
     seconds: float
 
 
+class AnchorSpec(_SpecFile):
+    """One self-anchor build: prompts answered by the base model (:mod:`streamengine.training.self_anchor`)."""
+
+    base_model: str
+    out_path: str = Field(description="Where the anchor set (JSONL of prompt, completion) is written.")
+    prompts_path: str | None = Field(None, description="The user's prompt-only file.")
+    stream_path: str | None = Field(None, description="Prompts drawn from the stream (the same format).")
+    self_anchor: SelfAnchorSettings = SelfAnchorSettings()
+    device: str = "auto"
+    quantization: Quantization = "none"
+
+
+class AnchorResult(BaseModel):
+    """What a finished self-anchor build reports."""
+
+    path: str
+    samples: int = Field(description="Pairs kept.")
+    sources: dict[str, int] = Field(description="Pairs kept per source: prompts, stream, magpie.")
+    dropped: dict[str, int] = Field(description="Pairs dropped per filter: unfinished, empty, duplicate, repeat.")
+    seconds: float
+
+
 def event_line(event: str, body: BaseModel | dict[str, object]) -> str:
     """One stdout line of a child process: ``{"event": ..., **body}``."""
     fields = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
     return json.dumps({"event": event, **fields}, ensure_ascii=False)
+
+
+def child_main(argv: list[str], module: str, spec_type: type[SpecT], run: Callable[[SpecT], BaseModel]) -> int:
+    """A one-shot child process (Fisher, self anchors): read the spec, run, print one ``result`` or ``error`` line.
+
+    Exits 0, or 2 on a :class:`TrainingError` or a bad input (the message in the line).
+    """
+    if len(argv) != 1:
+        print(event_line("error", {"message": f"usage: python -m {module} SPEC.json"}), flush=True)
+        return 2
+    try:
+        result = run(spec_type.read(argv[0]))
+    except (TrainingError, OSError, ValueError) as exc:
+        print(event_line("error", {"message": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 2
+    print(event_line("result", result), flush=True)
+    return 0
