@@ -7,6 +7,7 @@ secrets.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -96,10 +97,44 @@ class TrainingError(StreamEngineError):
 
 TRANSIENT_DRIVERS = frozenset({"asyncpg", "aiokafka"})
 """Client libraries whose errors are a dependency's fault (down, restarting, failing over) until proven otherwise."""
+DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54", "2F", "38", "39", "P0"})
+"""SQLSTATE classes of a statement PostgreSQL refuses for the values it carries, whatever the moment: data
+exceptions (string too long, invalid text or encoding, out of range), integrity constraints (check, not null,
+foreign key), program limits (a value too large to index), and what functions and triggers raise."""
+PERMANENT_SQLSTATE_CLASSES = DATA_SQLSTATE_CLASSES | {"0A", "21", "42", "44"}
+"""Plus statements refused whatever they carry (syntax, undefined table, permission, unsupported feature): a
+retry gives the same answer. Every other class (connection, resources, serialization failure, deadlock,
+operator intervention, system error) may pass."""
+RACE_SQLSTATES = frozenset({"23505"})
+"""unique_violation: a row a concurrent transaction committed first, which a retry sees (and skips)."""
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error as asyncpg raises it; None for any other error."""
+    if type(exc).__module__.split(".")[0] != "asyncpg":
+        return None
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying with backoff: a connection or timeout failure, or an error of a database/broker driver."""
+    """Worth retrying with backoff: a connection or timeout failure, or an error of a database/broker driver
+    that may pass (not a statement PostgreSQL refuses whatever the moment)."""
     if isinstance(exc, OSError | ConnectionError | TimeoutError | ServiceUnavailable):
         return True
+    state = _sqlstate(exc)
+    if state is not None:
+        return state in RACE_SQLSTATES or state[:2] not in PERMANENT_SQLSTATE_CLASSES
     return type(exc).__module__.split(".")[0] in TRANSIENT_DRIVERS
+
+
+def data_rejection(exc: BaseException) -> str | None:
+    """When PostgreSQL refused a statement for the values it carries: the condition's name, prefixed
+    ``database_`` (``database_check_violation``, ``database_string_data_right_truncation``); else None."""
+    state = _sqlstate(exc)
+    if state is None or state in RACE_SQLSTATES or state[:2] not in DATA_SQLSTATE_CLASSES:
+        return None
+    if getattr(type(exc), "sqlstate", None) != state:  # a code asyncpg has no class of its own for
+        return f"database_{state}"
+    name = type(exc).__name__.removesuffix("Error")
+    return "database_" + re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()

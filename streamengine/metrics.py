@@ -23,6 +23,10 @@ EVENTS_REJECTED = Counter(
 EVENTS_DEDUPLICATED = Counter(
     "streamengine_events_deduplicated_total", "Valid events dropped because their event_id was already stored."
 )
+EVENTS_FORGOTTEN = Counter(
+    "streamengine_events_forgotten_total",
+    "Valid events of users forgotten after the event was made (POST /users/forget): dropped, not stored.",
+)
 SAMPLES_STORED = Counter("streamengine_samples_stored_total", "Samples written to PostgreSQL.", ["model"])
 SAMPLES_TRUNCATED = Counter(
     "streamengine_samples_truncated_total",
@@ -40,6 +44,11 @@ WEIGHT_CAPPED = Counter(
 )
 SAMPLES_DOWNWEIGHTED = Counter(
     "streamengine_samples_downweighted_total", "Samples whose weight the per-user share cap reduced."
+)
+INGEST_BATCH_BYTES = Histogram(
+    "streamengine_ingest_batch_bytes",
+    "Bytes (keys, values, headers) of the records of one ingest batch: at most kafka.batch_max_bytes, or one record.",
+    buckets=(2**16, 2**18, 2**20, 2**22, 2**24, 2**26, 2**28),
 )
 INGEST_RETRIES = Counter("streamengine_ingest_retries_total", "Batch writes retried after a failure.")
 CONSUMER_LAG = Gauge(
@@ -113,3 +122,34 @@ REJECTIONS = Counter("streamengine_rejections_total", "Candidates the release ga
 JOB_FAILURES = Counter("streamengine_job_failures_total", "Training jobs that failed an attempt.", ["model"])
 UPLOAD_BYTES = Counter("streamengine_upload_bytes_total", "Bytes uploaded to object storage.")
 UPLOAD_SECONDS = Histogram("streamengine_upload_seconds", "Time to upload and verify one adapter folder.")
+
+# --- trainer processes (worker) ----------------------------------------------------------------------
+_STARTUP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TRAINER_START_SECONDS = Histogram(
+    "streamengine_trainer_start_seconds",
+    "Time a training job waited for a trainer ready to take it (a fresh process: its start and imports).",
+    ["warm"],
+    buckets=_STARTUP_BUCKETS,
+)
+TRAINER_BASE_LOAD_SECONDS = Histogram(
+    "streamengine_trainer_base_load_seconds",
+    "Time to load a base model in a trainer (every job of a fresh process; once per base in a warm one).",
+    buckets=_STARTUP_BUCKETS,
+)
+TRAINER_JOBS = Counter(
+    "streamengine_trainer_jobs_total",
+    "Training jobs, by whether they ran warm (a trainer waiting with the base loaded).",
+    ["warm"],
+)
+TRAINER_PHASE_SECONDS = Histogram(
+    "streamengine_trainer_phase_seconds",
+    "Time spent in each phase of a training job.",
+    ["phase"],
+    buckets=_STARTUP_BUCKETS,
+)
+TRAINER_RESTARTS = Counter(
+    "streamengine_trainer_restarts_total",
+    "Warm trainers replaced: job_limit, memory, failed (a job failed), ended (it exited or died).",
+    ["reason"],
+)
+TRAINER_MEMORY = Gauge("streamengine_trainer_memory_bytes", "Resident memory of the warm trainer after its last job.")

@@ -57,6 +57,19 @@ async def fill_window(db: Database, start: int, count: int = 16) -> windows.Batc
     return await add_samples(db, start, count, max_samples=count, prompts=4)
 
 
+async def fill_long_window(db: Database, start: int, count: int, model: str = "tiny-llama") -> windows.BatchOutcome:
+    """``count`` samples of ~250 tokens (byte tokenizer) closing one window (a batch of them fills memory)."""
+    policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
+    rows: list[tuple[Sample, int | None, int | None]] = []
+    for i in range(start, start + count):
+        event = FeedbackEvent(
+            event_id=f"long-{i}", model=model, prompt=f"Q{i}? " + "x" * 120, response=f"A{i} " + "y" * 120,
+            kind="thumbs_up", user_id=f"u{i % 50}",
+        )  # fmt: skip
+        rows.append((to_sample(event, policy), 0, i))
+    return await windows.write_batch(db, rows, WindowPolicy(max_samples=count))
+
+
 @contextlib.asynccontextmanager
 async def ingest_replica(settings: Settings, datadir: Path) -> AsyncIterator[Database]:
     """One ingest replica in this loop: consumer + pipeline, as `streamengine run` wires them; yields its database."""

@@ -6,24 +6,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
-from streamengine.config.settings import Settings
+from streamengine.config.settings import DatabaseSettings, Settings
 from streamengine.contract.events import FeedbackEvent
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.store import privacy, windows
 from streamengine.store.db import Database
-from tests.engine_tools import add_adapter, metric
-from tests.kafka_tools import produce
+from streamengine.stream.topics import ensure_topics
+from tests.engine_tools import add_adapter, ingest_replica, metric
+from tests.kafka_tools import feedback, produce
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
@@ -183,8 +187,6 @@ async def test_retention_deletes_old_samples_except_windows_a_job_needs(engine: 
 
 
 async def test_retention_batches_are_bounded_and_a_second_replica_waits(pg_dsn: str) -> None:
-    from streamengine.config.settings import DatabaseSettings
-
     db = await Database.connect(DatabaseSettings(url=pg_dsn))
     try:
         await add_samples(db, "old", 7)
@@ -312,3 +314,91 @@ async def test_forget_from_the_command_line(engine: Engine) -> None:
     assert await db.fetchval("SELECT count(*) FROM samples WHERE user_id = 'u-cli-2'") == 0
     refused = await cli(engine, "forget", "--user-id", "u-cli-2", STREAMENGINE_API__TOKEN="wrong")
     assert refused.exit_code == 2 and "HTTP 401" in refused.output, refused.output
+
+
+def _forgotten_events() -> float:
+    return REGISTRY.get_sample_value("streamengine_events_forgotten_total") or 0.0
+
+
+async def _user_samples(db: Database, user: str) -> list[str]:
+    rows = await db.fetch("SELECT event_id FROM samples WHERE user_id = $1 ORDER BY event_id", user)
+    return [r["event_id"] for r in rows]
+
+
+async def test_a_forgotten_user_does_not_come_back_from_kafka(make_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Forget a user while their events are still in Kafka, then consume the topic again (as after a crash
+    before the offsets were committed, or a rewind): none of their events made before the forget is stored
+    again, whether it had been stored, was still unread, or is sent again later with its own (old) time; a
+    new one is. Everyone else's events stay as they were."""
+    settings: Settings = make_settings(kafka={"partitions": 1})
+    again: Settings = make_settings(kafka={"partitions": 1, "group_id": f"{settings.kafka.group_id}-again"})
+    await ensure_topics(settings.kafka)
+    k = settings.kafka
+    resent = feedback(20, user_id="u-gone", timestamp=(datetime.now(UTC) - timedelta(hours=1)).isoformat())
+    first = [feedback(i, user_id="u-gone") for i in range(5)] + [resent]
+    first += [feedback(10 + i, user_id="u-stays") for i in range(3)]
+    await produce(k.bootstrap_servers, k.feedback_topic, first)
+    async with ingest_replica(settings, tmp_path / "a") as db:
+        await wait_for(lambda: _samples_are(db, 9), timeout_s=60)
+    await produce(k.bootstrap_servers, k.feedback_topic, [feedback(30, user_id="u-gone")])  # unread at the forget
+    db = await Database.connect(settings.database)
+    try:
+        assert (await privacy.forget_user(db, "u-gone")).deleted_samples == 6
+        dropped = _forgotten_events()
+        async with ingest_replica(again, tmp_path / "b"):
+            await wait_for(lambda: _forgotten_events() - dropped == 7, timeout_s=60)  # e-0..4, e-20, e-30
+            await produce(k.bootstrap_servers, k.feedback_topic, [resent, feedback(40, user_id="u-gone")])
+            await wait_for(lambda: _user_samples(db, "u-gone"), timeout_s=60)
+        assert await _user_samples(db, "u-gone") == ["e-40"]
+        assert await _user_samples(db, "u-stays") == ["e-10", "e-11", "e-12"]
+        assert _forgotten_events() - dropped == 8  # the old event sent again too
+    finally:
+        await db.close()
+
+
+async def _samples_are(db: Database, expected: int) -> bool:
+    return int(await db.fetchval("SELECT count(*) FROM samples")) == expected
+
+
+async def test_forget_waits_for_the_batch_in_flight_and_later_batches_see_the_tombstone(pg_dsn: str) -> None:
+    """A batch that holds its window's lock when the forget comes commits first, and its sample of the user (the
+    first one: nothing of the user was stored before) is deleted too; batches after it drop the user's events
+    made before the forget (by the event's time or its record's), also for a user who had nothing stored."""
+    db = await Database.connect(DatabaseSettings(url=pg_dsn))
+    try:
+        await add_samples(db, "race-a", 1, "someone-else")  # the open window; nothing of the user is stored yet
+        async with db.pool.acquire() as ingest, ingest.transaction():  # what an ingest batch does, in order
+            await ingest.execute("SELECT 1 FROM windows WHERE model = $1 AND state = 'open' FOR UPDATE", MODEL)
+            await ingest.execute(
+                "INSERT INTO samples (event_id, model, window_id, kind, prompt, completion, weight, label, user_id)"
+                " SELECT 'race-b', model, id, 'thumbs_up', '\"q\"', 'a', 1, 1, 'u-race' FROM windows"
+                " WHERE model = $1 AND state = 'open'",
+                MODEL,
+            )
+            forget = asyncio.create_task(privacy.forget_user(db, "u-race"))
+            await asyncio.sleep(1.0)
+            assert not forget.done()  # it waits for the batch
+        assert (await forget).deleted_samples == 1  # the batch's sample, committed while the forget waited
+        await privacy.forget_user(db, "u-never-stored")
+        forgotten_at = time.time() * 1000
+        policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        events = [
+            FeedbackEvent(event_id="old-time", model=MODEL, prompt="q", response="a", kind="thumbs_up",
+                          user_id="u-race", timestamp=hour_ago),
+            FeedbackEvent(event_id="old-record", model=MODEL, prompt="q", response="a", kind="thumbs_up",
+                          user_id="u-never-stored"),
+            FeedbackEvent(event_id="new", model=MODEL, prompt="q", response="a", kind="thumbs_up", user_id="u-race"),
+            FeedbackEvent(event_id="other", model=MODEL, prompt="q", response="a", kind="thumbs_up",
+                          user_id="u-other", timestamp=hour_ago),
+        ]  # fmt: skip
+        rows = [(to_sample(event, policy), 0, offset) for offset, event in enumerate(events)]
+        produced = [int(forgotten_at) + 5_000, int(forgotten_at) - 60_000, int(forgotten_at) + 5_000, None]
+        outcome = await windows.write_batch(db, rows, WindowPolicy(max_samples=100), produced_ms=produced)
+        assert (outcome.inserted, outcome.forgotten) == (2, 2)
+        stored = await db.fetch(
+            "SELECT event_id FROM samples WHERE event_id = ANY($1::text[])", [e.event_id for e in events]
+        )
+        assert sorted(r["event_id"] for r in stored) == ["new", "other"]
+    finally:
+        await db.close()

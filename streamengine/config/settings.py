@@ -122,6 +122,12 @@ class KafkaSettings(_Section):
     partitions: int = Field(6, ge=1, description="Partitions for topics streamengine creates.")
     replication_factor: int = Field(1, ge=1)
     batch_max_records: int = Field(1000, ge=1, description="Most records ingested in one batch.")
+    batch_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=65_536,
+        description="Most bytes (keys, values and headers) of the records of one ingest batch, and of what the "
+        "consumer fetches ahead: memory stays bounded whatever the records' size (a batch holds at least one record).",
+    )
     batch_max_wait_s: float = Field(0.5, gt=0, description="Longest wait to fill a batch.")
     max_record_bytes: int = Field(1_048_576, ge=256, description="Larger records go to the DLQ.")
     session_timeout_s: float = Field(30.0, gt=0)
@@ -310,6 +316,9 @@ class SampleSettings(_Section):
     max_completion_chars: int = Field(
         65_536, ge=1, description="Most characters of a response (of a correction, for kind `correction`)."
     )
+    max_messages: int = Field(
+        256, ge=1, description="Most chat messages of a prompt; an event with more goes to the DLQ (`too_long`)."
+    )
     overlength: Literal["reject", "truncate"] = Field(
         "reject",
         description="A longer prompt or completion: `reject` sends the event to the DLQ (reason `too_long`); "
@@ -418,6 +427,24 @@ class WorkerSettings(_Section):
         description="Most CPU memory (MiB) a training process may allocate (RLIMIT_DATA; GPU memory does not "
         "count, CUDA itself takes about 1 GiB of it); above it the job fails with 'out of memory' instead of the "
         "host swapping or the OOM killer picking a process. Unset: no limit.",
+    )
+    warm: bool = Field(
+        True,
+        description="Keep a trainer process between training jobs, with torch imported and the base model loaded "
+        "(docs/operations.md, Warm trainer). false: a fresh process per job. Training in several processes "
+        "(training.processes > 1), on a quantized base, and Fisher jobs always start a fresh one.",
+    )
+    warm_bases: int = Field(
+        1, ge=1, description="Base models the warm trainer keeps loaded; another replaces the one used longest ago."
+    )
+    max_jobs_per_process: int = Field(
+        100, ge=1, description="Jobs a warm trainer runs before a fresh process replaces it (leaks end with it)."
+    )
+    warm_max_rss_mb: int | None = Field(
+        None,
+        ge=64,
+        description="Resident memory (MiB) above which the warm trainer is replaced after a job. Unset: twice what "
+        "it held after its first job.",
     )
 
 

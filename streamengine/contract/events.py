@@ -358,13 +358,44 @@ def _fast(raw: bytes) -> Feedback | None:
     )  # fmt: skip
 
 
-def decode_fields(raw: bytes | None, max_bytes: int) -> Feedback:
+class _Prompt(msgspec.Struct, gc=False):
+    """A record's prompt as raw JSON, every other field skipped unbuilt."""
+
+    prompt: msgspec.Raw = msgspec.Raw(b"")
+
+
+_PROMPT = msgspec.json.Decoder(_Prompt)
+_RAW_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _message_count(raw: bytes) -> int:
+    """How many items a record's prompt list holds (0 for a string prompt or a record that does not parse),
+    counted without building them."""
+    try:
+        prompt = _PROMPT.decode(raw).prompt
+        return len(_RAW_ITEMS.decode(prompt)) if memoryview(prompt)[:1] == b"[" else 0
+    except (msgspec.DecodeError, RecursionError):  # FeedbackEvent says what is wrong with it
+        return 0
+
+
+def _too_many(count: int, limit: int) -> EventRejected:
+    return EventRejected("too_long", f"prompt has {count} messages, over samples.max_messages ({limit})")
+
+
+def decode_fields(raw: bytes | None, max_bytes: int, max_messages: int | None = None) -> Feedback:
     """:func:`decode_feedback` as ingest calls it: the same accepted records, values and rejections, the common
-    record decoded and validated in one pass in C; anything else goes through :class:`FeedbackEvent`."""
+    record decoded and validated in one pass in C; anything else goes through :class:`FeedbackEvent`.
+
+    ``max_messages``: a prompt with more chat messages is rejected (``too_long``) whatever else is wrong with
+    the record, before pydantic's model would build every message."""
     if raw is not None and len(raw) <= max_bytes and (raw.isascii() or _is_utf8(raw)):
         fields = _fast(raw)
         if fields is not None:
+            if max_messages is not None and not isinstance(fields.prompt, str) and len(fields.prompt) > max_messages:
+                raise _too_many(len(fields.prompt), max_messages)
             return fields
+        if max_messages is not None and (count := _message_count(raw)) > max_messages:
+            raise _too_many(count, max_messages)
     return Feedback.of(decode_feedback(raw, max_bytes))
 
 

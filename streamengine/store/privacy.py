@@ -6,6 +6,12 @@ window whose job (training or Fisher) is queued or running: that job needs its s
 deletes regardless (the user asked) and reports which jobs are running on them. Deleting from the open
 window takes its counters down too, so its threshold and the tick count what is left; closed windows
 keep their counters (what they held when they closed, as their released versions' manifests say).
+
+A forget request also leaves a tombstone (the user id and the time), so that the user's events still in
+Kafka, in flight or sent again are not stored again: ingest drops those made before it
+(``windows.write_batch``). It locks the whole windows table first: the ingest batches in flight (each holds
+its open window's row lock) commit before, and their samples are deleted; later ones wait, then see the
+tombstone.
 """
 
 from __future__ import annotations
@@ -128,9 +134,16 @@ async def expire(db: Database, days: int, batch_size: int, max_batches: int = 10
 
 
 async def forget_user(db: Database, user_id: str) -> Forgotten:
-    """Delete every sample of ``user_id`` (all model lines) and report where they had gone."""
+    """Delete every sample of ``user_id`` (all model lines), leave the user's tombstone, and report where the
+    samples had gone."""
     result = Forgotten()
     async with db.pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE windows IN EXCLUSIVE MODE")  # waits for ingest's batches in flight
+        await conn.execute(
+            "INSERT INTO forgotten_users (user_id, forgotten_at) VALUES ($1, clock_timestamp())"
+            " ON CONFLICT (user_id) DO UPDATE SET forgotten_at = excluded.forgotten_at",
+            user_id,
+        )
         placed = await conn.fetch("SELECT DISTINCT model, window_id FROM samples WHERE user_id = $1", user_id)
         if not placed:
             return result

@@ -1,17 +1,21 @@
 """Samples and windows in PostgreSQL: idempotent batch writes, exactly-once window closing.
 
 Every write locks the model line's open window row, so any number of ingest replicas serialise on
-it: a window closes once, and the job row is created in the same transaction.
+it: a window closes once, and the job row is created in the same transaction. That lock is also what a
+forget request waits for (``privacy.forget_user`` locks the windows table): a batch either commits before
+the forget, which then deletes its samples, or reads the user's tombstone after it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter, itemgetter
 
 import asyncpg
+import msgspec
 
 from streamengine.contract.events import WindowSpec
 from streamengine.core.samples import Sample
@@ -48,7 +52,15 @@ class OpenWindow:
 class BatchOutcome:
     inserted: int = 0
     duplicates: int = 0
+    forgotten: int = 0
+    """Samples of users forgotten after the events were made (``privacy.forget_user``): dropped."""
     closed: list[ClosedWindow] = field(default_factory=list)
+
+    def add(self, other: BatchOutcome) -> None:
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        self.forgotten += other.forgotten
+        self.closed += other.closed
 
 
 COPY_COLUMNS = (
@@ -57,7 +69,21 @@ COPY_COLUMNS = (
 )  # fmt: skip
 """Columns of a sample's COPY line: the window id (known only under the window's lock), then :func:`copy_line`."""
 
-_STORED = "SELECT event_id FROM samples WHERE event_id = ANY($1::text[])"
+# Samples already stored and the tombstones of the batch's users, in one round trip. The ids travel as one
+# JSON text: asyncpg encodes a text[] parameter element by element, at several times the cost. With no ids
+# ('[]'), only the tombstones are looked up.
+_CHECK = """
+SELECT event_id AS id, NULL::timestamptz AS forgotten_at FROM samples
+WHERE event_id = ANY (ARRAY(SELECT json_array_elements_text($1::json)))
+UNION ALL
+SELECT user_id, forgotten_at FROM forgotten_users
+WHERE user_id = ANY (ARRAY(SELECT json_array_elements_text($2::json)))
+"""
+_NULL = "\\N"
+"""NULL in COPY's text format."""
+_json = msgspec.json.encode
+_sample_of, _partition_of, _offset_of = itemgetter(0), itemgetter(1), itemgetter(2)
+_event_id, _model, _user, _weight = (attrgetter(name) for name in ("event_id", "model", "user_id", "weight"))
 
 
 def _text(value: str) -> str:
@@ -68,33 +94,43 @@ def _text(value: str) -> str:
 
 
 def _optional(value: str | None) -> str:
-    return "\\N" if value is None else _text(value)
+    return _NULL if value is None else _text(value)
+
+
+def _time_text(when: datetime) -> str:
+    """An instant as PostgreSQL reads it: msgspec's RFC 3339 (in C, a fifth of ``isoformat``'s cost) unless the
+    offset has seconds, which RFC 3339 cannot write. A naive time is the local time, as asyncpg reads it."""
+    zone = when.tzinfo
+    if zone is None:
+        when, zone = when.astimezone(UTC), UTC
+    offset = zone.utcoffset(None)  # a fixed offset (pydantic's, timezone's); None: one that varies
+    if offset is None or offset.seconds % 60 or offset.microseconds:
+        return when.isoformat()
+    return _json(when)[1:-1].decode()
 
 
 def copy_line(row: SampleAt) -> str:
     """A sample in PostgreSQL's COPY text format, all columns after ``window_id`` (pure CPU work, so a
     consumer can prepare the next batch's lines while the previous batch is being written)."""
     sample, partition, offset = row
-    when = sample.event_time
-    if when is not None and when.tzinfo is None:
-        when = when.astimezone(UTC)  # a naive time is the local time, as asyncpg's own encoding reads it
-    return "\t".join(
-        (
-            _text(sample.event_id),
-            _text(sample.model),
-            _text(sample.kind),
-            _text(sample.prompt),  # JSON text, parsed into the jsonb column
-            _text(sample.completion),
-            repr(sample.weight),
-            str(sample.label),
-            _optional(sample.user_id),
-            _optional(sample.session_id),
-            _optional(sample.adapter_version),
-            "\\N" if when is None else when.isoformat(),
-            "\\N" if partition is None else str(partition),
-            "\\N" if offset is None else str(offset),
-            "t" if sample.holdout else "f",
-        )
+    user, session, adapter, when = sample.user_id, sample.session_id, sample.adapter_version, sample.event_time
+    texts = f"{sample.event_id}{sample.model}{sample.kind}{sample.prompt}{sample.completion}{user}{session}{adapter}"
+    if "\\" in texts or "\t" in texts or "\n" in texts or "\r" in texts:  # rare: escape field by field
+        event_id, model, kind = _text(sample.event_id), _text(sample.model), _text(sample.kind)
+        prompt, completion = _text(sample.prompt), _text(sample.completion)  # the prompt: JSON text, for jsonb
+        user, session, adapter = _optional(user), _optional(session), _optional(adapter)
+    else:
+        event_id, model, kind, prompt, completion = (
+            sample.event_id, sample.model, sample.kind, sample.prompt, sample.completion
+        )  # fmt: skip
+        user = _NULL if user is None else user
+        session = _NULL if session is None else session
+        adapter = _NULL if adapter is None else adapter
+    when_text = _NULL if when is None else _time_text(when)
+    where = f"{_NULL if partition is None else partition}\t{_NULL if offset is None else offset}"
+    return (
+        f"{event_id}\t{model}\t{kind}\t{prompt}\t{completion}\t{sample.weight!r}\t{sample.label}\t{user}\t"
+        f"{session}\t{adapter}\t{when_text}\t{where}\t{'t' if sample.holdout else 'f'}"
     )
 
 
@@ -116,114 +152,214 @@ async def _lock_open_window(conn: asyncpg.Connection, model: str) -> asyncpg.Rec
     return row
 
 
+async def _add_job(conn: asyncpg.Connection, window: asyncpg.Record, reason: str) -> int:
+    job_id: int = await conn.fetchval(
+        "INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, $3) RETURNING id",
+        window["model"],
+        window["id"],
+        reason,
+    )
+    return job_id
+
+
 async def _close(conn: asyncpg.Connection, window: asyncpg.Record, reason: str) -> ClosedWindow:
     await conn.execute(
         "UPDATE windows SET state = 'closed', closed_at = now(), close_reason = $2 WHERE id = $1",
         window["id"],
         reason,
     )
-    job_id = await conn.fetchval(
-        "INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, $3) RETURNING id",
-        window["model"],
-        window["id"],
-        reason,
-    )
+    job_id = await _add_job(conn, window, reason)
     return ClosedWindow(window["model"], window["id"], job_id, reason, window["samples"], window["weight"])
 
 
-def _merge_offsets(first: dict[str, int], last: dict[str, int], rows: list[SampleAt]) -> None:
-    for _, partition, offset in rows:
-        if partition is None or offset is None:
-            continue
-        key = str(partition)
-        first[key] = min(first.get(key, offset), offset)
-        last[key] = max(last.get(key, offset), offset)
+@dataclass(slots=True)
+class _Rows:
+    """Rows of a batch in batch order, with their COPY lines and when their records entered Kafka."""
+
+    rows: list[SampleAt]
+    lines: list[str]
+    produced_ms: Sequence[int | None]
+
+    def take(self, indexes: list[int]) -> _Rows:
+        return _Rows([self.rows[i] for i in indexes], [self.lines[i] for i in indexes],
+                     [self.produced_ms[i] for i in indexes])  # fmt: skip
+
+
+def _merged(
+    offsets: dict[str, int], seen: dict[int | None, int | None], pick: Callable[[int, int], int]
+) -> dict[str, int]:
+    """The window's offsets per partition with a segment's first (``min``) or last (``max``) ones merged in."""
+    merged = dict(offsets)
+    for partition, offset in seen.items():
+        if partition is not None and offset is not None:
+            key = str(partition)
+            merged[key] = pick(merged.get(key, offset), offset)
+    return merged
+
+
+def _made_before(sample: Sample, produced_ms: int | None, moment: datetime) -> bool:
+    """The event is older than ``moment`` by its own time or by the time its record entered Kafka (whichever
+    is earlier: an old event sent again is still old). Neither known: it is being written now, so it is not."""
+    times = []
+    if sample.event_time is not None:
+        when = sample.event_time
+        times.append(when if when.tzinfo is not None else when.astimezone(UTC))
+    if produced_ms is not None and produced_ms >= 0:
+        times.append(datetime.fromtimestamp(produced_ms / 1000, UTC))
+    return bool(times) and min(times) < moment
 
 
 async def write_batch(
-    db: Database, rows: list[SampleAt], policy: WindowPolicy, lines: list[str] | None = None
+    db: Database,
+    rows: list[SampleAt],
+    policy: WindowPolicy,
+    lines: list[str] | None = None,
+    produced_ms: Sequence[int | None] | None = None,
+    look_first: bool = True,
 ) -> BatchOutcome:
-    """Store samples (duplicates by event_id are dropped) and close windows that reach the policy.
+    """Store samples (duplicates by event_id and samples of forgotten users are dropped) and close windows that
+    reach the policy.
 
     One transaction and a handful of statements per model line, whatever the batch size. The first copy
-    of an event id in the batch wins. Samples already stored are found first (under the window's lock),
-    so every new sample is written once, with COPY, straight into the window it belongs to. ``lines``:
-    the rows' :func:`copy_line`, when the caller prepared them.
+    of an event id in the batch wins. Samples already stored and tombstones are found first (under the
+    window's lock), so every new sample is written once, with COPY, straight into the window it belongs to.
+    ``lines``: the rows' :func:`copy_line`, when the caller prepared them; ``produced_ms``: when each row's
+    record entered Kafka (ms since the epoch; the record's timestamp), for the tombstones. ``look_first=False``
+    skips looking for stored samples (PostgreSQL's lookup of 1000 ids costs about as much as their COPY): when
+    one is stored, the COPY's unique index refuses it and the batch is written again, looking first.
     """
-    outcome = BatchOutcome()
-    if lines is None:
-        lines = [copy_line(row) for row in rows]
-    by_model: dict[str, list[tuple[SampleAt, str]]] = {}
-    seen: set[str] = set()
-    for row, line in zip(rows, lines, strict=True):
-        event_id = row[0].event_id
-        if event_id in seen:
-            outcome.duplicates += 1
-            continue
-        seen.add(event_id)
-        by_model.setdefault(row[0].model, []).append((row, line))
+    batch = _Rows(rows, lines if lines is not None else [copy_line(r) for r in rows], produced_ms or [None] * len(rows))
+    ids = list(map(_event_id, map(_sample_of, rows)))
+    copies = 0
+    if len(set(ids)) < len(ids):  # rare: keep the first copy of each id
+        first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
+        copies = len(ids) - len(first)
+        batch = batch.take(sorted(first.values()))
+    groups = _by_model(batch)
+    if not look_first:
+        try:
+            return await _write(db, groups, policy, BatchOutcome(duplicates=copies), look_first=False)
+        except ConcurrentInsert:
+            pass  # some were stored before: again, looking first
+    return await _write(db, groups, policy, BatchOutcome(duplicates=copies), look_first=True)
+
+
+async def _write(
+    db: Database, groups: dict[str, _Rows], policy: WindowPolicy, outcome: BatchOutcome, look_first: bool
+) -> BatchOutcome:
     async with db.pool.acquire() as conn, conn.transaction():
-        for model in sorted(by_model):  # fixed lock order: no deadlocks between replicas
-            group = by_model[model]
+        for model in sorted(groups):  # fixed lock order: no deadlocks between replicas
             window = await _lock_open_window(conn, model)
-            stored = {r[0] for r in await conn.fetch(_STORED, [row[0].event_id for row, _ in group])}
-            fresh = [item for item in group if item[0][0].event_id not in stored] if stored else group
-            outcome.duplicates += len(group) - len(fresh)
-            if fresh:
+            fresh = await _unstored(conn, groups[model], outcome, look_first)
+            if fresh.rows:
                 await _store(conn, window, fresh, policy, outcome)
     return outcome
 
 
-async def _insert(conn: asyncpg.Connection, window_id: int, items: list[tuple[SampleAt, str]]) -> None:
+def _by_model(batch: _Rows) -> dict[str, _Rows]:
+    models = list(map(_model, map(_sample_of, batch.rows)))
+    if len(set(models)) <= 1:  # the common case: one model line per batch
+        return {models[0]: batch} if models else {}
+    indexes: dict[str, list[int]] = {}
+    for index, model in enumerate(models):
+        indexes.setdefault(model, []).append(index)
+    return {model: batch.take(group) for model, group in indexes.items()}
+
+
+async def _unstored(conn: asyncpg.Connection, group: _Rows, outcome: BatchOutcome, look_first: bool) -> _Rows:
+    """The rows of ``group`` that are neither stored already (unless not ``look_first``) nor of a user forgotten
+    since their event."""
+    samples = list(map(_sample_of, group.rows))
+    users = set(map(_user, samples))
+    users.discard(None)
+    ids = _json(list(map(_event_id, samples))).decode() if look_first else "[]"
+    found = await conn.fetch(_CHECK, ids, _json(list(users)).decode())
+    if not found:
+        return group
+    stored = {r["id"] for r in found if r["forgotten_at"] is None}
+    forgotten = {r["id"]: r["forgotten_at"] for r in found if r["forgotten_at"] is not None}
+    keep = []
+    for index, sample in enumerate(samples):
+        if sample.event_id in stored:
+            outcome.duplicates += 1
+        elif sample.user_id in forgotten and _made_before(sample, group.produced_ms[index], forgotten[sample.user_id]):
+            outcome.forgotten += 1
+        else:
+            keep.append(index)
+    return group.take(keep)
+
+
+async def _insert(conn: asyncpg.Connection, window_id: int, lines: list[str]) -> None:
     prefix = f"{window_id}\t"
-    data = (prefix + f"\n{prefix}".join([line for _, line in items]) + "\n").encode()
-
-    async def source() -> AsyncIterator[bytes]:
-        yield data
-
+    framed = lines.copy()  # the first line's prefix and the last newline on the ends: one large string, not three
+    framed[0], framed[-1] = prefix + framed[0], framed[-1] + "\n"
+    if len(framed) == 1:
+        framed[0] = prefix + lines[0] + "\n"
+    data = f"\n{prefix}".join(framed).encode()
     try:
-        status = await conn.copy_to_table("samples", source=source(), columns=COPY_COLUMNS, format="text")
+        # A memoryview: asyncpg would take bytes for a file name.
+        status = await conn.copy_to_table("samples", source=memoryview(data), columns=COPY_COLUMNS, format="text")
     except asyncpg.UniqueViolationError:
-        raise ConcurrentInsert(f"a sample of the batch of {len(items)} was stored concurrently") from None
+        raise ConcurrentInsert(f"a sample of the batch of {len(lines)} was stored concurrently") from None
     copied = int(status.rsplit(" ", 1)[-1])  # "COPY <rows>"
-    if copied != len(items):
-        raise StreamEngineError(f"COPY stored {copied} of {len(items)} samples")
+    if copied != len(lines):
+        raise StreamEngineError(f"COPY stored {copied} of {len(lines)} samples")
+
+
+# One segment of a batch into its window: the counters and offsets, and the window closed when the segment
+# reaches the threshold ($7), in one statement.
+_ACCOUNT = """
+UPDATE windows SET samples = samples + $2, weight = weight + $3, stored = stored + $4, first_offsets = $5,
+    last_offsets = $6, state = CASE WHEN $7 THEN 'closed' ELSE state END,
+    closed_at = CASE WHEN $7 THEN now() ELSE closed_at END,
+    close_reason = CASE WHEN $7 THEN 'threshold' ELSE close_reason END
+WHERE id = $1 RETURNING *
+"""
+# The closed window's job and the model line's next window, in one statement (under the closed window's lock,
+# no other writer can open one meanwhile).
+_JOB_AND_NEXT = """
+WITH job AS (INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, 'threshold') RETURNING id)
+INSERT INTO windows (model) VALUES ($1) RETURNING *, (SELECT id FROM job) AS job_id
+"""
 
 
 async def _store(
-    conn: asyncpg.Connection,
-    window: asyncpg.Record,
-    items: list[tuple[SampleAt, str]],
-    policy: WindowPolicy,
-    outcome: BatchOutcome,
+    conn: asyncpg.Connection, window: asyncpg.Record, fresh: _Rows, policy: WindowPolicy, outcome: BatchOutcome
 ) -> None:
     """Insert new samples into the open window, closing it (and opening the next) exactly at the threshold."""
-    cuts = cut_points(window["samples"], window["weight"], [(r[0].trainable, r[0].weight) for r, _ in items], policy)
-    bounds = [0, *cuts, len(items)]
-    for number, (start, end) in enumerate(itertools.pairwise(bounds)):
-        segment = items[start:end]
-        if number > 0:
-            if not segment:
-                break
-            window = await _lock_open_window(conn, window["model"])
-        await _insert(conn, window["id"], segment)
-        rows = [row for row, _ in segment]
-        trainable = [s for s, _, _ in rows if s.trainable]
-        first, last = dict(window["first_offsets"]), dict(window["last_offsets"])
-        _merge_offsets(first, last, rows)
+    samples = list(map(_sample_of, fresh.rows))
+    trainable = [s.label > 0 and s.weight > 0 for s in samples]  # Sample.trainable, without a call per sample
+    weights = list(map(_weight, samples))
+    cuts = cut_points(window["samples"], window["weight"], list(zip(trainable, weights, strict=True)), policy)
+    for start, end in itertools.pairwise([0, *cuts, len(samples)]):
+        if start == end:  # the last cut is the batch's end: the next window opens with the next sample
+            break
+        await _insert(conn, window["id"], fresh.lines[start:end])
+        segment, flags, closes = fresh.rows[start:end], trainable[start:end], end in cuts
+        last = dict(zip(map(_partition_of, segment), map(_offset_of, segment), strict=True))
+        first = dict(zip(map(_partition_of, reversed(segment)), map(_offset_of, reversed(segment)), strict=True))
         window = await conn.fetchrow(
-            "UPDATE windows SET samples = samples + $2, weight = weight + $3, stored = stored + $4,"
-            " first_offsets = $5, last_offsets = $6 WHERE id = $1 RETURNING *",
+            _ACCOUNT,
             window["id"],
-            len(trainable),
-            sum(s.weight for s in trainable),
-            len(segment),
-            first,
-            last,
+            sum(flags),
+            sum(itertools.compress(weights[start:end], flags)),
+            end - start,
+            _merged(dict(window["first_offsets"]), first, min),
+            _merged(dict(window["last_offsets"]), last, max),
+            closes,
         )
-        outcome.inserted += len(segment)
-        if number < len(cuts):
-            outcome.closed.append(await _close(conn, window, "threshold"))
+        outcome.inserted += end - start
+        if not closes:
+            continue
+        if end < len(samples):  # more samples follow
+            following = await conn.fetchrow(_JOB_AND_NEXT, window["model"], window["id"])
+            job_id = following["job_id"]
+        else:
+            following, job_id = window, await _add_job(conn, window, "threshold")
+        outcome.closed.append(
+            ClosedWindow(window["model"], window["id"], job_id, "threshold", window["samples"], window["weight"])
+        )
+        window = following
 
 
 async def close_now(db: Database, model: str, reason: str, min_samples: int = 1) -> ClosedWindow | None:
@@ -292,4 +428,3 @@ async def database_now(db: Database) -> datetime:
     """PostgreSQL's clock: the one every tick decision uses, whatever the replicas' clocks say."""
     now: datetime = await db.fetchval("SELECT now()")
     return now
-

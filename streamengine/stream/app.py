@@ -1,8 +1,10 @@
 """The ingest consumers: a Kafka consumer group feeding :class:`IngestPipeline` in batches.
 
-:class:`IngestApp` is a plain aiokafka consumer: up to ``kafka.batch_max_records`` records (waiting at most
-``kafka.batch_max_wait_s`` after the first to fill a batch) are validated while the previous batch is
-being written, then stored; batches are stored strictly in order, one at a time. Which offsets are
+:class:`IngestApp` is a plain aiokafka consumer: up to ``kafka.batch_max_records`` records and
+``kafka.batch_max_bytes`` bytes (waiting at most ``kafka.batch_max_wait_s`` after the first to fill a batch)
+are validated while the previous batch is being written, then stored; batches are stored strictly in order,
+one at a time. Memory stays bounded whatever the records' size: two batches and one fetch ahead
+(``fetch_max_bytes`` is ``batch_max_bytes`` too). Which offsets are
 committed, and when, is the :class:`~streamengine.stream.checkpoint.Checkpoint`'s: only offsets after
 batches the pipeline has stored, so the committed offset never passes a record whose side effects are not
 durable. State lives in PostgreSQL.
@@ -19,16 +21,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
+from operator import attrgetter
 from pathlib import Path
 from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from streamengine import metrics
 from streamengine.config.settings import Settings
 from streamengine.stream import security
 from streamengine.stream.checkpoint import Checkpoint
-from streamengine.stream.ingest import Classified, IngestPipeline, Record
+from streamengine.stream.ingest import Classified, IngestPipeline, Record, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +98,8 @@ class IngestApp:
             heartbeat_interval_ms=int(min(3.0, kafka.session_timeout_s / 3) * 1000),
             rebalance_timeout_ms=int(kafka.rebalance_timeout_s * 1000),
             max_poll_interval_ms=1_000_000,  # a batch may retry for a long time while PostgreSQL is down
-            max_partition_fetch_bytes=max(kafka.max_record_bytes * 4, 4 * 1024 * 1024),
+            fetch_max_bytes=kafka.batch_max_bytes,  # what is fetched ahead is bounded like a batch
+            max_partition_fetch_bytes=max(kafka.max_record_bytes, min(4 * 1024 * 1024, kafka.batch_max_bytes)),
         )
         checkpoint = Checkpoint(consumer, kafka.commit_interval_s)
         consumer.subscribe([kafka.feedback_topic], listener=checkpoint)
@@ -162,10 +170,12 @@ class IngestApp:
         return batch
 
     async def _next_batch(self, consumer: AIOKafkaConsumer, checkpoint: Checkpoint) -> list[Record]:
-        """Up to ``batch_max_records`` records, waiting at most ``batch_max_wait_s`` after the first one."""
+        """Up to ``batch_max_records`` records and ``batch_max_bytes`` bytes (at least one record), waiting at
+        most ``batch_max_wait_s`` after the first one."""
         kafka = self.settings.kafka
         wait_ms = int(kafka.batch_max_wait_s * 1000)
         records: list[Record] = []
+        size = 0
         deadline = 0.0
         while not self.should_stop:
             if records:
@@ -178,12 +188,11 @@ class IngestApp:
                 log.warning("reading %s failed (%s); retrying", kafka.feedback_topic, exc)
                 await asyncio.sleep(1.0)
                 continue
-            for items in got.values():
-                records += items
+            size, full = _take(consumer, got, records, size, kafka.batch_max_bytes)
             if not records and checkpoint.due():
                 async with checkpoint.lock:  # idle: commit what the last batches stored (else lag stays > 0)
                     await checkpoint.commit()
-            if len(records) >= kafka.batch_max_records:
+            if full or len(records) >= kafka.batch_max_records:
                 break
             if records:
                 now = time.monotonic()
@@ -191,6 +200,8 @@ class IngestApp:
                 if now >= deadline:
                     break
                 wait_ms = max(1, int((deadline - now) * 1000))
+        if records:
+            metrics.INGEST_BATCH_BYTES.observe(size)
         return records
 
     async def _store(self, checkpoint: Checkpoint, records: list[Record], batch: Classified) -> None:
@@ -199,6 +210,44 @@ class IngestApp:
             checkpoint.stored(records)
             if checkpoint.due():
                 await checkpoint.commit()
+
+
+_KEY_BYTES, _VALUE_BYTES, _HEADERS = (
+    attrgetter(name) for name in ("serialized_key_size", "serialized_value_size", "headers")
+)
+
+
+def _take(
+    consumer: AIOKafkaConsumer,
+    got: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+    records: list[Record],
+    size: int,
+    limit: int,
+) -> tuple[int, bool]:
+    """Append to ``records`` (of ``size`` bytes) what of ``got`` fits in ``limit`` bytes; a partition's records that
+    do not fit are fetched again for the next batch. The batch's bytes, and whether it is full."""
+    full = False
+    for tp, items in got.items():
+        taken, took = _fitting(items, limit - size, bool(records))
+        records += items[:taken] if taken < len(items) else items
+        size += took
+        if taken < len(items):
+            full = True
+            if tp in consumer.assignment():
+                consumer.seek(tp, items[taken].offset)
+    return size, full or size >= limit
+
+
+def _fitting(items: Sequence[ConsumerRecord[bytes, bytes]], room: int, started: bool) -> tuple[int, int]:
+    """How many of ``items`` (from the start) fit in ``room`` bytes, at least one unless the batch has ``started``,
+    and their bytes. Summed in C in the common case (no headers, all of them fit)."""
+    if not any(map(_HEADERS, items)):
+        total = sum(map(_KEY_BYTES, items)) + sum(map(_VALUE_BYTES, items))  # a null is -1: a byte too few
+        if total <= room:
+            return len(items), total
+    sizes = list(accumulate(map(record_bytes, items)))
+    count = max(bisect_right(sizes, room), 0 if started else 1)
+    return count, sizes[count - 1] if count else 0
 
 
 def build_app(settings: Settings, pipeline: IngestPipeline, datadir: Path) -> IngestConsumer:

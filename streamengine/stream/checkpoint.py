@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -22,6 +23,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from streamengine.stream.ingest import Record
 
 log = logging.getLogger(__name__)
+_TOPIC_PARTITION, _OFFSET = attrgetter("topic", "partition"), attrgetter("offset")
 
 
 class Checkpoint(ConsumerRebalanceListener):
@@ -38,8 +40,8 @@ class Checkpoint(ConsumerRebalanceListener):
 
     def stored(self, records: Sequence[Record]) -> None:
         """The records' side effects are durable: commit the offsets after them with the next commit."""
-        last = {(r.topic, r.partition): r.offset for r in records}  # records are in offset order per partition
-        for (topic, partition), offset in last.items():
+        last = dict(zip(map(_TOPIC_PARTITION, records), map(_OFFSET, records), strict=True))  # in C; records
+        for (topic, partition), offset in last.items():  # are in offset order per partition: the last one wins
             self._stored[TopicPartition(topic, partition)] = offset + 1
 
     def due(self) -> bool:

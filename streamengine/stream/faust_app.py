@@ -2,7 +2,9 @@
 
 One agent, concurrency 1, ``noack_take``: a batch's events are acknowledged only after the pipeline
 returns (DLQ acknowledged, samples committed), so the committed offset never passes an event whose side
-effects are not durable (faust-streaming issue #606 is avoided by never running concurrency > 1).
+effects are not durable (faust-streaming issue #606 is avoided by never running concurrency > 1). The
+pipeline gets a batch in runs of at most ``kafka.batch_max_bytes``; faust's own buffer ahead of the agent is
+counted in records (``stream_buffer_maxsize``), not bytes: with large records, prefer the default consumer.
 faust's per-event machinery costs about 150 us of CPU per event (``bench/ingest.py``), so the default
 consumer is the plain aiokafka one of :mod:`streamengine.stream.app`; choose faust to run ingest as a
 faust app among your own agents. :class:`FaustIngest` gives the faust app the engine's
@@ -11,6 +13,7 @@ faust app among your own agents. :class:`FaustIngest` gives the faust app the en
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,13 +25,28 @@ from faust.types.auth import CredentialsT as Credentials
 
 from streamengine.config.settings import KafkaSettings, Settings
 from streamengine.stream import security
-from streamengine.stream.ingest import IngestPipeline, RawRecord
+from streamengine.stream.ingest import IngestPipeline, RawRecord, record_bytes
 
 
 def _headers(message: Any) -> list[tuple[str, bytes]]:
     raw = message.headers or []
     items = raw.items() if isinstance(raw, dict) else raw
     return [(str(k), bytes(v) if v is not None else b"") for k, v in items]
+
+
+def _chunks(records: list[RawRecord], limit: int) -> Iterator[list[RawRecord]]:
+    """``records`` in order, in runs of at most ``limit`` bytes (a longer record alone)."""
+    chunk: list[RawRecord] = []
+    size = 0
+    for record in records:
+        took = record_bytes(record)
+        if chunk and size + took > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(record)
+        size += took
+    if chunk:
+        yield chunk
 
 
 class FaustIngest:
@@ -101,7 +119,7 @@ def build_faust_app(settings: Settings, pipeline: IngestPipeline, datadir: Path)
         broker_rebalance_timeout=kafka.rebalance_timeout_s,
         broker_commit_interval=kafka.commit_interval_s,
         stream_buffer_maxsize=max(kafka.batch_max_records * 2, 4096),
-        consumer_max_fetch_size=max(kafka.max_record_bytes * 4, 4 * 1024 * 1024),
+        consumer_max_fetch_size=max(kafka.max_record_bytes, min(4 * 1024 * 1024, kafka.batch_max_bytes)),
     )
     topic = app.topic(kafka.feedback_topic, value_type=bytes, key_type=bytes, value_serializer="raw")
 
@@ -116,10 +134,12 @@ def build_faust_app(settings: Settings, pipeline: IngestPipeline, datadir: Path)
                     key=e.message.key,
                     value=e.message.value,
                     headers=_headers(e.message),
+                    timestamp=int(e.message.timestamp * 1000) if e.message.timestamp else None,
                 )
                 for e in events
             ]
-            await pipeline.process(records)
+            for chunk in _chunks(records, kafka.batch_max_bytes):
+                await pipeline.process(chunk)
             for event in events:
                 await stream.ack(event)
 

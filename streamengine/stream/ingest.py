@@ -6,6 +6,12 @@ sample -> COPY line) and :meth:`IngestPipeline.store` (DLQ and PostgreSQL), so a
 the next batch while the previous one is being written; :meth:`IngestPipeline.process` does both. A batch is
 acknowledged by the caller only after ``store``/``process`` returns, which happens only once the DLQ
 records are acknowledged by Kafka and the samples are committed in PostgreSQL.
+
+A write PostgreSQL refuses for the values it carries (a check constraint, a string too long, a character the
+database encoding lacks) is not retried: the batch is halved until the records it refuses are found, they go
+to the DLQ (``error.class`` ``database_<condition>``) and the rest is stored. Any other failure is retried
+until it passes (:func:`~streamengine.errors.is_transient`) or stops ingest (a statement PostgreSQL refuses
+whatever it carries: a missing table, a missing permission).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from streamengine.contract.events import decode_fields
 from streamengine.core.backoff import Backoff
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
-from streamengine.errors import EventRejected, StreamEngineError, is_transient
+from streamengine.errors import EventRejected, StreamEngineError, data_rejection, is_transient
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.store.windows import SampleAt
@@ -52,6 +58,16 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
     @property
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
+    @property
+    def timestamp(self) -> int | None:
+        """When the record entered Kafka (ms since the epoch; negative or None: unknown)."""
+        ...
+
+
+def record_bytes(record: Record) -> int:
+    """A record's key, value and headers in bytes (what ``kafka.batch_max_bytes`` bounds)."""
+    headers = sum(len(name) + len(value or b"") for name, value in record.headers)
+    return len(record.key or b"") + len(record.value or b"") + headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +78,21 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
+    timestamp: int | None = None
 
 
 @dataclass(slots=True)
 class Classified:
-    """A batch split into samples to store (with their COPY lines, see ``windows.copy_line``) and rejects."""
+    """A batch split into samples to store (with their COPY lines, see ``windows.copy_line``, their records and
+    the records' timestamps) and rejects."""
 
     good: list[SampleAt] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    produced_ms: list[int | None] = field(default_factory=list)
     bad: list[tuple[Record, EventRejected]] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    """The fields cut to the length limits, one entry per cut (``prompt``, ``completion``)."""
 
     def __len__(self) -> int:
         return len(self.good) + len(self.bad)
@@ -78,7 +100,16 @@ class Classified:
     def extend(self, other: Classified) -> None:
         self.good += other.good
         self.lines += other.lines
+        self.records += other.records
+        self.produced_ms += other.produced_ms
         self.bad += other.bad
+        self.truncated += other.truncated
+
+    def part(self, start: int, end: int) -> Classified:
+        """The good rows ``start:end`` (and no rejects)."""
+        return Classified(
+            self.good[start:end], self.lines[start:end], self.records[start:end], self.produced_ms[start:end]
+        )
 
 
 class RecordSender(Protocol):
@@ -126,15 +157,18 @@ class IngestPipeline:
         self.models = {settings.model.name}
         self.redactor = build_redactor(settings.privacy)  # privacy.function is imported here, once
         self.retry = Backoff(first_s=0.1, max_s=5.0)
+        self.look_first = True
+        """Look for stored samples before writing a batch: after a batch that held duplicates (as after a restart,
+        when the records not yet committed are read again), else the COPY finds them."""
 
     def classify(self, records: Sequence[Record]) -> Classified:
         """Split a batch into samples to store and records to reject (pure CPU work)."""
         batch = Classified()
-        limit = self.settings.kafka.max_record_bytes
+        limit, max_messages = self.settings.kafka.max_record_bytes, self.settings.samples.max_messages
         redactions: dict[str, int] = {}
         for record in records:
             try:
-                event = decode_fields(record.value, limit)
+                event = decode_fields(record.value, limit, max_messages)
                 if event.model not in self.models:
                     raise EventRejected("unknown_model", f"model line '{event.model[:100]}' is not configured here")
                 event = self.redactor.event(event, redactions)  # privacy: nothing unredacted is stored
@@ -149,6 +183,10 @@ class IngestPipeline:
                 continue
             batch.good.append(row)
             batch.lines.append(line)
+            batch.records.append(record)
+            batch.produced_ms.append(record.timestamp)
+            if row[0].truncated:
+                batch.truncated += row[0].truncated
         for kind, hits in redactions.items():
             metrics.REDACTIONS.labels(kind).inc(hits)
         return batch
@@ -159,25 +197,21 @@ class IngestPipeline:
 
     async def store(self, batch: Classified) -> windows.BatchOutcome:
         """DLQ the rejected records and store the samples of one classified batch; retries until durable."""
-        good, bad = batch.good, batch.bad
-        metrics.EVENTS_CONSUMED.inc(len(good) + len(bad))
-        if bad:
-            await self._with_retry("DLQ publish", lambda: self._send_to_dlq(bad))
-            for _, exc in bad:
-                metrics.EVENTS_REJECTED.labels(exc.error_class).inc()
+        metrics.EVENTS_CONSUMED.inc(len(batch))
+        await self._reject(batch.bad)
         outcome = windows.BatchOutcome()
-        if good:
+        if batch.good:
             started = time.perf_counter()
-            outcome = await self._with_retry(
-                "sample write", lambda: windows.write_batch(self.db, good, self.window_policy, batch.lines)
-            )
+            refused: list[tuple[Record, EventRejected]] = []
+            outcome = await self._write(batch, refused)
+            self.look_first = outcome.duplicates > 0
             metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
+            await self._reject(refused)
             metrics.EVENTS_DEDUPLICATED.inc(outcome.duplicates)
-            for sample, _, _ in good:
-                for cut in sample.truncated:
-                    metrics.SAMPLES_TRUNCATED.labels(cut).inc()
-            for sample, _, _ in good[:1]:
-                metrics.SAMPLES_STORED.labels(sample.model).inc(outcome.inserted)
+            metrics.EVENTS_FORGOTTEN.inc(outcome.forgotten)
+            for cut in batch.truncated:
+                metrics.SAMPLES_TRUNCATED.labels(cut).inc()
+            metrics.SAMPLES_STORED.labels(batch.good[0][0].model).inc(outcome.inserted)
             for closed in outcome.closed:
                 metrics.WINDOWS_CLOSED.labels(closed.model, closed.reason).inc()
                 log.info(
@@ -189,6 +223,39 @@ class IngestPipeline:
                     closed.weight,
                     closed.job_id,
                 )
+        return outcome
+
+    async def _reject(self, bad: list[tuple[Record, EventRejected]]) -> None:
+        if bad:
+            await self._with_retry("DLQ publish", lambda: self._send_to_dlq(bad))
+            for _, exc in bad:
+                metrics.EVENTS_REJECTED.labels(exc.error_class).inc()
+
+    async def _write(self, batch: Classified, refused: list[tuple[Record, EventRejected]]) -> windows.BatchOutcome:
+        """Store ``batch``'s samples; when PostgreSQL refuses them for their values, store its halves apart until
+        the refused records are found (added to ``refused``, in batch order)."""
+        try:
+            return await self._with_retry(
+                "sample write",
+                lambda: windows.write_batch(
+                    self.db, batch.good, self.window_policy, batch.lines, batch.produced_ms, self.look_first
+                ),
+            )
+        except Exception as exc:
+            reason = data_rejection(exc)
+            if reason is None:
+                raise
+            if len(batch.good) == 1:
+                record, why = (
+                    batch.records[0],
+                    f"PostgreSQL refused the sample (SQLSTATE {getattr(exc, 'sqlstate', '?')}): {exc}",
+                )
+                log.warning("record %s[%d]@%d to the DLQ: %s", record.topic, record.partition, record.offset, why)
+                refused.append((record, EventRejected(reason, why)))
+                return windows.BatchOutcome()
+        half = len(batch.good) // 2
+        outcome = await self._write(batch.part(0, half), refused)
+        outcome.add(await self._write(batch.part(half, len(batch.good)), refused))
         return outcome
 
     async def _send_to_dlq(self, bad: list[tuple[Record, EventRejected]]) -> None:
