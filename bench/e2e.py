@@ -14,8 +14,11 @@ job claim       ``windows.closed_at`` -> ``jobs.started_at`` (a worker claimed t
 prepare         the rest of the job outside the training process and the upload: the window's samples
                 out of PostgreSQL, the parent adapter and Fisher from S3, the gate, the version, the
                 registry transaction (``jobs.started_at`` -> ``adapters.created_at``, less the two below)
-train           the training process (the worker's ``streamengine_training_seconds``) less the Fisher:
-                process start and imports, model load, eval before/after, the steps, saving
+train           the trainer (the worker's ``streamengine_training_seconds``) less the Fisher, in the phases the
+                worker records (``streamengine_trainer_phase_seconds``): waiting for a trainer (a fresh
+                process starting and importing torch; the warm trainer: nothing), loading the base or
+                setting up (the warm trainer holds the base), evaluating (before and after), the training
+                steps, and the rest (handing the job over, saving the adapter)
 Fisher          ``fisher_seconds`` of the job's result (in the manifest's metrics)
 upload          upload and verify of the adapter folder (``streamengine_upload_seconds``)
 relay           ``adapters.created_at`` (registry row and outbox row, one transaction) -> the Kafka
@@ -25,7 +28,12 @@ swap            that timestamp -> the new version answered ``generate`` on the s
 ==============  =======================================================================================
 
 The stages add up to the total. Reported per window, with p50 and max over the windows, and against
-a baseline from the same run: the training job itself (train + Fisher), as ``total / (train + Fisher)``.
+two baselines from the same run: the work of training itself (steps, evaluation and Fisher inside the
+trainer), as ``total / (steps + evaluation + Fisher)``, and the trainer's whole time, as
+``total / (train + Fisher)``. The worker runs its warm trainer (``worker.warm``, started and holding the
+base before the first window, as in a worker that has been up) unless ``--cold`` (a process per job).
+``--torch-threads N`` sets ``OMP_NUM_THREADS`` for the run (the trainer processes and the serving node): on a
+loaded CPU, torch's default (one thread a core) spends most of its time waiting for a core.
 The processes share the machine's CPUs (training runs in a child process, as the worker runs it).
 Prints a table; writes JSON (``--json``, default bench/results/e2e.json).
 """
@@ -71,13 +79,21 @@ from streamengine.stream.producer import start_producer
 T = TypeVar("T")
 PROMPT = "Capital of France?"
 STAGES = ("window_close", "job_claim", "prepare", "train", "fisher", "upload", "relay", "swap")
+TRAINER_PHASES = {  # parts of the train stage: the worker's phase names
+    "waiting_for_trainer": ("waiting_for_trainer",),
+    "set_up": ("loading_base", "setting_up"),
+    "evaluating": ("evaluating",),
+    "training_steps": ("training",),
+}
 DETAILS = {  # parts of a stage, shown indented under it
-    "train": ("train_process_start",),
+    "train": (*TRAINER_PHASES, "train_rest"),
     "swap": ("consume", "verify", "download", "hot_swap", "answer"),
 }
 LABELS = {
     "window_close": "window close", "job_claim": "job claim", "prepare": "prepare + registry",
-    "train": "train", "train_process_start": "process start + imports", "fisher": "Fisher", "upload": "upload",
+    "train": "train", "waiting_for_trainer": "waiting for a trainer", "set_up": "loading the base / set up",
+    "evaluating": "evaluating", "training_steps": "training steps", "train_rest": "handover",
+    "fisher": "Fisher", "upload": "upload",
     "relay": "relay (outbox -> Kafka)", "swap": "swap (record -> answer)", "consume": "consume", "verify": "verify",
     "download": "download", "hot_swap": "hot-swap", "answer": "answer (generate)", "total": "total",
 }  # fmt: skip
@@ -85,11 +101,17 @@ LABELS = {
 
 def histogram_sum(histogram: Histogram) -> float:
     """The ``_sum`` of an unlabelled histogram (seconds observed so far in this process)."""
-    for metric in histogram.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_sum"):
-                return float(sample.value)
-    return 0.0
+    return sum(histogram_sums(histogram).values())
+
+
+def histogram_sums(histogram: Histogram) -> dict[str, float]:
+    """The ``_sum`` of each series of a histogram, by its labels' values joined (one label here: the phase)."""
+    return {
+        ",".join(sample.labels.values()): float(sample.value)
+        for metric in histogram.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_sum")
+    }
 
 
 async def poll(fn: Callable[[], Awaitable[T | None]], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
@@ -150,6 +172,7 @@ class Loop:
         if window_id is None:
             raise RuntimeError(f"window {index + 1}: no open window after {size - 1} samples (window.max_samples?)")
         sums = (histogram_sum(metrics.TRAINING_SECONDS), histogram_sum(metrics.UPLOAD_SECONDS))
+        phases = histogram_sums(metrics.TRAINER_PHASE_SECONDS)
         await self.send(producer, events[-1:])
 
         async def released() -> str | None:
@@ -180,7 +203,10 @@ class Loop:
             "registered_at": row["registered_at"].timestamp(),
             "training_process_s": histogram_sum(metrics.TRAINING_SECONDS) - sums[0],
             "upload_s": histogram_sum(metrics.UPLOAD_SECONDS) - sums[1],
-            "recipe_s": row["manifest"]["metrics"].get("seconds") or 0.0,
+            "phase_s": {
+                name: seconds - phases.get(name, 0.0)
+                for name, seconds in histogram_sums(metrics.TRAINER_PHASE_SECONDS).items()
+            },
             "fisher_s": row["manifest"]["metrics"].get("fisher_seconds") or 0.0,
             "answered_at": self.answered[version][0],
             "answer_s": self.answered[version][1],
@@ -213,12 +239,15 @@ def stages(raw: dict[str, Any], relayed_at: float) -> dict[str, float]:
     """Contiguous stages from one window's timestamps and durations (they add up to ``total``)."""
     job_s = raw["registered_at"] - raw["claimed_at"]
     sub = raw["subscriber_stages"]
+    train = raw["training_process_s"] - raw["fisher_s"]
+    parts = {part: sum(raw["phase_s"].get(p, 0.0) for p in phases) for part, phases in TRAINER_PHASES.items()}
     return {
         "window_close": raw["closed_at"] - raw["last_event"],
         "job_claim": raw["claimed_at"] - raw["closed_at"],
         "prepare": job_s - raw["training_process_s"] - raw["upload_s"],
-        "train": raw["training_process_s"] - raw["fisher_s"],
-        "train_process_start": raw["training_process_s"] - raw["recipe_s"],
+        "train": train,
+        **parts,
+        "train_rest": train - sum(parts.values()),  # handing the job over, the result line (saving: evaluating)
         "fisher": raw["fisher_s"],
         "upload": raw["upload_s"],
         "relay": relayed_at - raw["registered_at"],
@@ -239,9 +268,15 @@ async def run_loop(settings: Settings, model_dir: Path, windows: int, size: int,
     if engine.done():
         engine.result()  # raises why the engine could not start
     db = await Database.connect(settings.database, migrate=False)
-    worker = asyncio.create_task(Worker(settings, db, ObjectStore.from_settings(settings.storage)).run(stop))
+    trainer = Worker(settings, db, ObjectStore.from_settings(settings.storage))
+    worker = asyncio.create_task(trainer.run(stop))
     swapper = PeftSwapper(str(model_dir))
     await asyncio.to_thread(swapper.load_base)  # a serving node has its base model loaded already
+    if trainer.trainer is not None:  # a worker that has been up: its warm trainer holds the base
+        await asyncio.sleep(0)
+        began = time.monotonic()
+        status = await trainer.trainer.ready()
+        print(f"  warm trainer ready ({time.monotonic() - began:.1f}s more): {status}", flush=True)
     producer = await start_producer(settings.kafka)
     raws = []
     try:
@@ -271,6 +306,10 @@ def summarise(rows: list[dict[str, Any]], settings: Settings, args: argparse.Nam
         for name in names
     }
     per_window = [r["stages"]["total"] / (r["stages"]["train"] + r["stages"]["fisher"]) for r in rows]
+    per_window_work = [
+        r["stages"]["total"] / (r["stages"]["training_steps"] + r["stages"]["evaluating"] + r["stages"]["fisher"])
+        for r in rows
+    ]
     return {
         "benchmark": "e2e",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -288,10 +327,13 @@ def summarise(rows: list[dict[str, Any]], settings: Settings, args: argparse.Nam
             "training": settings.training.model_dump(mode="json"),
             "lora": settings.lora.model_dump(mode="json"),
             "worker.poll_s": settings.worker.poll_s,
+            "worker.warm": settings.worker.warm,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(torch's default: one a core)"),
         },
         "windows": rows,
         "summary": summary,
         "ratios": {
+            "total_over_training_work": {"median": statistics.median(per_window_work), "per_window": per_window_work},
             "total_over_training_job": {"median": statistics.median(per_window), "per_window": per_window},
         },
     }
@@ -310,13 +352,19 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"{indent + LABELS[part]:<28}{cells}{summary[part]['p50_s']:8.3f}{summary[part]['max_s']:8.3f}{share}"
             )
-    ratio = result["ratios"]["total_over_training_job"]
     methods = ", ".join(str(r["swap_method"]) for r in rows)
+    lines.append("")
+    for key, what in (
+        ("total_over_training_work", "training work (steps + evaluating + Fisher)"),
+        ("total_over_training_job", "training job (train + Fisher)"),
+    ):
+        ratio = result["ratios"][key]
+        lines.append(
+            f"total / {what}: {ratio['median']:.2f} (per window "
+            + ", ".join(f"{v:.2f}" for v in ratio["per_window"])
+            + ")"
+        )
     lines += [
-        "",
-        f"total / training job (train + Fisher): {ratio['median']:.2f} (per window "
-        + ", ".join(f"{v:.2f}" for v in ratio["per_window"])
-        + ")",
         f"swap methods: {methods}; versions: {', '.join(r['version'] for r in rows)}",
     ]
     return "\n".join(lines)
@@ -337,6 +385,8 @@ async def amain(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                 settings = settings.model_copy(
                     update={"learning": settings.learning.model_copy(update={"gate": False})}
                 )
+            if args.cold:
+                settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"warm": False})})
             rows = await run_loop(settings, model_dir, args.windows, args.window, args.timeout)
             return summarise(rows, settings, args)
     finally:
@@ -352,11 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=64, help="trainable samples per window (default 64, as up)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds each wait may take (default 600)")
     parser.add_argument("--no-gate", action="store_true", help="release every window (learning.gate false)")
+    parser.add_argument("--cold", action="store_true", help="a trainer process per job (worker.warm false)")
+    parser.add_argument(
+        "--torch-threads", type=int, help="OMP_NUM_THREADS of the trainers and the serving node (default: one a core)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/e2e.json"), help="where to write JSON")
     args = parser.parse_args(argv)
     if args.windows < 1 or args.window < 2:
         parser.error("--windows must be at least 1 and --window at least 2")
     logging.basicConfig(level=logging.WARNING)
+    if args.torch_threads:  # read by torch when first imported (the serving node), and kept for the trainers
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
+    load_at_start = os.getloadavg()
     home = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     home.chmod(0o755)  # an embedded PostgreSQL runs as `nobody` when we are root
     (home / "logs").mkdir()
@@ -364,8 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(amain(args, home))
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    result["machine"]["load_average_at_start"] = load_at_start
     print()
     print(table(result))
+    print(f"load average (1, 5, 15 min): at start {load_at_start}, at end {result['machine']['load_average_at_end']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwritten to {args.json}")

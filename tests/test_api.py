@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,10 @@ async def test_manual_train_and_the_status_of_each_job_state(api: Api) -> None:
 
     claimed = await job_queue.claim(db, "worker-a", 60, 3)
     assert claimed is not None and claimed.id == first["job_id"]
+    started = time.time() - 30  # the phase began 30 s ago (the worker's clock)
     progress = {
         "phase": "training",
+        "phase_started_at": started,
         "step": 3,
         "total_steps": 12,
         "epoch": 1,
@@ -185,10 +188,15 @@ async def test_manual_train_and_the_status_of_each_job_state(api: Api) -> None:
         "tokens_per_s": 900.0,
         "eta_s": 42.0,
         "penalty": 0.01,
+        "recent_losses": [1.5, 1.25],
     }
     assert await job_queue.heartbeat(db, claimed.id, "worker-a", 60, progress)
     job = (await api.http.get("/training/status")).json()["jobs"][0]
-    assert job["state"] == "running" and job["attempts"] == 1 and job["progress"] == progress
+    shown = job["progress"]
+    assert datetime.fromisoformat(shown.pop("phase_started_at")).timestamp() == pytest.approx(started)
+    assert 30 <= shown.pop("phase_elapsed_s") < 90  # how long it has been in its phase
+    assert job["state"] == "running" and job["attempts"] == 1
+    assert shown == {name: value for name, value in progress.items() if name != "phase_started_at"}
 
     await job_queue.finish_unreleased(db, claimed.id, "worker-a", "failed", "out of memory at step 3/12")
     await add_samples(db, 2000, 2)

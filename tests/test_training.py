@@ -246,7 +246,8 @@ def test_entry_point_writes_a_loadable_adapter(tiny_base: Path, samples_file: Pa
     out = tmp_path / "out"
     code, events, stderr = run_recipe(make_spec(tiny_base, samples_file, out), tmp_path)
     assert code == 0, stderr
-    assert [e["event"] for e in events] == ["progress"] * 6 + ["result"]
+    phases = ["loading_base", "evaluating", "training", *["progress"] * 6, "evaluating", "fisher", "result"]
+    assert [e.get("phase", e["event"]) for e in events] == phases
     assert events[-1]["steps"] == 6 and events[-1]["eval_loss_after"] < events[-1]["eval_loss_before"]
 
     tok = AutoTokenizer.from_pretrained(tiny_base)

@@ -74,11 +74,19 @@ class JobProgress(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    phase: str | None = Field(None, description="training, releasing, ...")
+    phase: str | None = Field(
+        None,
+        description="preparing, waiting_for_trainer (a trainer process starting, or the warm one finishing its "
+        "checks), loading_base, setting_up (the base already loaded), evaluating, training, fisher, uploading, "
+        "releasing.",
+    )
+    phase_started_at: datetime | None = Field(None, description="When the phase began (the worker's clock).")
+    phase_elapsed_s: float | None = Field(None, description="Seconds in the phase so far (running jobs).")
     step: int | None = None
     total_steps: int | None = None
     epoch: int | None = None
     loss: float | None = Field(None, description="Loss of the last step (task loss plus EWC penalty).")
+    recent_losses: list[float] | None = Field(None, description="Losses of the last steps (up to 32), oldest first.")
     tokens_per_s: float | None = None
     eta_s: float | None = Field(None, description="Seconds of training left, estimated.")
 

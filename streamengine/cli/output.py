@@ -26,12 +26,14 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def progress_text(job: dict[str, Any]) -> str:
-    """What a job is doing or why it ended: step, loss, throughput and ETA while running; the error after."""
+    """What a job is doing or why it ended: the phase and how long it has been in it, then step, loss,
+    throughput and ETA while training; the error after."""
     if job.get("error"):
         return str(job["error"])
     progress = job.get("progress") or {}
+    phase = f"{str(progress.get('phase') or '').replace('_', ' ')} {duration(progress.get('phase_elapsed_s'))}"
     if job["state"] == "running" and progress.get("step"):
-        parts = [f"step {progress['step']}/{progress.get('total_steps', '?')}"]
+        parts = [phase, f"step {progress['step']}/{progress.get('total_steps', '?')}"]
         if progress.get("epoch"):
             parts.append(f"epoch {progress['epoch']}")
         parts.append(f"loss {_num(progress.get('loss'))}")
@@ -43,7 +45,7 @@ def progress_text(job: dict[str, Any]) -> str:
         metrics = job.get("metrics") or {}
         before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
         return f"eval loss {_num(before)} -> {_num(after)}" if before is not None else ""
-    return str(progress.get("phase") or "")
+    return phase if job["state"] == "running" and progress.get("phase") else str(progress.get("phase") or "")
 
 
 def status_header(data: dict[str, Any]) -> str:

@@ -3,9 +3,10 @@
 The claim gives a worker the job for ``worker.lease_s``. :meth:`Lease.hold` runs the job's work and
 renews the lease every ``worker.heartbeat_s`` (at least twice per lease) in every phase: data, training
 or Fisher (the child process, evaluation included), upload, release. Each renewal stores the job's
-progress. A renewal that fails (PostgreSQL restarting, a connection cut) is logged and tried again with
-back-off. When the lease cannot be renewed before it runs out, or another worker holds it, the work is
-cancelled (the trainer child dies with it) and :class:`LeaseLost` raised: the worker gives the job up
+progress; a new phase is stored at once (a renewal then, unless renewals are failing). A renewal that
+fails (PostgreSQL restarting, a connection cut) is logged and tried again with back-off. When the lease
+cannot be renewed before it runs out, or another worker holds it, the work is cancelled (the trainer
+process dies with it, a warm one too) and :class:`LeaseLost` raised: the worker gives the job up
 without releasing, and whoever claims it next starts it again. Without this a lease could lapse under a
 live worker: a second worker trained the same job, and at the attempt limit a live job was marked
 "worker lost".
@@ -47,14 +48,21 @@ class Lease:
         self.lease_s = settings.lease_s
         self.interval_s = min(settings.heartbeat_s, settings.lease_s / 2)
         self.retry = Backoff(self.interval_s / 8, self.interval_s, jitter=0.5)
-        self.progress: dict[str, Any] = {"phase": "preparing"}
+        self.progress: dict[str, Any] = {"phase": "preparing", "phase_started_at": time.time()}
         self._renewed_at = claimed_at
         self._renewing = asyncio.Lock()
         self._ended = False
+        self._new_phase = asyncio.Event()
 
     def phase(self, name: str) -> None:
-        """The job entered phase ``name`` (stored with the next renewal)."""
-        self.progress = {"phase": name}
+        """The job entered phase ``name`` now (stored at once, with its start time)."""
+        self.progress = {"phase": name, "phase_started_at": time.time()}
+        self._new_phase.set()
+
+    def report(self, **fields: Any) -> None:
+        """Progress within the phase (a training step's numbers), stored with the next renewal."""
+        phase = {name: self.progress[name] for name in ("phase", "phase_started_at")}
+        self.progress = {**phase, **fields}
 
     async def hold(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` while renewing the lease; cancel it and raise :class:`LeaseLost` when the lease is lost.
@@ -90,7 +98,7 @@ class Lease:
         failures, error = 0, ""
         while True:
             wait = self.retry.delay(failures, random.random()) if failures else self.interval_s
-            await asyncio.sleep(max(0.0, min(wait, self._left())))
+            await self._pause(max(0.0, min(wait, self._left())), early=not failures)
             async with self._renewing:
                 if self._ended:
                     return
@@ -100,6 +108,15 @@ class Lease:
             if failures and not error:
                 log.info("job %d: lease renewed after %d failed tries", self.job_id, failures)
             failures = failures + 1 if error else 0
+
+    async def _pause(self, seconds: float, early: bool) -> None:
+        """Wait ``seconds``; ``early``: a new phase ends the wait."""
+        if early:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_phase.wait(), seconds)
+        else:
+            await asyncio.sleep(seconds)
+        self._new_phase.clear()
 
     def _left(self) -> float:
         """Seconds until the lease surely runs out, unless renewed."""

@@ -13,9 +13,11 @@ import asyncio
 import json
 import logging
 import signal
+from asyncio.subprocess import Process
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +28,7 @@ from streamengine.training.spec import Progress
 log = logging.getLogger(__name__)
 
 ProgressHandler = Callable[[Progress], Awaitable[None]]
+PhaseHandler = Callable[[str], Awaitable[None]]
 Result = TypeVar("Result", bound=BaseModel)
 # What a failed allocation says: torch's CPU and CUDA allocators, Python, the C library, OpenBLAS, the loader.
 _OOM_MARKERS = (
@@ -60,7 +63,7 @@ def _last_line(log_path: Path, start: int) -> str:
     return next((line.strip()[:300] for line in reversed(lines) if line.strip()), "")
 
 
-def _failure(code: int, log_path: Path, start: int, memory_limit_mb: int | None) -> TrainingError:
+def ended_failure(code: int, log_path: Path, start: int, memory_limit_mb: int | None) -> TrainingError:
     """Why a child that reported no result ended: a retryable crash, or out of memory (not retried)."""
     last = _last_line(log_path, start)
     if code < 0:
@@ -84,6 +87,7 @@ async def run_training(
     result_type: type[Result],
     on_progress: ProgressHandler | None = None,
     memory_limit_mb: int | None = None,
+    on_phase: PhaseHandler | None = None,
 ) -> Result:
     """Run a child (``argv``, e.g. :func:`~streamengine.training.launch.training_command`); return its result
     line as a ``result_type``. ``memory_limit_mb`` caps the memory the child may allocate.
@@ -93,39 +97,80 @@ async def run_training(
     """
     with log_path.open("ab") as stderr:
         start = stderr.tell()  # this child's lines begin here
-        child = await asyncio.create_subprocess_exec(
-            *child_process.command(argv, memory_limit_mb),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            env=child_process.environment(),
-        )
-        result: Result | None = None
-        error: str | None = None
+        child = await start_child(argv, stderr, memory_limit_mb)
         try:
             assert child.stdout is not None
-            async for raw in child.stdout:
-                try:
-                    record = json.loads(raw)
-                except ValueError:
-                    continue
-                kind = record.pop("event", None)
-                if kind == "progress" and on_progress is not None:
-                    await on_progress(_parse(Progress, record))
-                elif kind == "result":
-                    result = _parse(result_type, record)
-                elif kind == "error":
-                    error = str(record.get("message", "training failed"))
+            report = await read_report(child.stdout, result_type, on_progress, on_phase)
+            await child.stdout.read()  # whatever follows its last line, up to its end
             code = await child.wait()
         except BaseException:
             if child.returncode is None:
                 child.kill()
                 await child.wait()
             raise
-    if error is not None:
-        raise TrainingError(memory_message(error, memory_limit_mb) if out_of_memory(error) else error)
-    if code != 0 or result is None:
-        raise _failure(code, log_path, start, memory_limit_mb)
-    return result
+    return report.outcome(code, log_path, start, memory_limit_mb)
+
+
+async def start_child(
+    argv: list[str], stderr: IO[bytes], memory_limit_mb: int | None, stdin: int | None = None
+) -> Process:
+    """``argv`` as a trainer child: the filtered environment, death with this process, the memory cap;
+    ``stdin`` ``asyncio.subprocess.PIPE`` for a child that reads requests (a warm trainer)."""
+    return await asyncio.create_subprocess_exec(
+        *child_process.command(argv, memory_limit_mb),
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env=child_process.environment(),
+    )
+
+
+@dataclass
+class Report(Generic[Result]):
+    """What a trainer reported for one job: its result, or its error message; neither when it died first."""
+
+    result: Result | None = None
+    error: str | None = None
+
+    def outcome(self, code: int | None, log_path: Path, start: int, memory_limit_mb: int | None) -> Result:
+        """The result, or the error to raise: the trainer's message, else why it ended (``code``, its log)."""
+        if self.error is not None:
+            error = self.error
+            raise TrainingError(memory_message(error, memory_limit_mb) if out_of_memory(error) else error)
+        if self.result is None or code not in (0, None):
+            raise ended_failure(code or 0, log_path, start, memory_limit_mb)
+        return self.result
+
+
+async def read_report(
+    stdout: asyncio.StreamReader,
+    result_type: type[Result],
+    on_progress: ProgressHandler | None = None,
+    on_phase: PhaseHandler | None = None,
+) -> Report[Result]:
+    """Read a trainer's JSON lines up to its ``result`` or ``error`` line (or the end of its output), passing
+    ``progress`` and ``phase`` lines on; lines that are not JSON objects are skipped."""
+    async for raw in stdout:
+        record = json_object(raw)
+        kind = record.pop("event", None)
+        if kind == "progress" and on_progress is not None:
+            await on_progress(_parse(Progress, record))
+        elif kind == "phase" and on_phase is not None:
+            await on_phase(str(record.get("phase", "")))
+        elif kind == "result":
+            return Report(result=_parse(result_type, record))
+        elif kind == "error":
+            return Report(error=str(record.get("message", "training failed")))
+    return Report()
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A line as a JSON object; {} for anything else."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _parse(model: type[Result], record: dict[str, Any]) -> Result:

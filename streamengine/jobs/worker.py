@@ -3,7 +3,12 @@
 Sequence for one job (each step safe to repeat after a crash):
 claim (lease) -> samples from PostgreSQL -> parent adapter from S3 -> train (child process) -> reserve
 the version -> manifest + upload + verify -> one transaction: registry row, aliases, outbox row, job
-released. Heartbeats keep the lease (and carry progress) through all of it (:mod:`streamengine.jobs.lease`).
+released. Heartbeats keep the lease (and carry progress and the phase) through all of it
+(:mod:`streamengine.jobs.lease`). Training runs in the worker's warm trainer, a process kept between jobs
+with the base model loaded (:mod:`streamengine.jobs.warm_trainer`), or with ``worker.warm`` false, with
+``training.processes`` > 1, on a quantized base and for Fisher jobs, in a process of its own. An idle
+worker is woken by a new job (PostgreSQL NOTIFY, :mod:`streamengine.store.notify`) and looks every
+``worker.poll_s`` as well.
 """
 
 from __future__ import annotations
@@ -32,16 +37,21 @@ from streamengine.core.release import build_release, manifest_of
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
 from streamengine.jobs import anchors, dataset
 from streamengine.jobs.lease import Lease, LeaseLost
-from streamengine.jobs.trainer_process import Result, TrainingCrashed, run_training
+from streamengine.jobs.trainer_process import ProgressHandler, Result, TrainingCrashed, run_training
+from streamengine.jobs.warm_trainer import WarmTrainer, takes
 from streamengine.store import job_queue, registry, windows
 from streamengine.store.db import Database
 from streamengine.store.folders import file_sha256
 from streamengine.store.job_queue import FISHER_FILE
+from streamengine.store.notify import JOBS, Wakeups
 from streamengine.store.objects import ObjectStore
 from streamengine.training.launch import fisher_command, training_command
 from streamengine.training.spec import FisherResult, FisherSpec, Progress, TrainResult, TrainSpec
+from streamengine.training.warm_protocol import Preload
 
 log = logging.getLogger(__name__)
+
+RECENT_LOSSES = 32  # step losses kept in a running job's progress
 
 OUTAGE_BACKOFF_MAX_S = 30.0
 """Longest wait between two tries while a dependency (S3) is unreachable (from ``worker.poll_s``, doubling)."""
@@ -61,14 +71,25 @@ class Worker:
         )
         self.outages = 0
         """Jobs in a row that ended on an unreachable dependency: the next claim waits longer each time."""
+        worker = settings.worker
+        limit = worker.trainer_memory_limit_mb
+        self.trainer = WarmTrainer(worker, self.work_dir / "trainer.log", limit) if worker.warm else None
+        self.wakeups = Wakeups(db, JOBS)
+        self._running = False  # run() keeps the warm trainer between jobs
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and process jobs until ``stop`` is set; a job in progress then goes back to the queue."""
-        log.info("worker %s polling for jobs", self.owner)
+        log.info("worker %s waiting for jobs", self.owner)
+        self._running = True
+        model, training = self.settings.model, self.settings.training
+        if self.trainer is not None and takes(training.processes, model.quantization):
+            self.trainer.prewarm(
+                Preload(base_model=model.base, device=training.device, quantization=model.quantization)
+            )
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
-                current = asyncio.create_task(self.run_once())
+                current = asyncio.create_task(self._one_job())
                 await asyncio.wait({current, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not current.done():
                     current.cancel()
@@ -84,15 +105,33 @@ class Worker:
                     log.warning("worker: %s (%s); retrying", exc, type(exc).__name__)
                     job = None
                 poll_s = self.settings.worker.poll_s
-                wait_s = Backoff(2 * poll_s, OUTAGE_BACKOFF_MAX_S).delay(self.outages) if self.outages else poll_s
-                if job is None or self.outages:
+                if self.outages:
                     with contextlib.suppress(TimeoutError):
+                        wait_s = Backoff(2 * poll_s, OUTAGE_BACKOFF_MAX_S).delay(self.outages)
                         await asyncio.wait_for(asyncio.shield(stopping), timeout=wait_s)
+                elif job is None:
+                    await self.wakeups.wait(poll_s, stop)
         finally:
             stopping.cancel()
+            self._running = False
+            await self.close()
+
+    async def close(self) -> None:
+        """End the warm trainer and the LISTEN connection."""
+        await self.wakeups.close()
+        if self.trainer is not None:
+            await self.trainer.close()
 
     async def run_once(self) -> job_queue.Job | None:
-        """Claim one job and take it to its end state; None when the queue is empty."""
+        """Claim one job and take it to its end state; None when the queue is empty. Outside :meth:`run`, the
+        trainer it starts ends with it: a lone job leaves no process behind."""
+        try:
+            return await self._one_job()
+        finally:
+            if not self._running and self.trainer is not None:
+                await self.trainer.close()
+
+    async def _one_job(self) -> job_queue.Job | None:
         worker = self.settings.worker
         claimed_at = time.monotonic()
         job = await job_queue.claim(self.db, self.owner, worker.lease_s, worker.max_attempts)
@@ -127,9 +166,7 @@ class Worker:
             raise
         return job
 
-    async def _finish(
-        self, job: job_queue.Job, state: JobState, error: str, retry: bool, limited: bool = True
-    ) -> str:
+    async def _finish(self, job: job_queue.Job, state: JobState, error: str, retry: bool, limited: bool = True) -> str:
         metrics.JOB_FAILURES.labels(job.model).inc()
         limit = self.settings.worker.max_attempts if limited else None
         try:
@@ -172,9 +209,7 @@ class Worker:
         spec_path = folder / "spec.json"
         await asyncio.to_thread(spec.write, spec_path)
         started = time.monotonic()
-        argv = training_command(spec_path, self.settings.training.processes)
-        lease.phase("training")
-        result = await self._run_child(job, lease, argv, folder / "train.log", TrainResult)
+        result = await self._train(job, lease, spec, spec_path, folder / "train.log")
         record_training_metrics(job.model, result)
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
         decision = decide(result.eval, self.gate)
@@ -251,13 +286,41 @@ class Worker:
         )
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
+    async def _train(
+        self, job: job_queue.Job, lease: Lease, spec: TrainSpec, spec_path: Path, log_path: Path
+    ) -> TrainResult:
+        """Train in the warm trainer, or in a process of its own; the phases go into the lease and the metrics."""
+        clock = PhaseClock(lease)
+        on_progress = self._progress_handler(job, lease)
+        processes = self.settings.training.processes
+        if self.trainer is not None and takes(processes, spec.quantization):
+            result, warm = await self.trainer.train(spec, log_path, on_progress, clock.enter)
+        else:
+            await clock.enter("waiting_for_trainer")
+            limit = self.settings.worker.trainer_memory_limit_mb
+            argv = training_command(spec_path, processes)
+            result = await run_training(argv, log_path, TrainResult, on_progress, limit, on_phase=clock.enter)
+            warm = False
+        clock.finish(warm)
+        log.info("job %d trained (%s trainer): %s", job.id, "warm" if warm else "fresh", clock.summary())
+        return result
+
     async def _run_child(
         self, job: job_queue.Job, lease: Lease, argv: list[str], log_path: Path, result_type: type[Result]
     ) -> Result:
-        """Run a training child process; its progress goes into the lease's heartbeats and the metrics."""
+        """Run a Fisher child process; its phases and progress go into the lease's heartbeats and the metrics."""
+        limit = self.settings.worker.trainer_memory_limit_mb
+        clock = PhaseClock(lease)
+        return await run_training(
+            argv, log_path, result_type, self._progress_handler(job, lease), limit, on_phase=clock.enter
+        )
+
+    def _progress_handler(self, job: job_queue.Job, lease: Lease) -> ProgressHandler:
+        """Training steps into the lease's next heartbeat, the metrics and the log (about ten lines a job)."""
 
         async def on_progress(record: Progress) -> None:
-            lease.progress = {"phase": lease.progress["phase"], **record.model_dump(mode="json")}
+            recent = [*lease.progress.get("recent_losses", []), record.loss][-RECENT_LOSSES:]  # top's sparkline
+            lease.report(**record.model_dump(mode="json"), recent_losses=recent)
             metrics.TRAINING_LOSS.labels(job.model).set(record.task_loss)
             metrics.EWC_PENALTY.labels(job.model).set(record.penalty)
             step, total = record.step, record.total_steps
@@ -272,8 +335,7 @@ class Worker:
                     record.eta_s,
                 )
 
-        limit = self.settings.worker.trainer_memory_limit_mb
-        return await run_training(argv, log_path, result_type, on_progress, memory_limit_mb=limit)
+        return on_progress
 
     async def _upload(
         self, job: job_queue.Job, version: str, output: Path, numbers: dict[str, float | None]
@@ -309,6 +371,40 @@ class Worker:
         metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
         metrics.UPLOAD_BYTES.inc(event.size_bytes)
         return event
+
+
+class PhaseClock:
+    """A trainer's phases: each stored in the lease as it begins, each one's duration in the metrics."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.current: str | None = None
+        self.since = 0.0
+        self.seconds: dict[str, float] = {}
+
+    async def enter(self, name: str) -> None:
+        self._close()
+        self.current, self.since = name, time.monotonic()
+        self.lease.phase(name)
+
+    def finish(self, warm: bool) -> None:
+        """The trainer reported its result: the last phase ends; the start, base load and warmth are recorded."""
+        self._close()
+        label = "true" if warm else "false"
+        metrics.TRAINER_JOBS.labels(label).inc()
+        metrics.TRAINER_START_SECONDS.labels(label).observe(self.seconds.get("waiting_for_trainer", 0.0))
+        if "loading_base" in self.seconds:
+            metrics.TRAINER_BASE_LOAD_SECONDS.observe(self.seconds["loading_base"])
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.seconds.items())
+
+    def _close(self) -> None:
+        if self.current is not None:
+            elapsed = time.monotonic() - self.since
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + elapsed
+            metrics.TRAINER_PHASE_SECONDS.labels(self.current).observe(elapsed)
+            self.current = None
 
 
 def record_training_metrics(model: str, result: TrainResult) -> None:

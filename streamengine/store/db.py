@@ -28,18 +28,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """Owns the pool; repositories (ingest, jobs, registry, outbox) borrow connections from it."""
 
-    def __init__(self, pool: asyncpg.Pool, target: str, passwords: list[str] | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, target: str, passwords: list[str] | None = None, dsn: str | None = None
+    ) -> None:
         self.pool = pool
         self.target = target
         self._passwords = passwords or []
+        self._dsn = dsn  # the pool's, TLS options included: for connections of their own
 
     @classmethod
     async def connect(cls, settings: DatabaseSettings, migrate: bool = True) -> Database:
         url = settings.url.get_secret_value()
         where, passwords = target(url), dsn_passwords(url)
+        dsn = _with_tls(settings)
         try:
             pool = await asyncpg.create_pool(
-                _with_tls(settings),
+                dsn,
                 min_size=settings.pool_min,
                 max_size=settings.pool_max,
                 init=_init_connection,
@@ -55,13 +59,22 @@ class Database:
             raise ConfigError(
                 f"database.url (STREAMENGINE_DATABASE__URL) is not a usable PostgreSQL DSN: {reason}"
             ) from None
-        db = cls(pool, where, passwords)
+        db = cls(pool, where, passwords, dsn)
         if migrate:
             await db.migrate()
         return db
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def connect_one(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool (one that LISTENs: :mod:`streamengine.store.notify`)."""
+        if self._dsn is None:
+            raise ServiceUnavailable("PostgreSQL", self.target, "no DSN to open a connection of its own with")
+        try:
+            return await asyncpg.connect(self._dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ServiceUnavailable("PostgreSQL", self.target, _safe_reason(exc, self._passwords)) from None
 
     async def ping(self) -> None:
         try:

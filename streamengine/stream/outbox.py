@@ -2,7 +2,9 @@
 
 A transaction-scoped advisory lock makes one relay active at a time across replicas, which keeps the
 per-model order of ``adapter.released`` records. A row is marked sent only after Kafka acknowledged
-it; a crash in between republishes it (at-least-once; consumers ignore duplicate versions).
+it; a crash in between republishes it (at-least-once; consumers ignore duplicate versions). A new row
+wakes the relay at once (PostgreSQL NOTIFY, :mod:`streamengine.store.notify`); it also looks every
+``interval_s``, in case a notification was lost.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from streamengine.contract.cloudevents import as_kafka
 from streamengine.core.backoff import Backoff
 from streamengine.store import outbox
 from streamengine.store.db import Database
+from streamengine.store.notify import OUTBOX, Wakeups
 from streamengine.stream.ingest import RecordSender
 
 log = logging.getLogger(__name__)
+
 
 async def relay_once(db: Database, sender: RecordSender, limit: int = 100) -> int:
     """Publish up to ``limit`` pending rows; returns how many were published."""
@@ -48,15 +52,23 @@ async def relay_once(db: Database, sender: RecordSender, limit: int = 100) -> in
 
 
 async def run_relay(db: Database, sender: RecordSender, stop: asyncio.Event, interval_s: float = 0.5) -> None:
-    """Relay until ``stop`` is set, backing off while Kafka or PostgreSQL fail (2, 4, 8 ... intervals, at most 10 s)."""
+    """Relay until ``stop`` is set: at each new row, and every ``interval_s``; backing off while Kafka or
+    PostgreSQL fail (2, 4, 8 ... intervals, at most 10 s)."""
     backoff, failures = Backoff(2 * interval_s, 10.0), 0
-    while not stop.is_set():
-        try:
-            if await relay_once(db, sender):
-                continue  # more may be waiting
-            failures = 0
-        except Exception as exc:
-            log.warning("outbox relay failed (%s: %s)", type(exc).__name__, exc)
-            failures += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=backoff.delay(failures) if failures else interval_s)
+    wakeups = Wakeups(db, OUTBOX)
+    try:
+        while not stop.is_set():
+            try:
+                if await relay_once(db, sender):
+                    continue  # more may be waiting
+                failures = 0
+            except Exception as exc:
+                log.warning("outbox relay failed (%s: %s)", type(exc).__name__, exc)
+                failures += 1
+            if failures:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=backoff.delay(failures))
+            else:
+                await wakeups.wait(interval_s, stop)
+    finally:
+        await wakeups.close()

@@ -4,7 +4,9 @@ A training job in one process: ``python -m streamengine.training.recipe SPEC``; 
 (``python -m torch.distributed.run --standalone --nproc_per_node N -m streamengine.training.recipe SPEC``;
 see :mod:`streamengine.training.dist` for what the processes do then). A Fisher job:
 ``python -m streamengine.training.fisher_job SPEC``. A self-anchor build:
-``python -m streamengine.training.anchor_job SPEC``. SPEC is a :mod:`streamengine.training.spec` file.
+``python -m streamengine.training.anchor_job SPEC``. SPEC is a :mod:`streamengine.training.spec` file. A warm
+trainer, kept between training jobs (one process): ``python -m streamengine.training.warm BASES``
+(:mod:`streamengine.training.warm`; it reads its jobs on stdin).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 
 RECIPE_MODULE = "streamengine.training.recipe"
 FISHER_MODULE = "streamengine.training.fisher_job"
+WARM_MODULE = "streamengine.training.warm"
 ANCHOR_MODULE = "streamengine.training.anchor_job"
 
 
@@ -34,3 +37,8 @@ def fisher_command(spec_path: str | os.PathLike[str], python: str | None = None)
 def anchor_command(spec_path: str | os.PathLike[str], python: str | None = None) -> list[str]:
     """The argv that builds a self-anchor set (an :class:`~streamengine.training.spec.AnchorSpec` file)."""
     return [python or sys.executable, "-m", ANCHOR_MODULE, str(spec_path)]
+
+
+def warm_command(bases: int = 1, python: str | None = None) -> list[str]:
+    """The argv of a warm trainer that keeps ``bases`` base models loaded between jobs."""
+    return [python or sys.executable, "-m", WARM_MODULE, str(bases)]

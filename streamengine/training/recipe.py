@@ -20,8 +20,9 @@
    ``result.json`` last, so its presence marks a complete output.
 
 Run by the worker as a process (the argv of :func:`launch.training_command`): rank 0 prints one JSON
-object per stdout line (``progress`` records, then ``result``) and exits 0; on a :class:`TrainingError`
-it prints ``{"event": "error", "message": ...}`` and exits 2 (1 for any other crash).
+object per stdout line (``phase`` and ``progress`` records, then ``result``) and exits 0; on a
+:class:`TrainingError` it prints ``{"event": "error", "message": ...}`` and exits 2 (1 for any other crash).
+A warm trainer (:mod:`warm`) runs :func:`train` for job after job in one process, on a base it keeps loaded.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from streamengine.training.fisher import (
 )
 from streamengine.training.kto import KtoReference, kto_step_loss, mismatched_examples, sequence_logps
 from streamengine.training.losses import batch_losses, batches, evaluate, forward_logits, sample_losses, weighted_loss
-from streamengine.training.model import dtype_for, load_for_training
+from streamengine.training.model import BaseCache, dtype_for, load_for_training
 from streamengine.training.quant import check_quantized_gradients
 from streamengine.training.spec import Progress, TrainResult, TrainSpec, event_line
 
@@ -82,6 +83,8 @@ __all__ = [
 ]
 
 ProgressCallback = Callable[[Progress], None]
+# Told the phase the job enters: loading_base (set up), evaluating, training, fisher.
+PhaseCallback = Callable[[str], None]
 # A term added to each step's loss, given the model (the EWC penalty is one).
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -133,19 +136,31 @@ class Trained:
     penalty: float  # the last step's
 
 
-def train(spec: TrainSpec, progress: ProgressCallback | None = None, penalty: Penalty | None = None) -> TrainResult:
-    """Run one training job (see the module docstring); ``penalty`` is added to every step's loss."""
+def train(
+    spec: TrainSpec,
+    progress: ProgressCallback | None = None,
+    penalty: Penalty | None = None,
+    phase: PhaseCallback | None = None,
+    bases: BaseCache | None = None,
+) -> TrainResult:
+    """Run one training job (see the module docstring); ``penalty`` is added to every step's loss, ``phase``
+    hears each phase begin, ``bases``: a warm trainer's loaded bases (see :mod:`warm`)."""
     started = time.monotonic()
-    setup = set_up(spec, penalty)
+    enter = phase or (lambda name: None)
+    enter("loading_base")
+    setup = set_up(spec, penalty, bases)
+    enter("evaluating")
     before = measure_before(setup)
+    enter("training")
     trained = train_loop(setup, before.reference, progress)
-    return finish(setup, before, trained, started)
+    enter("evaluating")
+    return finish(setup, before, trained, started, enter)
 
 
 # --- 1. set up ---------------------------------------------------------------------------------------
 
 
-def set_up(spec: TrainSpec, penalty: Penalty | None = None) -> Setup:
+def set_up(spec: TrainSpec, penalty: Penalty | None = None, bases: BaseCache | None = None) -> Setup:
     """Phase 1: processes, seed, samples, eval sets, parent Fisher and model; every input problem surfaces here."""
     cfg = spec.training
     dist = Dist.start(cfg.device)
@@ -153,7 +168,7 @@ def set_up(spec: TrainSpec, penalty: Penalty | None = None) -> Setup:
     examples = _read_training_samples(spec)
     eval_examples = {n: [e for e in read_samples(p) if e.weight > 0 and e.label > 0] for n, p in spec.eval_sets.items()}
     parent_fisher = load_fisher(spec.parent_fisher) if spec.parent_fisher else None
-    loaded = load_for_training(spec.base_model, spec.lora, spec.parent_adapter, dist.device, spec.quantization)
+    loaded = load_for_training(spec.base_model, spec.lora, spec.parent_adapter, dist.device, spec.quantization, bases)
     model, device, tokenizer = loaded.model, loaded.device, loaded.tokenizer
     pad = pad_id(tokenizer)
     if spec.quantization != "none":
@@ -314,13 +329,17 @@ def _sft_share(
 # --- 4. finish ---------------------------------------------------------------------------------------
 
 
-def finish(setup: Setup, before: Before, trained: Trained, started: float) -> TrainResult:
+def finish(
+    setup: Setup, before: Before, trained: Trained, started: float, phase: PhaseCallback | None = None
+) -> TrainResult:
     """Phase 4: measure after, then the adapter, the Fisher and ``result.json`` (last: it marks a complete output)."""
     spec, dist = setup.spec, setup.dist
     eval_loss_after, evals = _measure_after(setup, before)
     output_dir = Path(spec.output_dir)
     if dist.is_main:
         _save_adapter(setup.model, output_dir)
+    if spec.compute_fisher and phase is not None:
+        phase("fisher")
     fisher_seconds = _write_fisher(setup, output_dir / FISHER_FILE) if spec.compute_fisher else 0.0
     result = TrainResult(
         train_loss=trained.train_loss,
@@ -406,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr  # whatever a library prints cannot break the JSON lines
     try:
         spec = TrainSpec.read(args[0])
-        result = train(spec, progress=lambda p: emit(event_line("progress", p)))
+        result = train(
+            spec,
+            progress=lambda p: emit(event_line("progress", p)),
+            phase=lambda name: emit(event_line("phase", {"phase": name})),
+        )
     except TrainingError as exc:
         emit(event_line("error", {"message": str(exc)}))
         return 2

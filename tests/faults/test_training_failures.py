@@ -21,18 +21,15 @@ import httpx
 import pytest
 
 from streamengine.config.settings import Settings
-from streamengine.contract.events import AdapterReleased, FeedbackEvent
-from streamengine.core.samples import SamplePolicy, to_sample
-from streamengine.core.windows import WindowPolicy
+from streamengine.contract.events import AdapterReleased
 from streamengine.errors import TrainingError
 from streamengine.jobs.trainer_process import TrainingCrashed, run_training
 from streamengine.jobs.worker import Worker
-from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from streamengine.training.spec import FisherResult, TrainResult
 from tests import process_tools
-from tests.engine_tools import TRAINING, engine_running, fill_window, worker_settings
+from tests.engine_tools import TRAINING, engine_running, fill_long_window, fill_window, worker_settings
 from tests.kafka_tools import read_all
 from tests.polling import wait_for
 
@@ -103,19 +100,6 @@ async def test_diverging_training_fails_the_job_and_the_next_window_releases(
         await db.close()
 
 
-async def _fill_long_window(db: Database, start: int, count: int) -> windows.BatchOutcome:
-    """``count`` samples of ~250 tokens (byte tokenizer) closing one window."""
-    policy = SamplePolicy(kind_weights={"thumbs_up": 1.0})
-    rows = []
-    for i in range(start, start + count):
-        event = FeedbackEvent(
-            event_id=f"long-{i}", model=MODEL, prompt=f"Q{i}? " + "x" * 120, response=f"A{i} " + "y" * 120,
-            kind="thumbs_up", user_id=f"u{i % 50}",
-        )  # fmt: skip
-        rows.append((to_sample(event, policy), 0, i))
-    return await windows.write_batch(db, rows, WindowPolicy(max_samples=count))
-
-
 async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_releases(
     make_settings: Any, tiny_model: Path
 ) -> None:
@@ -128,9 +112,9 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
     store = ObjectStore.from_settings(settings.storage)
     try:
         async with engine_running(settings) as api:
-            assert len((await _fill_long_window(db, 0, 16)).closed) == 1
-            assert len((await _fill_long_window(db, 100, 800)).closed) == 1
-            assert len((await _fill_long_window(db, 1000, 16)).closed) == 1
+            assert len((await fill_long_window(db, 0, 16)).closed) == 1
+            assert len((await fill_long_window(db, 100, 800)).closed) == 1
+            assert len((await fill_long_window(db, 1000, 16)).closed) == 1
 
             tiny_cap = worker_settings(
                 make_settings, tiny_model, training=big_batch, worker={"trainer_memory_limit_mb": 64}
@@ -172,7 +156,8 @@ async def test_out_of_memory_fails_the_job_with_the_reason_and_the_next_window_r
 async def test_trainer_sigkilled_like_the_oom_killer_is_retried_then_failed(
     make_settings: Any, tiny_model: Path
 ) -> None:
-    settings = worker_settings(make_settings, tiny_model, worker={"max_attempts": 2, "poll_s": 0.2})
+    cold = {"max_attempts": 2, "poll_s": 0.2, "warm": False}  # a trainer process per job, found by its spec path
+    settings = worker_settings(make_settings, tiny_model, worker=cold)
     marker = str(Path(settings.worker.work_dir) / "job-1" / "spec.json")
     db = await Database.connect(settings.database)
     stop = asyncio.Event()

@@ -33,7 +33,8 @@ from tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LEASE = {"lease_s": 4.0, "heartbeat_s": 1.0, "poll_s": 0.2}
+# A trainer process per job (found by its spec path); the warm trainer: tests/faults/test_warm_trainer_faults.py.
+LEASE = {"lease_s": 4.0, "heartbeat_s": 1.0, "poll_s": 0.2, "warm": False}
 MODEL = "tiny-llama"
 
 

@@ -183,7 +183,8 @@ async def test_a_lease_that_cannot_be_renewed_stops_the_job(make_settings: Any, 
     worker stops training within the lease and gives the job up unreleased; the next worker claims and
     releases it."""
     endless = {**TRAINING, "epochs": 5000}
-    settings = worker_settings(make_settings, tiny_model, worker=LEASE, training=endless)
+    cold = {**LEASE, "warm": False}  # a trainer process of its own, found by its spec path
+    settings = worker_settings(make_settings, tiny_model, worker=cold, training=endless)
     db = await Database.connect(settings.database)
     store = ObjectStore.from_settings(settings.storage)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -66,7 +67,8 @@ async def training_status(
     model: ModelParam = None,
     limit: Annotated[int, Query(ge=1, le=500, description="How many recent jobs.")] = 20,
 ) -> TrainingStatus:
-    """The open window, production version, next tick and recent jobs (running ones with progress)."""
+    """The open window, production version, next tick and recent jobs (running ones with their phase, how long
+    they have been in it, and training progress)."""
     name = model_of(ctx, model)
     window = await windows.open_window(ctx.reads, name)
     last_tick = await windows.last_tick(ctx.reads, name)
@@ -80,10 +82,15 @@ async def training_status(
         next_tick_at=ctx.schedule.next_after(last_tick) if ctx.schedule and last_tick else None,
         jobs_by_state=await job_queue.count_by_state(ctx.reads, name),
         jobs=[
-            JobInfo(
-                **{k: getattr(j, k) for k in JobInfo.model_fields if k != "progress"},
-                progress=JobProgress(**(j.progress or {})),
-            )
+            JobInfo(**{k: getattr(j, k) for k in JobInfo.model_fields if k != "progress"}, progress=_progress(j))
             for j in jobs
         ],
     )
+
+
+def _progress(job: job_queue.Job) -> JobProgress:
+    """The job's stored progress; a running job's with the seconds it has been in its phase."""
+    progress = JobProgress(**(job.progress or {}))
+    if job.state == "running" and progress.phase_started_at is not None:
+        progress.phase_elapsed_s = max(0.0, (datetime.now(UTC) - progress.phase_started_at).total_seconds())
+    return progress
