@@ -45,6 +45,7 @@ COMMANDS = [
     "contract",
     "settings",
     "openapi",
+    "top",
 ]
 VALID = {"event_id": "e1", "model": "m", "prompt": "p", "response": "r", "kind": "thumbs_up", "user_id": "u"}
 Result = subprocess.CompletedProcess[str]
@@ -395,7 +396,7 @@ def test_up_runs_the_whole_loop_to_a_release(tmp_path: Path) -> None:
     env = clean_env()
     del env["PYTHONWARNINGS"]  # what a newcomer's terminal shows, Python warnings included
     home = tmp_path / "up"
-    # 30 events hold 22 trainable samples: one window of 16, so the release is the only job
+    # 30 events hold 28 trainable samples: one window of 16, so the release is the only job
     args = ["--dir", str(home), "--events", "30", "--window", "16", "--exit-after", "1"]
     result = streamengine("up", *args, cwd=tmp_path, env=env, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from streamengine.api.context import EngineContext
 from streamengine.api.error_handlers import install_error_handlers
-from streamengine.api.routers import adapters, health, metrics, privacy, training
+from streamengine.api.routers import adapters, health, lines, metrics, privacy, training
 from streamengine.config.settings import ApiSettings, Settings, is_loopback
 from streamengine.errors import ConfigError
 
@@ -34,7 +34,7 @@ def create_app(ctx: EngineContext | None = None) -> FastAPI:
     app = FastAPI(title="streamengine admin API", version="1", description=__doc__)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (health.router, training.router, adapters.router, privacy.router, metrics.router):
+    for router in (health.router, training.router, lines.router, adapters.router, privacy.router, metrics.router):
         app.include_router(router)
     return app
 

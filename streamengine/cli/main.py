@@ -28,6 +28,7 @@ import click
 
 from streamengine import logs
 from streamengine.cli import ops as cli_ops
+from streamengine.cli import top as cli_top
 from streamengine.cli.base import (
     State,
     json_option,
@@ -114,18 +115,25 @@ def worker(state: State, once: bool) -> None:
 @click.option("--events", default=400, show_default=True, help="Demo feedback events to produce (0: none).")
 @click.option("--window", "window_samples", default=64, show_default=True, help="Samples per training window.")
 @click.option("--exit-after", default=0, show_default=True, help="Stop after this many releases (0: run until Ctrl-C).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the demo's language, base model and feedback.")
+@click.option("--no-top", is_flag=True, help="Plain [up] lines only, without the live view (`streamengine top`).")
 @click.pass_context
-def up(ctx: click.Context, home: str, events: int, window_samples: int, exit_after: int) -> None:
+def up(
+    ctx: click.Context, home: str, events: int, window_samples: int, exit_after: int, seed: int, no_top: bool
+) -> None:
     """Run everything on embedded defaults: broker, PostgreSQL, S3, a tiny model, engine, worker, demo.
 
-    Prints its own [up] lines (services, each release and swap) and warnings; the full log is in DIR/logs.
-    `streamengine --log-level debug up` (or any level asked for) prints the log here too.
+    Prints its own [up] lines (services, each release and swap, the serving node's answers before and after)
+    and warnings; the full log is in DIR/logs. On a terminal the live view of `streamengine top` runs below
+    them (q or Ctrl-C stops). `streamengine --log-level debug up` (or any level asked for) prints the log here too.
     """
-    from streamengine.local.up import run_up
+    from streamengine.local.up import UpOptions, run_up
 
     quiet = ctx.find_root().get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
+    view = cli_top.up_view if console.is_terminal and not no_top else None
+    options = UpOptions(events, window_samples, exit_after, seed, quiet, view)
     home_dir = Path(home).absolute()
-    run_until_signal(lambda stop: run_up(home_dir, events, window_samples, exit_after, stop, quiet=quiet))
+    run_until_signal(lambda stop: run_up(home_dir, options, stop))
 
 
 @cli.command()
@@ -335,6 +343,7 @@ def adapters_gc(state: State, keep: int, dry_run: bool, model: str | None, as_js
 
 for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi, forget
     cli.add_command(_command)
+cli.add_command(cli_top.top)
 
 # Older flat command names, still accepted.
 cli.add_command(adapters_list, "list-adapters")
