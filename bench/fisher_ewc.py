@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from bench.forgetting import RESULTS, pretrain, window_items, write_jsonl
+from bench.forgetting.base import RESULTS, pretrain
+from bench.forgetting.tasks import window_items, write_jsonl
 from streamengine.config.settings import LoraSettings
 from streamengine.local.tinymodel import build_tiny_model
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id
@@ -220,7 +221,8 @@ LAMBDAS = [0.0, 100.0, 1000.0, 1e4, 1e5, 1e6]  # in "sum" units
 
 def scale(seed: int, steps: int) -> dict[str, Any]:
     """Lambda at which the first window's forgetting halves, per model size (normalize=sum units)."""
-    (up_train, up_hold), (next_train, next_hold) = window_items("conflict", seed + 11, 160, 40)[:2]
+    up, following = window_items("conflict", seed + 11, 160, 40, 0)[:2]
+    (up_train, up_hold), (next_train, next_hold) = (up.train, up.holdout), (following.train, following.holdout)
     out: dict[str, Any] = {"lambdas_sum_units": LAMBDAS, "sizes": []}
     with tempfile.TemporaryDirectory(prefix="fisher-scale-") as work_dir:
         work = Path(work_dir)
@@ -229,8 +231,7 @@ def scale(seed: int, steps: int) -> dict[str, Any]:
         holds = {"a": write_jsonl(work / "ha.jsonl", [(i, "window") for i in up_hold]),
                  "b": write_jsonl(work / "hb.jsonl", [(i, "window") for i in next_hold])}  # fmt: skip
         for hidden, layers, rank in SIZES:
-            name = f"base-{seed}-{steps}" + ("" if (hidden, layers) == (128, 4) else f"-h{hidden}-l{layers}")
-            base = pretrain(RESULTS / "cache" / name, steps, seed, hidden, layers)
+            base = pretrain(seed, {"steps": steps, "hidden": hidden, "layers": layers})
             lora = {"r": rank, "alpha": 2 * rank, "dropout": 0.0}
             common = {"batch_size": 16, "learning_rate": 3e-3, "max_length": 48, "device": "cpu", "epochs": 8}
             first = TrainSpec(base_model=str(base), samples_path=a_path, output_dir=str(work / f"a{hidden}"),

@@ -1,0 +1,110 @@
+"""Does each window improve the model without erasing what came before, or what the base knew?
+
+``python -m bench.forgetting`` (3 bases x 3 data seeds x 3 cases; ``--quick`` for a smoke run). Deterministic
+for given bases and seeds on one machine.
+
+1. Bases: tiny chat Llamas (hidden 128, 4 layers, byte tokenizer, 0.75M parameters) pretrained in full, from
+   different seeds, on whole conversations of a base skill (``copy w`` -> ``w``, ``low W`` -> ``w``): see
+   :mod:`bench.forgetting.base` (cached; the key hashes everything that shapes the base).
+2. Windows, four per case, each a real training job (``recipe.train``: LoRA r16 on q/k/v/o, the exact Fisher
+   at the end of each job when EWC is on, replay and anchor lines mixed in as the worker does):
+   - ``conflict``: a new instruction per window with its own ending (``bang w`` -> ``w!!``, ``ask w`` -> ``w??``,
+     ``dots``, ``star``): the same skill with conflicting outputs;
+   - ``shared``: four instructions that mean the same (``bang``, ``yell``, ``shout``, ``cheer`` -> ``w!!``);
+   - ``facts``: disjoint ``fact key`` -> ``value`` pairs per window (the shape of corrections), scored on
+     the facts taught.
+3. Rows (``--rows``): ``naive`` sequential LoRA, ``replay``, ``ewc+replay`` (the configuration before self
+   anchors), anchor sources on top of it (``+true``: a curated set; ``+prompts``: a prompt-only file answered
+   by the base; ``+stream``: the stream's prompts answered by the base; ``+magpie``: prompts the base writes),
+   distillation, ``default`` (the shipped settings, no user anchor set or prompt file) and ``joint`` (one job
+   on all windows, the upper bound for the windows).
+4. After the last window: exact match (every completion token the argmax, teacher-forced: the same as
+   greedy decoding), token accuracy and NLL on each window's holdout and on the base skill.
+
+Writes bench/results/forgetting.json (``cases.<case>.<row>.summary``, ``spread``, ``min``, ``runs``) and
+prints the tables pasted into docs/learning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.forgetting import report
+from bench.forgetting.base import RESULTS, pretrain
+from bench.forgetting.experiment import MAIN_ROWS, QUICK_SIZES, ROWS, SIZES, TRAINING, unit
+from bench.forgetting.tasks import CASES
+
+
+def run(bases: list[int], seeds: int, cases: list[str], rows: list[str], sizes: dict[str, int],
+        jobs: int) -> dict[str, Any]:  # fmt: skip
+    """Every row on every base, data seed and case; the report (JSON layout of bench/results/forgetting.json)."""
+    built: dict[str, float] = {}
+    for b in bases:  # pretrained first, one at a time (cached)
+        t = time.monotonic()
+        built[pretrain(b).name] = time.monotonic() - t
+    units = [(b, seed, case) for b in bases for seed in range(10 * b, 10 * b + seeds) for case in cases]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        done = pool.starmap(unit, [(b, seed, case, rows, sizes) for b, seed, case in units])
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {c: {r: [] for r in rows} for c in cases}
+    for (b, seed, case), results in zip(units, done, strict=True):
+        for name, result in results.items():
+            runs[case][name].append({"base": b, "seed": seed, **result})
+    return {
+        "config": {"sizes": sizes, "training": TRAINING, "bases": bases, "seeds_per_base": seeds, "rows": rows,
+                   "methods": {n: vars(ROWS[n]) for n in rows if n in ROWS}},
+        "pretrain_seconds": built,
+        "cases": {case: {name: report.aggregate(r) for name, r in by_row.items()} for case, by_row in runs.items()},
+    }  # fmt: skip
+
+
+def merge(into: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """Add the rows of an earlier report (same bases, seeds and sizes) that this one did not run."""
+    for key in ("sizes", "bases", "seeds_per_base"):
+        if earlier["config"][key] != into["config"][key]:
+            raise SystemExit(f"--merge: the earlier report's {key} differs")
+    for case, rows in earlier["cases"].items():
+        for name, row in rows.items():
+            into["cases"].setdefault(case, {}).setdefault(name, row)
+    into["config"]["merged_rows"] = sorted({n for rows in earlier["cases"].values() for n in rows})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "forgetting.json")
+    parser.add_argument("--bases", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds")
+    parser.add_argument("--seeds", type=int, default=3, help="data seeds per base (base b: 10b, 10b+1, ...)")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--rows", default=MAIN_ROWS, help=f"of {', '.join([*ROWS, 'joint', 'joint-long'])}")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one base, one seed, tiny windows")
+    parser.add_argument("--jobs", type=int, default=1, help="processes (each one thread; same results)")
+    parser.add_argument("--merge", type=Path, help="add the other rows of an earlier report (same runs)")
+    parser.add_argument("--tables", type=Path, help="only print the tables of a report")
+    args = parser.parse_args(argv)
+    if args.tables:
+        print_tables(json.loads(args.tables.read_text()))
+        return 0
+    sizes, bases, seeds = (QUICK_SIZES, args.bases[:1], 1) if args.quick else (SIZES, args.bases, args.seeds)
+    started = time.monotonic()
+    report_ = run(bases, seeds, args.cases.split(","), args.rows.split(","), sizes, args.jobs)
+    report_["seconds"] = time.monotonic() - started
+    if args.merge:
+        merge(report_, json.loads(args.merge.read_text()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report_, indent=2))
+    print_tables(report_)
+    print(f"\n{report_['seconds']:.0f} s; JSON in {args.out}")
+    return 0
+
+
+def print_tables(report_: dict[str, Any]) -> None:
+    print("\n\n".join(report.case_table(case, rows) for case, rows in report_["cases"].items()))
+    print("\n" + report.targets_table(report_["cases"]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The benchmark's rows, training settings and one run (a base, a data seed, a case): see ``__main__``."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.forgetting import report
+from bench.forgetting.base import pretrain, score
+from bench.forgetting.methods import Method, Run, run_joint, run_method, shipped
+from bench.forgetting.tasks import WINDOWS, Item, base_items, window_items
+from streamengine.config.settings import EwcSettings, LearningSettings
+from streamengine.training import self_anchor
+
+LAMBDA, REPLAY = EwcSettings().lambda_, 0.25
+EWC_REPLAY = Method(lam=LAMBDA, replay=REPLAY)  # the configuration before self anchors
+ANCHORED = replace(EWC_REPLAY, anchor=0.1, anchor_min=16)
+ROWS: dict[str, Method] = {
+    "naive": Method(),
+    "replay": Method(replay=REPLAY),
+    "ewc+replay": EWC_REPLAY,
+    "+true": replace(ANCHORED, anchors="true"),
+    "+prompts": replace(ANCHORED, anchors="prompts"),
+    "+stream": replace(ANCHORED, anchors="stream"),
+    "+magpie": replace(ANCHORED, anchors="magpie"),
+    "+magpie+distill": replace(ANCHORED, anchors="magpie", distill=1.0),
+    "+magpie a0.2": replace(ANCHORED, anchor=0.2, anchors="magpie"),
+    "+magpie r0.5": replace(ANCHORED, replay=0.5, anchors="magpie"),
+    "default": shipped(),
+}
+MAIN_ROWS = "naive,ewc+replay,default,joint"
+# The benchmark's training settings (the same for every method): chosen so naive learns the newest window.
+TRAINING: dict[str, dict[str, Any]] = {
+    "conflict": {"batch_size": 16, "learning_rate": 3e-3, "epochs": 24},
+    "shared": {"batch_size": 16, "learning_rate": 3e-3, "epochs": 24},
+    "facts": {"batch_size": 16, "learning_rate": 3e-3, "epochs": 20},
+}
+SIZES = {"train_n": 96, "holdout_n": 32, "facts_n": 16, "copies": 8, "anchor_set": 128}
+QUICK_SIZES = {"train_n": 32, "holdout_n": 16, "facts_n": 8, "copies": 2, "anchor_set": 32}
+
+
+def anchor_set(source: str, base: Path, windows: list[Any], seed: int, size: int) -> tuple[list[Item], dict[str, Any]]:
+    """The anchor items of ``source`` for this base (and, for the stream, this run's first window)."""
+    if source == "none":
+        return [], {}
+    if source == "true":
+        return base_items(random.Random(seed + 3), size, set()), {}
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    given: dict[str, list[self_anchor.Prompt]] = {}
+    settings = LearningSettings().self_anchor
+    if source == "prompts":
+        given["prompts"] = [p for p, _ in base_items(random.Random(seed + 5), size, set())]
+    if source == "stream" or (source == "self" and settings.stream_prompts):
+        first = windows[0].train + windows[0].holdout
+        given["stream"] = [p for p, _ in first][: settings.stream_prompts or size]
+    magpie = source == "magpie" or (source == "self" and settings.magpie)
+    started = time.monotonic()
+    built = self_anchor.build(
+        model, tok, given, size, self_anchor.Filters(settings.min_chars, settings.max_repeat),
+        max_new_tokens=24, temperature=settings.temperature, seed=seed, magpie=magpie,
+    )  # fmt: skip
+    pairs = [(str(p), c) for p, c in built.pairs]
+    info = {"seconds": time.monotonic() - started, "size": len(pairs), "sources": built.sources}
+    return pairs, {**info, "dropped": built.dropped, "correct": _correct(base, pairs)}
+
+
+def _correct(base: Path, pairs: list[Item]) -> float:
+    """Share of the pairs that are true base-skill items (a well-formed prompt and its right answer)."""
+    right = sum(
+        1 for p, c in pairs if (p.startswith("copy ") and c == p[5:]) or (p.startswith("low ") and c == p[4:].lower())
+    )
+    return right / max(len(pairs), 1)
+
+
+def one_run(base: Path, case: str, seed: int, rows: list[str], sizes: dict[str, int]) -> dict[str, Any]:
+    """Every row on one base, case and data seed."""
+    windows = window_items(case, seed + 11, sizes["train_n"], sizes["holdout_n"], sizes["facts_n"], sizes["copies"])
+    base_holdout = base_items(random.Random(seed + 7), sizes["holdout_n"] * 2, set())
+    training = {**TRAINING[case], "seed": seed}
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    before = score(model, tok, base_holdout)
+    out: dict[str, Any] = {}
+    sets: dict[str, tuple[list[Item], list[Item], dict[str, Any]]] = {}
+
+    def anchors_of(source: str) -> tuple[list[Item], list[Item], dict[str, Any]]:
+        if source not in sets:  # built once per run and source: the pool and the gate's half
+            pairs, info = anchor_set(source, base, windows, seed, 2 * sizes["anchor_set"])
+            sets[source] = pairs[::2], pairs[1::2], info
+        return sets[source]
+
+    for name in rows:
+        method = ROWS.get(name, Method(joint=True))
+        pool, gate, built = anchors_of(method.anchors if method.anchors != "none" else "magpie")
+        run = Run(base, windows, base_holdout, training, gate)
+        if method.joint:
+            result = run_joint(run, training["epochs"] * (2 if name == "joint-long" else 1))
+        else:
+            result = {**run_method(run, method, pool if method.anchors != "none" else []), "anchor_set": built}
+        summary = report.summarise(result["final"], WINDOWS)
+        summary.update({f"base_{m}_before": before[m] for m in report.MEASURES})
+        summary["seconds_per_job"] = sum(j["seconds"] for j in result["jobs"]) / len(result["jobs"])
+        out[name] = {**result, "summary": summary}
+        print(f"{case} {base.name} seed {seed} {name}: " + json.dumps({k: round(v, 3) for k, v in summary.items()}),
+              flush=True)  # fmt: skip
+    return out
+
+
+def unit(b: int, seed: int, case: str, rows: list[str], sizes: dict[str, int]) -> dict[str, Any]:
+    """One base, data seed and case, in a worker process of one thread (on a shared machine one thread per
+    process wastes least; results do not depend on the number of processes)."""
+    torch.set_num_threads(1)
+    return one_run(pretrain(b), case, seed, rows, sizes)

@@ -1,0 +1,121 @@
+"""The methods: four windows trained one after another as real jobs (``recipe.train``), or jointly.
+
+Each job's samples file mixes the window, replay of earlier windows' training samples and anchor samples
+in the shares the worker uses (:func:`streamengine.jobs.dataset.job_mix`); EWC reads the parent's
+``fisher.safetensors``; distillation and the other options go in through the job's spec, as the worker's do.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.forgetting.base import MAX_LENGTH, score
+from bench.forgetting.tasks import Item, Window, write_jsonl
+from streamengine.config.settings import EwcSettings, LearningSettings
+from streamengine.jobs.dataset import job_mix
+from streamengine.training.recipe import train
+from streamengine.training.spec import TrainSpec
+
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+@dataclass(frozen=True)
+class Method:
+    lam: float = 0.0  # EWC lambda (sum units)
+    replay: float = 0.0  # replay share of each job's samples
+    anchor: float = 0.0  # anchor share of each job's samples
+    anchor_min: int = 0  # fewest anchor samples per job
+    anchors: str = "none"  # none | true (a curated set) | prompts | stream | magpie | self (the shipped sources)
+    distill: float = 0.0  # weight of the KL to the base on anchor samples
+    joint: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
+
+
+def shipped() -> Method:
+    """The shipped configuration (no user anchor set, no prompt file): the settings' defaults."""
+    learning, ewc = LearningSettings(), EwcSettings()
+    anchors = "self" if learning.self_anchor.enabled else "none"
+    return Method(ewc.lambda_, learning.replay_fraction, learning.anchor_fraction, learning.anchor_min_samples, anchors,
+                  learning.distill.weight)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    """One benchmark run's inputs."""
+
+    base: Path
+    windows: list[Window]
+    base_holdout: list[Item]
+    training: dict[str, Any]  # the benchmark's TrainingSettings (epochs, lr, batch size, seed)
+    gate: list[Item]  # the anchor set's held-out half: what the release gate scores (at the base, before, after)
+
+
+def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
+    """Train the windows in order (each job continues from the previous adapter and Fisher); score the last."""
+    rng = random.Random(run.training["seed"])
+    parent: Path | None = None
+    jobs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="forgetting-") as scratch:
+        work = Path(scratch)
+        for k, window in enumerate(run.windows):
+            pool = [item for earlier in run.windows[:k] for item in earlier.train]
+            n_replay, n_anchor = job_mix(len(window.train), method.replay if pool else 0.0,
+                                         method.anchor if anchors else 0.0, method.anchor_min)  # fmt: skip
+            rows = [(item, "window") for item in window.train]
+            rows += [(item, "replay") for item in rng.sample(pool, min(len(pool), n_replay))]
+            rows += [(item, "anchor") for item in rng.sample(anchors, min(len(anchors), n_anchor))]
+            out = work / f"v{k + 1}"
+            jobs.append(_job(run, method, rows, out, parent, work / f"train{k + 1}.jsonl"))
+            parent = out
+        assert parent is not None
+        final = evaluate(run, parent)
+    return {"final": final, "jobs": jobs}
+
+
+def run_joint(run: Run, epochs: int) -> dict[str, Any]:
+    """One job on every window's training samples (the upper bound for the windows)."""
+    rows = [(item, "window") for window in run.windows for item in window.train]
+    with tempfile.TemporaryDirectory(prefix="forgetting-") as scratch:
+        work = Path(scratch)
+        joint = replace(run, training={**run.training, "epochs": epochs})
+        job = _job(joint, Method(joint=True), rows, work / "joint", None, work / "joint.jsonl")
+        final = evaluate(run, work / "joint")
+    return {"final": final, "jobs": [job]}
+
+
+def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, parent: Path | None,
+         samples: Path) -> dict[str, Any]:  # fmt: skip
+    """One training job; returns its seconds and the gate's anchor set losses (at the base, before, after)."""
+    gate = write_jsonl(samples.with_name("gate.jsonl"), [(item, "anchor") for item in run.gate])
+    spec = TrainSpec(
+        base_model=str(run.base),
+        parent_adapter=str(parent) if parent else None,
+        parent_fisher=str(parent / "fisher.safetensors") if parent and method.lam > 0 else None,
+        samples_path=write_jsonl(samples, rows),
+        output_dir=str(out),
+        lora=LORA,
+        training={**run.training, "max_length": MAX_LENGTH, "device": "cpu"},
+        ewc={"lambda": method.lam},
+        distill={"weight": method.distill},
+        compute_fisher=method.lam > 0,
+        eval_sets={"anchor": gate},
+        base_sets=["anchor"],
+        **method.extra,
+    )
+    result = train(spec)
+    return {"seconds": result.seconds, "anchor": result.eval["anchor"]}
+
+
+def evaluate(run: Run, adapter: Path) -> dict[str, dict[str, float]]:
+    tok = AutoTokenizer.from_pretrained(run.base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.base), adapter)
+    out = {f"w{k + 1}": score(model, tok, window.holdout) for k, window in enumerate(run.windows)}
+    out["base"] = score(model, tok, run.base_holdout)
+    return out
