@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
@@ -115,6 +116,10 @@ class KafkaSettings(_Section):
     feedback_topic: str = "feedback.events"
     dlq_topic: str = "feedback.events.dlq"
     released_topic: str = "adapter.released"
+    canary_topic: str = Field(
+        "adapter.canary", description="Canary announcements, read only by nodes that take part in canaries."
+    )
+    status_topic: str = Field("adapter.status", description="What each serving node runs (compacted).")
     group_id: str = "streamengine-ingest"
     consumer: Literal["aiokafka", "faust"] = Field(
         "aiokafka", description="Ingest consumer: plain aiokafka (fastest) or a faust-streaming agent."
@@ -493,6 +498,23 @@ class ServingSettings(_Section):
     download_timeout_s: float = Field(
         300.0, gt=0, description="Longest download of one file; a slower one is abandoned and tried again later."
     )
+    node_id: str = Field(
+        "",
+        max_length=128,
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._:@-]*)?$",
+        description="This node's id in the fleet (canary membership, adapter.status). Empty: the host name.",
+    )
+    canary: bool = Field(
+        True, description="Take part in canaries: run a canary version when the engine names this node for one."
+    )
+    status_interval_s: float = Field(
+        30.0, gt=0, description="Heartbeat of this node's adapter.status record (also sent on every change)."
+    )
+
+    @property
+    def node(self) -> str:
+        """This node's id: ``node_id``, else the host name."""
+        return self.node_id or socket.gethostname()
 
 
 def _seconds_text(value: Any) -> Any:

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -29,6 +30,8 @@ MAX_WEIGHT = 1_000_000.0
 """Largest client ``weight``: sums of many samples stay finite in PostgreSQL (a float8 overflow is an error)."""
 FEEDBACK_TYPE = "io.streamengine.feedback.v1"
 RELEASED_TYPE = "io.streamengine.adapter.released.v1"
+CANARY_TYPE = "io.streamengine.adapter.canary.v1"
+STATUS_TYPE = "io.streamengine.adapter.status.v1"
 
 
 class FeedbackKind(StrEnum):
@@ -207,6 +210,57 @@ class AdapterReleased(BaseModel):
         description="Ed25519 signature (hex) of the canonical record without `event_id`, `signature` and itself; "
         "nodes verify it with the public key.",
     )
+
+
+class AdapterCanary(AdapterReleased):
+    """A version on trial on some serving nodes of ``model`` (topic ``adapter.canary``, latest record per key wins).
+
+    Only nodes that take part in canaries read this topic, so a node that knows nothing of canaries keeps
+    running the production version of ``adapter.released``. While ``stage`` is ``canary``, the nodes named in
+    ``canary_nodes`` run this version; a record with ``stage`` ``ended`` (the canary was promoted, rolled back
+    or aborted: ``outcome``) sends them back to ``adapter.released``. Signed like a release (every field but
+    ``event_id`` and the signatures), with a ``sequence`` from the same per-line counter."""
+
+    model_config = ConfigDict(extra="allow", title="AdapterCanary v1")
+
+    stage: Literal["canary", "ended"]
+    canary_nodes: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        description="Node ids (serving.node_id) that run this version while the stage is canary."
+    )
+    production_version: str | None = Field(None, description="The version the rest of the fleet runs.")
+    outcome: Literal["promoted", "rolled_back", "aborted"] | None = Field(
+        None, description="How the canary ended (stage ended only)."
+    )
+
+
+class NodeState(StrEnum):
+    DOWNLOADING = "downloading"
+    SERVING = "serving"
+    FAILED = "failed"
+
+
+class NodeStatus(BaseModel):
+    """What one serving node runs for one model line (topic ``adapter.status``, key ``<model>/<node_id>``,
+    compacted): published on every change and every ``serving.status_interval_s`` as a heartbeat."""
+
+    model_config = ConfigDict(extra="allow", title="NodeStatus v1")
+
+    node_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+    model: str = Field(min_length=1, max_length=128)
+    version: str | None = Field(None, pattern=r"^v\d+\.\d+$", description="What it serves (None: nothing yet).")
+    stage: Literal["production", "canary"] = Field(description="Which announcement it follows now.")
+    state: NodeState
+    target_version: str | None = Field(
+        None, pattern=r"^v\d+\.\d+$", description="The version it is downloading or failed to load."
+    )
+    reason: str | None = Field(None, max_length=1000, description="Why it failed (state failed).")
+    swapped_at: datetime | None = Field(None, description="When it began serving ``version``.")
+    heartbeat_at: datetime
+
+
+def status_key(model: str, node_id: str) -> str:
+    """The ``adapter.status`` record key of one node of one line."""
+    return f"{model}/{node_id}"
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -412,4 +466,6 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     return {
         "feedback-event.v1.json": FeedbackEvent.model_json_schema(),
         "adapter-released.v1.json": AdapterReleased.model_json_schema(),
+        "adapter-canary.v1.json": AdapterCanary.model_json_schema(),
+        "adapter-status.v1.json": NodeStatus.model_json_schema(),
     }

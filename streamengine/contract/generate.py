@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from streamengine.config.settings import KafkaSettings
-from streamengine.contract.events import FEEDBACK_TYPE, RELEASED_TYPE, json_schemas
+from streamengine.contract.events import CANARY_TYPE, FEEDBACK_TYPE, RELEASED_TYPE, STATUS_TYPE, json_schemas
 from streamengine.contract.topics import topic_specs
 
 _CE_HEADERS = ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"]
@@ -20,7 +20,7 @@ _DLQ_HEADERS = ["error.class", "error.message", "source.topic", "source.partitio
 
 
 def _asyncapi(kafka: KafkaSettings) -> dict[str, object]:
-    feedback, dlq, released = topic_specs(kafka)
+    feedback, dlq, released, canary, status = topic_specs(kafka)
 
     def header_schema(names: list[str]) -> dict[str, object]:
         return {"type": "object", "properties": {n: {"type": "string"} for n in names}}
@@ -50,11 +50,23 @@ def _asyncapi(kafka: KafkaSettings) -> dict[str, object]:
                 "description": released.purpose,
                 "messages": {"AdapterReleased": {"$ref": "#/components/messages/AdapterReleased"}},
             },
+            "adapterCanary": {
+                "address": canary.name,
+                "description": canary.purpose,
+                "messages": {"AdapterCanary": {"$ref": "#/components/messages/AdapterCanary"}},
+            },
+            "adapterStatus": {
+                "address": status.name,
+                "description": status.purpose,
+                "messages": {"NodeStatus": {"$ref": "#/components/messages/NodeStatus"}},
+            },
         },
         "operations": {
             "consumeFeedback": {"action": "receive", "channel": {"$ref": "#/channels/feedbackEvents"}},
             "rejectFeedback": {"action": "send", "channel": {"$ref": "#/channels/feedbackDlq"}},
             "releaseAdapter": {"action": "send", "channel": {"$ref": "#/channels/adapterReleased"}},
+            "trialAdapter": {"action": "send", "channel": {"$ref": "#/channels/adapterCanary"}},
+            "readFleetStatus": {"action": "receive", "channel": {"$ref": "#/channels/adapterStatus"}},
         },
         "components": {
             "messages": {
@@ -74,6 +86,18 @@ def _asyncapi(kafka: KafkaSettings) -> dict[str, object]:
                     "headers": header_schema(_CE_HEADERS),
                     "payload": {"$ref": "./schemas/adapter-released.v1.json"},
                     "bindings": {"kafka": {"key": {"type": "string", "description": released.key}}},
+                },
+                "AdapterCanary": {
+                    "name": CANARY_TYPE,
+                    "headers": header_schema(_CE_HEADERS),
+                    "payload": {"$ref": "./schemas/adapter-canary.v1.json"},
+                    "bindings": {"kafka": {"key": {"type": "string", "description": canary.key}}},
+                },
+                "NodeStatus": {
+                    "name": STATUS_TYPE,
+                    "headers": header_schema(_CE_HEADERS),
+                    "payload": {"$ref": "./schemas/adapter-status.v1.json"},
+                    "bindings": {"kafka": {"key": {"type": "string", "description": status.key}}},
                 },
             }
         },

@@ -30,7 +30,7 @@ class TopicSpec:
 
 
 def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
-    """The three topics with their default names, partitioning and retention."""
+    """The five topics with their default names, partitioning and retention."""
     return [
         TopicSpec(
             kafka.feedback_topic,
@@ -54,6 +54,24 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
             "Output: the adapter version each model's serving nodes must run; latest record per key wins.",
             "model name",
             "schemas/adapter-released.v1.json",
+            1,
+            {"cleanup.policy": "compact"},
+        ),
+        TopicSpec(
+            kafka.canary_topic,
+            "Output: a version on trial on the serving nodes it names, and the end of each trial; read only by "
+            "nodes that take part in canaries; latest record per key wins.",
+            "model name",
+            "schemas/adapter-canary.v1.json",
+            1,
+            {"cleanup.policy": "compact"},
+        ),
+        TopicSpec(
+            kafka.status_topic,
+            "Input: what each serving node runs for each model line (state, version, heartbeat); latest record "
+            "per key wins.",
+            "<model>/<node_id>",
+            "schemas/adapter-status.v1.json",
             1,
             {"cleanup.policy": "compact"},
         ),
