@@ -193,6 +193,27 @@ async def test_batches_are_bounded_in_bytes_whatever_the_records_size(make_setti
     assert batches >= total / limit  # ... so several batches, where the record bound (1000) allows one
 
 
+async def test_a_batch_that_may_fill_the_window_is_written_without_waiting_for_the_timer(  # type: ignore[no-untyped-def]
+    make_settings, tmp_path
+) -> None:
+    """Once ingest knows how full the open window is (after its first write), a batch holding as many records as
+    the window still takes is written at once: the window closes as its last event arrives, not a batch timer
+    (30 s here) later."""
+    settings: Settings = make_settings(
+        kafka={"batch_max_wait_s": 30.0, "batch_max_records": 3}, window={"max_samples": 4}
+    )
+    await ensure_topics(settings.kafka)
+    k = settings.kafka
+    async with ingest_replica(settings, tmp_path) as db:
+        await produce(k.bootstrap_servers, k.feedback_topic, [feedback(i) for i in range(3)], key=b"k")
+        await wait_for(lambda: _equals(db, "SELECT count(*) FROM samples", 3), timeout_s=25)  # a full batch (3)
+        assert await count(db, "SELECT count(*) FROM windows WHERE state = 'closed'") == 0
+        await produce(k.bootstrap_servers, k.feedback_topic, [feedback(3)], key=b"k")
+        # one record, where the batch bound is 3 and the timer 30 s: only the window's room ends the batch
+        await wait_for(lambda: _equals(db, "SELECT count(*) FROM windows WHERE state = 'closed'", 1), timeout_s=20)
+        assert await count(db, "SELECT count(*) FROM jobs") == 1
+
+
 def _histogram(histogram: Any) -> dict[Any, float]:
     """A histogram's count, sum and cumulative count per upper bound."""
     values: dict[Any, float] = {}

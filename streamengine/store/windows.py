@@ -55,12 +55,15 @@ class BatchOutcome:
     forgotten: int = 0
     """Samples of users forgotten after the events were made (``privacy.forget_user``): dropped."""
     closed: list[ClosedWindow] = field(default_factory=list)
+    open_samples: dict[str, int] = field(default_factory=dict)
+    """Trainable samples in each written line's open window after the batch (how close it is to closing)."""
 
     def add(self, other: BatchOutcome) -> None:
         self.inserted += other.inserted
         self.duplicates += other.duplicates
         self.forgotten += other.forgotten
         self.closed += other.closed
+        self.open_samples.update(other.open_samples)
 
 
 COPY_COLUMNS = (
@@ -360,6 +363,7 @@ async def _store(
             ClosedWindow(window["model"], window["id"], job_id, "threshold", window["samples"], window["weight"])
         )
         window = following
+    outcome.open_samples[window["model"]] = window["samples"]
 
 
 async def close_now(db: Database, model: str, reason: str, min_samples: int = 1) -> ClosedWindow | None:

@@ -4,7 +4,9 @@
 ``kafka.batch_max_bytes`` bytes (waiting at most ``kafka.batch_max_wait_s`` after the first to fill a batch)
 are validated while the previous batch is being written, then stored; batches are stored strictly in order,
 one at a time. Memory stays bounded whatever the records' size: two batches and one fetch ahead
-(``fetch_max_bytes`` is ``batch_max_bytes`` too). Which offsets are
+(``fetch_max_bytes`` is ``batch_max_bytes`` too). A batch that may fill the open window (as many records as
+the window still takes samples) is written without waiting for the timer, so the window closes, and its job
+starts, as soon as its last event arrives. Which offsets are
 committed, and when, is the :class:`~streamengine.stream.checkpoint.Checkpoint`'s: only offsets after
 batches the pipeline has stored, so the committed offset never passes a record whose side effects are not
 durable. State lives in PostgreSQL.
@@ -86,6 +88,10 @@ class IngestApp:
         self.crash_reason: BaseException | None = None
         self.should_stop = False
         self._task: asyncio.Task[None] | None = None
+        self._room: int | None = None
+        """Trainable samples the open window still takes (after the last stored batch); None: not known yet."""
+        self._in_flight = 0
+        """Records of the batch being stored: each may be a trainable sample of that window."""
 
     async def start(self) -> None:
         kafka = self.settings.kafka
@@ -143,6 +149,7 @@ class IngestApp:
                 batch = await self._classify(records)
                 if pending is not None:
                     await pending
+                self._in_flight = len(records)
                 pending = asyncio.create_task(self._store(checkpoint, records, batch))
                 await asyncio.sleep(0)  # let the write start before the next batch's CPU work
             if pending is not None:
@@ -192,7 +199,7 @@ class IngestApp:
             if not records and checkpoint.due():
                 async with checkpoint.lock:  # idle: commit what the last batches stored (else lag stays > 0)
                     await checkpoint.commit()
-            if full or len(records) >= kafka.batch_max_records:
+            if full or len(records) >= kafka.batch_max_records or self._could_fill(len(records)):
                 break
             if records:
                 now = time.monotonic()
@@ -204,9 +211,17 @@ class IngestApp:
             metrics.INGEST_BATCH_BYTES.observe(size)
         return records
 
+    def _could_fill(self, records: int) -> bool:
+        """Whether a batch of ``records`` may fill the open window: then it is written at once, not after the batch
+        timer, so the window closes (and its job starts) as soon as its last event arrives."""
+        return self._room is not None and records >= self._room - self._in_flight
+
     async def _store(self, checkpoint: Checkpoint, records: list[Record], batch: Classified) -> None:
         async with checkpoint.lock:  # a rebalance waits for this batch to be stored and committed
-            await self.pipeline.store(batch)  # retries until durable
+            outcome = await self.pipeline.store(batch)  # retries until durable
+            if outcome.open_samples:  # one line's window (several lines: the fullest one decides)
+                self._room = self.settings.window.max_samples - max(outcome.open_samples.values())
+            self._in_flight = 0
             checkpoint.stored(records)
             if checkpoint.due():
                 await checkpoint.commit()
