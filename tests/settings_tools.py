@@ -38,6 +38,8 @@ def settings_factory(services: Any, dsn: str, workdir: Path) -> Callable[..., Se
                 "feedback_topic": f"feedback.events.{suffix}",
                 "dlq_topic": f"feedback.events.dlq.{suffix}",
                 "released_topic": f"adapter.released.{suffix}",
+                "canary_topic": f"adapter.canary.{suffix}",
+                "status_topic": f"adapter.status.{suffix}",
                 "group_id": f"streamengine-ingest-{suffix}",
                 "session_timeout_s": 6.0,
                 "rebalance_timeout_s": 6.0,
