@@ -1,4 +1,5 @@
-"""Reading ``adapter.released`` for a subscriber: a group-less consumer on every partition of the topic.
+"""Reading ``adapter.released`` (and ``adapter.canary``) for a subscriber: a group-less consumer on every
+partition of the topics.
 
 The end of each partition is taken from fetch responses (the highwater), not ListOffsets, which some
 Kafka-protocol brokers (tansu) answer wrongly.
@@ -32,14 +33,14 @@ async def open_consumer(kafka: KafkaSettings, client_id: str, fetch_wait_ms: int
     return consumer
 
 
-async def partitions(consumer: AIOKafkaConsumer, topic: str) -> set[TopicPartition]:
+async def partitions(consumer: AIOKafkaConsumer, *topics: str) -> set[TopicPartition]:
+    """Every partition of ``topics`` that exists (the current assignment when metadata cannot be read)."""
     try:
         cluster = await consumer._client.fetch_all_metadata()
     except KafkaError as exc:
-        log.warning("cannot read metadata of topic %s: %s", topic, exc)
+        log.warning("cannot read metadata of topics %s: %s", ", ".join(topics), exc)
         return set(consumer.assignment())
-    ids = cluster.partitions_for_topic(topic) or set()
-    return {TopicPartition(topic, p) for p in ids}
+    return {TopicPartition(topic, p) for topic in topics for p in cluster.partitions_for_topic(topic) or set()}
 
 
 async def caught_up(consumer: AIOKafkaConsumer, parts: set[TopicPartition]) -> bool:
@@ -51,11 +52,12 @@ async def caught_up(consumer: AIOKafkaConsumer, parts: set[TopicPartition]) -> b
 
 
 async def read_to_end(
-    consumer: AIOKafkaConsumer, topic: str, key: bytes, timeout_s: float, stopping: Any
+    consumer: AIOKafkaConsumer, topics: str | list[str], key: bytes, timeout_s: float, stopping: Any
 ) -> list[Any] | None:
-    """Assign every partition of ``topic``, read it from the beginning to its end and return the
-    records keyed ``key`` (or unkeyed), oldest first per partition. None when the topic does not exist."""
-    parts = await partitions(consumer, topic)
+    """Assign every partition of ``topics`` (one or several), read them from the beginning to their end and
+    return the records keyed ``key`` (or unkeyed), oldest first per partition. None when none exists."""
+    topics = [topics] if isinstance(topics, str) else topics
+    parts = await partitions(consumer, *topics)
     if not parts:
         return None
     consumer.assign(list(parts))
@@ -69,15 +71,15 @@ async def read_to_end(
         if await caught_up(consumer, parts) or stopping.is_set():
             break
         if time.monotonic() > deadline:
-            log.warning("bootstrap of %s not caught up after %.0fs; going on", topic, timeout_s)
+            log.warning("bootstrap of %s not caught up after %.0fs; going on", ", ".join(topics), timeout_s)
             break
     return seen
 
 
-async def refresh_assignment(consumer: AIOKafkaConsumer, topic: str) -> None:
-    """Pick up the topic once it exists, and partitions added later (read from their start)."""
+async def refresh_assignment(consumer: AIOKafkaConsumer, topics: list[str]) -> None:
+    """Pick up the topics once they exist, and partitions added later (read from their start)."""
     current = set(consumer.assignment())
-    parts = await partitions(consumer, topic)
+    parts = await partitions(consumer, *topics)
     new = parts - current
     if not new:
         return
@@ -86,4 +88,4 @@ async def refresh_assignment(consumer: AIOKafkaConsumer, topic: str) -> None:
     for tp, offset in positions.items():
         consumer.seek(tp, offset)
     await consumer.seek_to_beginning(*new)
-    log.info("following %d new partitions of %s", len(new), topic)
+    log.info("following %d new partitions of %s", len(new), ", ".join(sorted({tp.topic for tp in new})))

@@ -37,9 +37,7 @@ STAGE_SECONDS = Histogram(
 )
 CURRENT = Info("streamengine_subscriber_current_version", "The adapter version being served.", ["model"])
 
-FEEDBACK_SENT = Counter(
-    "streamengine_producer_events_sent_total", "Feedback events acknowledged by Kafka.", ["model"]
-)
+FEEDBACK_SENT = Counter("streamengine_producer_events_sent_total", "Feedback events acknowledged by Kafka.", ["model"])
 FEEDBACK_FAILED = Counter(
     "streamengine_producer_events_failed_total",
     "Feedback events not sent, by reason: invalid (refused at the call), buffer_full (a non-blocking send with the "
@@ -48,4 +46,13 @@ FEEDBACK_FAILED = Counter(
 )
 FEEDBACK_BUFFERED = Gauge(
     "streamengine_producer_buffered_events", "Feedback events taken and not yet acknowledged by Kafka.", ["model"]
+)
+
+STATUS_SENT = Counter(
+    "streamengine_subscriber_status_sent_total", "NodeStatus records (changes and heartbeats) Kafka took.", ["model"]
+)
+STATUS_FAILURES = Counter(
+    "streamengine_subscriber_status_failures_total",
+    "NodeStatus records not sent (broker away...; the next heartbeat repeats the state).",
+    ["model"],
 )
