@@ -1,4 +1,5 @@
-"""`streamengine run`: ingest, scheduler, outbox relay, consumer-lag sampling and the admin API in one process.
+"""`streamengine run`: ingest, scheduler, outbox relay, fleet status, consumer-lag sampling and the admin API in one
+process.
 
 Replicas share the work through the engines underneath: ingest through the Kafka consumer group
 (``kafka.group_id``: each partition is consumed by one replica), the tick and the outbox relay through
@@ -21,6 +22,7 @@ from streamengine.errors import StreamEngineError
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
+from streamengine.stream import fleet
 from streamengine.stream.app import IngestConsumer, build_app
 from streamengine.stream.ingest import IngestPipeline
 from streamengine.stream.outbox import run_relay
@@ -125,6 +127,7 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
     assert ctx.schedule is not None
     schedule = ctx.schedule
     ctx.collectors += [lambda: refresh_gauges(ctx.reads, settings.model.name, schedule), observer.observe]
+    ctx.collectors.append(lambda: fleet.refresh_gauges(ctx.reads, settings.rollout.node_timeout_s))
     try:
         await app.start()
         ctx.app = app
@@ -132,6 +135,7 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
             "outbox-relay": asyncio.create_task(run_relay(ctx.db, ctx.producer, ctx.stop), name="outbox-relay"),
             "scheduler": asyncio.create_task(run_scheduler(settings, ctx.db, ctx.stop), name="scheduler"),
             "consumer-lag": asyncio.create_task(_sample_lag(observer, ctx.stop), name="consumer-lag"),
+            "fleet": asyncio.create_task(fleet.run_status_consumer(settings, ctx.db, ctx.stop), name="fleet"),
             "admin-api": asyncio.create_task(serve_api(ctx, sock), name="admin-api"),
         }
         log.info(

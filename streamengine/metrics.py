@@ -103,6 +103,29 @@ OUTBOX_BACKLOG = Gauge("streamengine_outbox_backlog", "Outbox rows not yet publi
 OUTBOX_PUBLISHED = Counter("streamengine_outbox_published_total", "Outbox rows published to Kafka.")
 OUTBOX_FAILURES = Counter("streamengine_outbox_failures_total", "Failed attempts to publish outbox rows.")
 
+# --- fleet (run; adapter.status, read from PostgreSQL) --------------------------------------------------
+FLEET_STATUS_RECORDS = Counter(
+    "streamengine_fleet_status_records_total",
+    "adapter.status records read, by outcome: stored, or invalid (not a NodeStatus of its key; skipped).",
+    ["outcome"],
+)
+FLEET_NODES = Gauge(
+    "streamengine_fleet_nodes",
+    "Serving nodes heard from within rollout.node_timeout_s, by model line, version served (none: the base),"
+    " stage (production, canary) and state (downloading, serving, failed).",
+    ["model", "version", "stage", "state"],
+)
+FLEET_FAILED = Gauge(
+    "streamengine_fleet_failed_nodes",
+    "Serving nodes (not silent) whose last load failed, by model line and the version they could not load.",
+    ["model", "target_version"],
+)
+FLEET_SILENT = Gauge(
+    "streamengine_fleet_silent_nodes",
+    "Serving nodes of a model line with no status for longer than rollout.node_timeout_s.",
+    ["model"],
+)
+
 # --- training (worker) -----------------------------------------------------------------------------
 TRAINING_SECONDS = Histogram(
     "streamengine_training_seconds",

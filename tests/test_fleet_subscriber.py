@@ -5,98 +5,27 @@ heartbeat reaches adapter.status."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from streamengine.contract.events import STATUS_TYPE, AdapterCanary, AdapterReleased, NodeStatus
-from streamengine.core.manifest import SIGNATURE_FIELDS, Signer
+from streamengine.contract.events import STATUS_TYPE, NodeStatus
 from streamengine.core.release import sequenced
 from streamengine.serving import CallbackSwapper, Subscriber
+from tests.fleet_tools import KEY, SIGNER, Line, replayed, tamper
 from tests.kafka_tools import read_all
 from tests.polling import wait_for
-from tests.serving_tools import Fleet
 
 pytestmark = pytest.mark.integration
-
-KEY = "fleet-key"
-SIGNER = Signer(hmac_key=KEY)
 
 
 @pytest.fixture
 def model_name() -> str:
     return f"fleet-{uuid.uuid4().hex[:8]}"
-
-
-def _folder(root: Path, version: str) -> Path:
-    folder = root / version
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "version": version}))
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
-    return folder
-
-
-def _canary(
-    release: AdapterReleased,
-    stage: Literal["canary", "ended"],
-    nodes: list[str],
-    sequence: int,
-    outcome: Literal["promoted", "rolled_back", "aborted"] | None = None,
-) -> AdapterCanary:
-    """The engine's AdapterCanary record for ``release`` (signed with the fleet's key)."""
-    data = release.model_dump(exclude={"event_id", *SIGNATURE_FIELDS})
-    data.update(stage=stage, canary_nodes=nodes, production_version=None, outcome=outcome, sequence=sequence)
-    record = AdapterCanary(event_id=str(uuid.uuid4()), **data)
-    for name, value in SIGNER.signatures(record.model_dump(mode="json")).items():
-        setattr(record, name, value)
-    return record
-
-
-def _replayed(record: AdapterReleased) -> bytes:
-    """An old signed record sent again with a fresh ``event_id`` (outside the signature), as an attacker would."""
-    return json.dumps({**record.model_dump(mode="json"), "event_id": str(uuid.uuid4())}).encode()
-
-
-async def _produce(bootstrap: str, topic: str, model: str, *values: AdapterReleased | bytes) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for value in values:
-            raw = value if isinstance(value, bytes) else value.model_dump_json().encode()
-            await producer.send_and_wait(topic, value=raw, key=model.encode())
-    finally:
-        await producer.stop()
-
-
-class Line:
-    """The publishing side of one model line: numbered, signed releases and canary records."""
-
-    def __init__(self, settings: Any, model: str, root: Path) -> None:
-        self.settings, self.model, self.root = settings, model, root
-        self.fleet = Fleet(settings, model)
-        self.sequence = 0
-
-    def release(self, version: str) -> AdapterReleased:
-        self.sequence += 1
-        return sequenced(self.fleet.release(_folder(self.root, version), version), self.sequence, SIGNER)
-
-    def canary(self, release: AdapterReleased, stage: Literal["canary", "ended"], nodes: list[str], **kw: Any) -> Any:
-        self.sequence += 1
-        return _canary(release, stage, nodes, self.sequence, **kw)
-
-    async def publish(self, *values: AdapterReleased | bytes, topic: str | None = None) -> None:
-        kafka = self.settings.kafka
-        if topic is None:
-            first = values[0]
-            topic = kafka.canary_topic if isinstance(first, AdapterCanary) else kafka.released_topic
-        await _produce(kafka.bootstrap_servers, topic, self.model, *values)
 
 
 async def _next(sub: Subscriber, seen: int, within_s: float = 20) -> Any:
@@ -151,13 +80,13 @@ async def test_named_node_runs_the_canary_others_stay_and_a_rollback_returns_it(
 
         # The old canary record sent again (fresh event id, same signed fields) is refused: the node stays.
         seen_a = len(a.outcomes)
-        await line.publish(_replayed(trial), topic=base.kafka.canary_topic)
+        await line.publish(replayed(trial), topic=base.kafka.canary_topic)
         outcome = await _next(a, seen_a)
         assert (outcome.version, outcome.status, outcome.reason) == ("v1.1", "failed", "stale")
         assert "not newer than v1.1" in outcome.detail and a.current == "v1.0"
         # The production release sent again changes nothing.
         seen_a = len(a.outcomes)
-        await line.publish(_replayed(v10))
+        await line.publish(replayed(v10))
         assert (await _next(a, seen_a)).reason == "duplicate" and a.current == "v1.0"
         # A forged canary record (not signed with the fleet's key) moves nothing.
         forged = trial.model_copy(update={"sequence": 99, "event_id": str(uuid.uuid4())})
@@ -172,7 +101,7 @@ async def test_named_node_runs_the_canary_others_stay_and_a_rollback_returns_it(
     compacted = settings("node-a", canary=True).model_copy(
         update={"kafka": base.kafka.model_copy(update={"canary_topic": f"compacted-{uuid.uuid4().hex}"})}
     )
-    await line.publish(_replayed(trial), topic=compacted.kafka.canary_topic)
+    await line.publish(replayed(trial), topic=compacted.kafka.canary_topic)
     async with Subscriber(compacted, recorder("a"), model_name) as restarted:
         assert (restarted.current, restarted.stage) == ("v1.0", "production")
         assert any((o.version, o.reason) == ("v1.1", "stale") for o in restarted.outcomes)
@@ -204,13 +133,6 @@ async def test_promotion_keeps_the_canary_node_on_the_version_and_moves_the_rest
     assert calls == {"a": ["v1.0", "v1.1"], "b": ["v1.0", "v1.1"]}
 
 
-def _tamper(fleet: Fleet, version: str) -> None:
-    key = f"{fleet.model}/{version}/adapter_model.safetensors"
-    data = fleet.store.client.get_object(fleet.store.bucket, key).read()
-    data = data[:-8] + b"\x00" * 8  # same size, other weights
-    fleet.store.client.put_object(fleet.store.bucket, key, io.BytesIO(data), len(data))
-
-
 async def _statuses(settings: Any) -> list[tuple[str, NodeStatus, dict[str, bytes]]]:
     records = await read_all(settings.kafka.bootstrap_servers, settings.kafka.status_topic)
     return [(r.key.decode(), NodeStatus.model_validate_json(r.value), dict(r.headers)) for r in records if r.key]
@@ -228,7 +150,7 @@ async def test_status_records_on_every_change_and_as_heartbeat(
     async with Subscriber(settings, CallbackSwapper(lambda *_: None), model_name) as sub:
         began = datetime.now(UTC)
         v11 = line.release("v1.1")
-        _tamper(line.fleet, "v1.1")
+        tamper(line.fleet, "v1.1")
         await line.publish(line.canary(v11, "canary", ["node-a"]))
         await sub.wait_until(lambda: sub.outcomes[-1].reason == "integrity")
         assert sub.current == "v1.0"

@@ -1,5 +1,5 @@
-"""The streamengine admin HTTP API: health, manual training, training status, adapters, deploy, rollback, forgetting
-a user, metrics.
+"""The streamengine admin HTTP API: health, manual training, training status, adapters, deploy, rollback, the fleet,
+forgetting a user, metrics.
 
 Every mutating endpoint (POST, DELETE) requires ``Authorization: Bearer <token>`` when ``api.token``
 (``STREAMENGINE_API__TOKEN``) is set, and ``Content-Type: application/json`` when it is not (a web page
@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from streamengine.api.context import EngineContext
 from streamengine.api.error_handlers import install_error_handlers
-from streamengine.api.routers import adapters, health, lines, metrics, privacy, training
+from streamengine.api.routers import adapters, fleet, health, lines, metrics, privacy, training
 from streamengine.config.settings import ApiSettings, Settings, is_loopback
 from streamengine.errors import ConfigError
 
@@ -34,8 +34,8 @@ def create_app(ctx: EngineContext | None = None) -> FastAPI:
     app = FastAPI(title="streamengine admin API", version="1", description=__doc__)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (health.router, training.router, lines.router, adapters.router, privacy.router, metrics.router):
-        app.include_router(router)
+    for module in (health, training, lines, adapters, fleet, privacy, metrics):
+        app.include_router(module.router)
     return app
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
+from rich.table import Table
 
 from streamengine.cli.base import State, client, console, json_option, model_option, pass_state, print_json
-from streamengine.errors import ServiceUnavailable
+from streamengine.errors import NotFound, ServiceUnavailable
 
 
 @click.command()
@@ -18,15 +20,51 @@ from streamengine.errors import ServiceUnavailable
 @json_option
 @pass_state
 def status(state: State, model: str | None, limit: int, as_json: bool) -> None:
-    """Training status: open window, production version, next tick, recent jobs with progress or error."""
+    """Training status: open window, production version, next tick, recent jobs with progress or error; the
+    fleet: serving nodes by version and stage, failed and silent ones."""
     from streamengine.cli.output import jobs_table, status_header
 
-    data = client(state).get("/training/status", model=model, limit=limit)
+    api = client(state)
+    data = api.get("/training/status", model=model, limit=limit)
+    try:
+        lines = api.get("/fleet", model=data["model"])["lines"]
+    except NotFound:  # an engine from before the fleet view
+        lines = None
+    fleet = lines[0] if lines else None
     if as_json:
-        print_json(data)
+        print_json({**data, "fleet": fleet})
         return
     console.print(status_header(data))
     console.print(jobs_table(data["jobs"]))
+    console.print(fleet_summary(fleet))
+    if fleet:
+        console.print(fleet_table(fleet["nodes"]))
+
+
+def fleet_summary(line: dict[str, Any] | None) -> str:
+    """One line: live nodes per version and stage, failed and silent nodes."""
+    if not line:
+        return "fleet: no serving node has reported (adapter.status)"
+    versions = ", ".join(f"{v['nodes']} {v['stage']} {v['version'] or 'base'}" for v in line["versions"]) or "none"
+    return f"fleet: {line['live']} live ({versions}), {line['failed']} failed, {line['silent']} silent"
+
+
+def fleet_table(nodes: list[dict[str, Any]]) -> Table:
+    table = Table("node", "version", "stage", "state", "target", "heartbeat", "note")
+    for node in nodes:
+        note = "silent" if node["silent"] else ""
+        if node["reason"]:
+            note = f"{note}; {node['reason']}" if note else node["reason"]
+        table.add_row(
+            node["node_id"],
+            node["version"] or "base",
+            node["stage"],
+            node["state"],
+            node["target_version"] or "-",
+            str(node["heartbeat_at"])[:19],
+            note[:120],
+        )
+    return table
 
 
 @click.command()
