@@ -19,6 +19,7 @@ from streamengine.api.context import EngineContext
 from streamengine.config.keys import release_signer
 from streamengine.config.settings import DatabaseSettings, Settings
 from streamengine.errors import StreamEngineError
+from streamengine.jobs.rollout import run_judge
 from streamengine.jobs.scheduler import refresh_gauges, run_scheduler, schedule_of
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
@@ -134,6 +135,7 @@ async def run_engine(settings: Settings, ready: asyncio.Event | None = None, sto
         ctx.tasks = {
             "outbox-relay": asyncio.create_task(run_relay(ctx.db, ctx.producer, ctx.stop), name="outbox-relay"),
             "scheduler": asyncio.create_task(run_scheduler(settings, ctx.db, ctx.stop), name="scheduler"),
+            "canary-judge": asyncio.create_task(run_judge(settings, ctx.db, ctx.stop), name="canary-judge"),
             "consumer-lag": asyncio.create_task(_sample_lag(observer, ctx.stop), name="consumer-lag"),
             "fleet": asyncio.create_task(fleet.run_status_consumer(settings, ctx.db, ctx.stop), name="fleet"),
             "admin-api": asyncio.create_task(serve_api(ctx, sock), name="admin-api"),

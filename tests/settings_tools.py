@@ -58,6 +58,8 @@ def settings_factory(services: Any, dsn: str, workdir: Path) -> Callable[..., Se
             "serving": {"download_dir": workdir / "adapters"},
             "api": {"port": api_port},
             "metrics": {"port": metrics_port},
+            # Every node at once unless a test is about canaries (tests/test_rollout_*.py).
+            "rollout": {"canary_fraction": 0.0},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(fields.get(key), dict):

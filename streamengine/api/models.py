@@ -49,6 +49,23 @@ class TrainResponse(BaseModel):
     weight: float
 
 
+class RolloutInfo(BaseModel):
+    """A canary trial of a version and how it ended (docs/serving.md, Canary judgement)."""
+
+    id: int
+    model: str
+    version: str = Field(description="The version on trial.")
+    production_version: str = Field(description="The production version it is compared with.")
+    canary_nodes: list[str] = Field(description="The nodes that run it during the trial.")
+    state: Literal["running", "promoted", "rolled_back", "aborted"]
+    started_at: datetime
+    decided_at: datetime | None
+    decision: dict[str, Any] | None = Field(
+        description="The decision with its numbers (action, rule, canary and production counts, prob_worse, "
+        "failed_nodes, reason, by); while running, the latest judgement."
+    )
+
+
 class AdapterInfo(BaseModel):
     model: str
     version: str
@@ -60,6 +77,10 @@ class AdapterInfo(BaseModel):
     reason: str | None
     metrics: dict[str, Any]
     window: dict[str, Any] | None
+    stage: Literal["canary", "production", "rolled_back"] = Field(
+        description="How far the version got: on trial, released to production, or rolled back from its trial."
+    )
+    rollout: RolloutInfo | None = Field(None, description="Its canary trial, when it had one (one version's view).")
 
 
 class ReleaseResponse(BaseModel):
@@ -116,6 +137,7 @@ class JobInfo(BaseModel):
     progress: JobProgress
     metrics: dict[str, Any]
     error: str | None = Field(description="Why the job failed or was rejected.")
+    waiting: str | None = Field(None, description="Why a queued job waits (a canary on trial).")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -138,6 +160,7 @@ class TrainingStatus(BaseModel):
     next_tick_at: datetime | None = Field(description="Next cron tick (window.schedule, window.timezone).")
     jobs_by_state: dict[str, int] = Field(description="Counts over all jobs of the model line.")
     jobs: list[JobInfo] = Field(description="Most recent jobs, newest first.")
+    canary: str | None = Field(None, description="The version on trial, while a canary runs.")
 
 
 class ForgetRequest(BaseModel):

@@ -268,8 +268,8 @@ def adapters_list(state: State, model: str | None, as_json: bool) -> None:
 @json_option
 @pass_state
 def adapters_info(state: State, version: str, model: str | None, as_json: bool) -> None:
-    """Show one version (or alias: production, previous)."""
-    from streamengine.cli.output import adapters_table
+    """Show one version (or alias: production, previous, canary), its stage and its canary's decision."""
+    from streamengine.cli.output import adapters_table, rollout_text
 
     data = _client(state).get(f"/adapters/{version}", model=model)
     if as_json:
@@ -277,6 +277,9 @@ def adapters_info(state: State, version: str, model: str | None, as_json: bool) 
     else:
         console.print(adapters_table([data]))
         console.print(f"uri: {data['uri']}")
+        console.print(f"stage: {data['stage']}")
+        if data.get("rollout"):
+            console.print(rollout_text(data["rollout"]))
 
 
 @adapters.command("deploy")
@@ -304,6 +307,34 @@ def adapters_rollback(state: State, model: str | None, as_json: bool) -> None:
         _print_json(result)
     else:
         click.echo(f"{result['model']} rolled back to {result['version']} (event {result['event_id']})")
+
+
+@adapters.command("promote")
+@model_option
+@json_option
+@pass_state
+def adapters_promote(state: State, model: str | None, as_json: bool) -> None:
+    """Promote the canary on trial now: it becomes production on every node."""
+    result = _client(state).post("/adapters/promote", model=model)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{result['model']} {result['version']} promoted to production (canary ended by hand)")
+
+
+@adapters.command("abort")
+@model_option
+@json_option
+@pass_state
+def adapters_abort(state: State, model: str | None, as_json: bool) -> None:
+    """Abort the canary on trial: its nodes go back to production."""
+    result = _client(state).post("/adapters/abort", model=model)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(
+            f"{result['model']} canary {result['version']} aborted; production stays {result['production_version']}"
+        )
 
 
 @adapters.command("delete")

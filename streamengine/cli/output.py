@@ -30,6 +30,8 @@ def progress_text(job: dict[str, Any]) -> str:
     throughput and ETA while training; the error after."""
     if job.get("error"):
         return str(job["error"])
+    if job["state"] == "queued" and job.get("waiting"):
+        return str(job["waiting"])
     progress = job.get("progress") or {}
     phase = f"{str(progress.get('phase') or '').replace('_', ' ')} {duration(progress.get('phase_elapsed_s'))}"
     if job["state"] == "running" and progress.get("step"):
@@ -48,12 +50,36 @@ def progress_text(job: dict[str, Any]) -> str:
     return phase if job["state"] == "running" and progress.get("phase") else str(progress.get("phase") or "")
 
 
+def rollout_text(trial: dict[str, Any]) -> str:
+    """A canary trial in a few lines: its nodes, its state, and the (latest) decision's numbers."""
+    decision = trial.get("decision") or {}
+    lines = [
+        f"canary: {trial['state']} against {trial['production_version']} on {', '.join(trial['canary_nodes'])},"
+        f" started {str(trial['started_at'])[:19]}"
+        + (f", ended {str(trial['decided_at'])[:19]}" if trial.get("decided_at") else "")
+    ]
+    if decision:
+        lines.append(
+            f"decision: {decision.get('action')} ({decision.get('rule')}, by {decision.get('by')}):"
+            f" {decision.get('reason')}"
+        )
+        for side in ("canary", "production"):
+            counts = decision.get(side) or {}
+            share = counts.get("negative_share")
+            lines.append(
+                f"  {side}: {counts.get('events', 0)} events ({counts.get('effective_events', 0):.0f} after the"
+                f" per-user cap), negative share {'-' if share is None else f'{share:.1%}'}"
+            )
+    return "\n".join(lines)
+
+
 def status_header(data: dict[str, Any]) -> str:
     window = data.get("open_window") or {}
     counts = ", ".join(f"{n} {s}" for s, n in sorted((data.get("jobs_by_state") or {}).items())) or "none"
+    canary = f"  canary [bold]{data['canary']}[/] on trial" if data.get("canary") else ""
     return (
         f"model [bold]{data['model']}[/]  production [bold]{data.get('production') or '-'}[/]"
-        f"  previous {data.get('previous') or '-'}\n"
+        f"  previous {data.get('previous') or '-'}{canary}\n"
         f"open window: {window.get('samples', 0)} samples, weight {window.get('weight', 0):.2f}"
         f"  next tick: {str(data.get('next_tick_at') or '-')[:19]}\n"
         f"jobs: {counts}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from streamengine.contract.events import AdapterReleased, LoraSpec, ReleaseReason, WindowSpec
+from streamengine.contract.events import AdapterCanary, AdapterReleased, LoraSpec, ReleaseReason, WindowSpec
 from streamengine.core.manifest import SIGNATURE_FIELDS, Signer
 
 
@@ -68,13 +68,44 @@ def sequenced(event: AdapterReleased, sequence: int, signer: Signer | None) -> A
     return _signed(data, signer, event.event_id)
 
 
+def canary_record(
+    event: AdapterReleased,
+    *,
+    stage: Literal["canary", "ended"],
+    nodes: list[str],
+    production: str | None,
+    outcome: Literal["promoted", "rolled_back", "aborted"] | None,
+    now: datetime,
+    signer: Signer | None,
+    sequence: int,
+) -> AdapterCanary:
+    """The AdapterCanary record of a version on trial (``stage`` canary) or of its trial's end, signed."""
+    data = event.model_dump(exclude={"event_id", *SIGNATURE_FIELDS})
+    data.update(
+        created_at=now,
+        sequence=sequence,
+        stage=stage,
+        canary_nodes=nodes,
+        production_version=production,
+        outcome=outcome,
+    )
+    record = _signed(data, signer, model=AdapterCanary)
+    assert isinstance(record, AdapterCanary)
+    return record
+
+
 def manifest_of(event: AdapterReleased) -> dict[str, Any]:
     """``manifest.json``: everything in the event but its per-publication id."""
     return event.model_dump(mode="json", exclude={"event_id"})
 
 
-def _signed(fields: dict[str, Any], signer: Signer | None, event_id: str | None = None) -> AdapterReleased:
-    event = AdapterReleased(event_id=event_id or str(uuid.uuid4()), **fields)
+def _signed(
+    fields: dict[str, Any],
+    signer: Signer | None,
+    event_id: str | None = None,
+    model: type[AdapterReleased] = AdapterReleased,
+) -> AdapterReleased:
+    event = model(event_id=event_id or str(uuid.uuid4()), **fields)
     if signer is not None:
         for name, value in signer.signatures(event.model_dump(mode="json")).items():
             setattr(event, name, value)

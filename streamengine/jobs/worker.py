@@ -34,12 +34,13 @@ from streamengine.core.gate import GateDecision, GatePolicy, decide
 from streamengine.core.job_states import JobState
 from streamengine.core.manifest import sha256_bytes
 from streamengine.core.release import build_release, manifest_of
+from streamengine.core.rollout import canary_nodes
 from streamengine.errors import Conflict, ServiceUnavailable, StreamEngineError, TrainingError, is_transient
 from streamengine.jobs import anchors, dataset
 from streamengine.jobs.lease import Lease, LeaseLost
 from streamengine.jobs.trainer_process import ProgressHandler, Result, TrainingCrashed, run_training
 from streamengine.jobs.warm_trainer import WarmTrainer, takes
-from streamengine.store import job_queue, registry, windows
+from streamengine.store import fleet, job_queue, registry, windows
 from streamengine.store.db import Database
 from streamengine.store.folders import file_sha256
 from streamengine.store.job_queue import FISHER_FILE
@@ -227,10 +228,14 @@ class Worker:
         lease.phase("uploading")
         event = await self._upload(job, version, output, numbers)
         lease.phase("releasing")
+        canary = await canary_for(self.settings, self.db, job.model, version)
         async with lease.last_step():
-            await job_queue.release(self.db, job.id, self.owner, event, self.settings.kafka.released_topic, self.signer)
+            await job_queue.release(
+                self.db, job.id, self.owner, event, self.settings.kafka.released_topic, self.signer, canary
+            )
         metrics.RELEASES.labels(job.model, event.reason).inc()
-        log.info("job %d released %s %s (%s)", job.id, job.model, version, decision.reason)
+        stage = f"canary on {', '.join(canary.nodes)}" if canary else "production"
+        log.info("job %d released %s %s to %s (%s)", job.id, job.model, version, stage, decision.reason)
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def _fetch_parent(self, model: str, version: str | None, folder: Path) -> tuple[Path | None, Path | None]:
@@ -412,6 +417,22 @@ def record_training_metrics(model: str, result: TrainResult) -> None:
     metrics.TRAINING_STEPS_PER_SECOND.set(result.steps / max(result.seconds, 1e-9))
     metrics.EVAL_LOSS.labels(model, "before").set(result.eval_loss_before)
     metrics.EVAL_LOSS.labels(model, "after").set(result.eval_loss_after)
+
+
+async def canary_for(settings: Settings, db: Database, model: str, version: str) -> job_queue.Canary | None:
+    """Where ``version`` goes first: the canary of the line's live nodes (``rollout.canary_fraction``), or None
+    for every node at once (canaries off, no live node, or no production version yet to compare with)."""
+    rollout = settings.rollout
+    if rollout.canary_fraction <= 0:
+        return None
+    live = await fleet.live_nodes(db, model, rollout.node_timeout_s)
+    if not live:
+        log.info("no serving node of %s reported within rollout.node_timeout_s: %s goes to production", model, version)
+        return None
+    if await registry.alias(db, model, "production") is None:
+        log.info("%s has no production version to compare a canary with: %s goes to production", model, version)
+        return None
+    return job_queue.Canary(canary_nodes(live, model, rollout.canary_fraction), settings.kafka.canary_topic)
 
 
 def release_metrics(result: TrainResult, decision: GateDecision) -> dict[str, float | None]:

@@ -2,28 +2,31 @@
 
 Workers claim with ``FOR UPDATE SKIP LOCKED``; a job whose lease expires (its worker died) is claimed
 again. Jobs of one model line run one at a time, oldest window first, because each trains on top of
-the version the previous one released.
+the version the previous one released; while the line has a canary on trial its training jobs wait (a
+candidate is never stacked on an unjudged version) and then train from whatever production is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from streamengine.contract import cloudevents
-from streamengine.contract.events import RELEASED_TYPE, AdapterReleased
+from streamengine.contract.events import CANARY_TYPE, RELEASED_TYPE, AdapterCanary, AdapterReleased, ReleaseReason
 from streamengine.core.job_states import JobState
 from streamengine.core.manifest import Signer
-from streamengine.core.release import manifest_of, sequenced
+from streamengine.core.release import canary_record, manifest_of, republish, sequenced
 from streamengine.core.versions import Version, next_version
 from streamengine.errors import Conflict, NotFound
 from streamengine.store.db import Database
 
 FISHER_FILE = "fisher.safetensors"
 CLAIMABLE = "(state = 'queued' OR (state = 'running' AND lease_expires_at < now()))"
+CANARY_RUNNING = "EXISTS (SELECT 1 FROM rollouts r WHERE r.model = {model} AND r.state = 'running')"
+"""SQL: the model line has a canary on trial (its training jobs wait)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +71,7 @@ async def claim(db: Database, owner: str, lease_s: float, max_attempts: int) -> 
             max_attempts,
         )
         candidates = await conn.fetch(
-            f"SELECT id, model FROM jobs WHERE {CLAIMABLE} ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 16"
+            f"SELECT id, model, kind FROM jobs WHERE {CLAIMABLE} ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 16"
         )
         for cand in candidates:
             line = await conn.fetchval(
@@ -82,6 +85,8 @@ async def claim(db: Database, owner: str, lease_s: float, max_attempts: int) -> 
                 cand["model"],
                 cand["id"],
             )
+            if not busy and cand["kind"] == "train":
+                busy = await conn.fetchval(f"SELECT {CANARY_RUNNING.format(model='$1')}", cand["model"])
             if busy:
                 continue
             row = await conn.fetchrow(
@@ -141,6 +146,14 @@ async def request_major(db: Database, job_id: int) -> None:
     await db.execute("UPDATE jobs SET major = true WHERE id = $1 AND version IS NULL", job_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """Release to these nodes first (``rollout.canary_fraction``), announced on ``topic`` (``kafka.canary_topic``)."""
+
+    nodes: list[str]
+    topic: str
+
+
 async def release(
     db: Database,
     job_id: int,
@@ -148,10 +161,13 @@ async def release(
     event: AdapterReleased,
     topic: str,
     signer: Signer | None,
+    canary: Canary | None = None,
 ) -> AdapterReleased:
     """Record the adapter, move the aliases, queue the event and finish the job, in one transaction.
 
-    The event is queued with the model line's next release sequence, signed again; returns it as queued."""
+    The event is queued with the model line's next release sequence, signed again; returns it as queued. With
+    ``canary`` (and a production version to compare with), the version goes on trial instead: the ``canary``
+    alias, a ``rollouts`` row and an AdapterCanary record on ``canary.topic``; production stays as it is."""
     manifest = manifest_of(event)
     async with db.pool.acquire() as conn, conn.transaction():
         job = await _owned(conn, job_id, owner)
@@ -160,9 +176,11 @@ async def release(
         await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", job["model"])
         announced = sequenced(event, await next_sequence(conn, job["model"]), signer)
         version = Version.parse(manifest["version"])
+        production = await _production(conn, job["model"])
+        trial = canary if canary is not None and canary.nodes and production is not None else None
         await conn.execute(
             "INSERT INTO adapters (model, version, major, minor, parent_version, job_id, uri, size_bytes,"
-            " manifest, fisher_file, fisher_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            " manifest, fisher_file, fisher_sha256, stage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             job["model"],
             str(version),
             version.major,
@@ -174,15 +192,65 @@ async def release(
             manifest,
             FISHER_FILE if FISHER_FILE in manifest["files"] else None,
             manifest["files"].get(FISHER_FILE),
+            "production" if trial is None else "canary",
         )
-        await move_production(conn, job["model"], str(version))
-        await enqueue_release(conn, topic, announced)
+        if trial is None:
+            await move_production(conn, job["model"], str(version))
+            await enqueue_release(conn, topic, announced)
+        else:
+            assert production is not None
+            await _start_canary(conn, announced, production, trial, signer)
         await conn.execute(
             "UPDATE jobs SET state = 'released', finished_at = now(), lease_owner = NULL, metrics = $2 WHERE id = $1",
             job_id,
             manifest.get("metrics", {}),
         )
     return announced
+
+
+async def _start_canary(
+    conn: asyncpg.Connection, event: AdapterReleased, production: str, canary: Canary, signer: Signer | None
+) -> None:
+    """Put ``event``'s version on trial: its record goes to the canary topic only, with the release's sequence."""
+    assert event.sequence is not None
+    await set_alias(conn, event.model, "canary", event.version)
+    await conn.execute(
+        "INSERT INTO rollouts (model, version, production_version, canary_nodes, canary_topic)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        event.model,
+        event.version,
+        production,
+        canary.nodes,
+        canary.topic,
+    )
+    record = canary_record(
+        event,
+        stage="canary",
+        nodes=canary.nodes,
+        production=production,
+        outcome=None,
+        now=event.created_at,
+        signer=signer,
+        sequence=event.sequence,
+    )
+    await enqueue_canary(conn, canary.topic, record)
+
+
+async def announce(
+    conn: asyncpg.Connection, model: str, version: str, reason: ReleaseReason, topic: str, signer: Signer | None
+) -> AdapterReleased:
+    """Queue ``version`` announced again, with the model line's next sequence (so nodes take it as newer)."""
+    row = await conn.fetchrow(
+        "SELECT manifest, deleted_at FROM adapters WHERE model = $1 AND version = $2", model, version
+    )
+    if row is None:
+        raise NotFound(f"model '{model}' has no adapter version '{version}'")
+    if row["deleted_at"] is not None:
+        raise Conflict(f"adapter {model} {version} was deleted; it cannot be deployed")
+    stored = AdapterReleased(event_id="-", **row["manifest"])
+    event = republish(stored, reason, datetime.now(UTC), signer, await next_sequence(conn, model))
+    await enqueue_release(conn, topic, event)
+    return event
 
 
 async def next_sequence(conn: asyncpg.Connection, model: str) -> int:
@@ -204,22 +272,28 @@ async def enqueue_release(conn: asyncpg.Connection, topic: str, event: AdapterRe
     await enqueue(conn, topic, event.model, event.model_dump(mode="json"), headers)
 
 
+async def enqueue_canary(conn: asyncpg.Connection, topic: str, record: AdapterCanary) -> None:
+    """Queue an AdapterCanary record for ``topic`` (keyed by its model, with its CloudEvents headers)."""
+    headers = cloudevents.headers(record.event_id, CANARY_TYPE, record.created_at)
+    await enqueue(conn, topic, record.model, record.model_dump(mode="json"), headers)
+
+
+async def set_alias(conn: asyncpg.Connection, model: str, alias: str, version: str) -> None:
+    await conn.execute(
+        "INSERT INTO aliases (model, alias, version) VALUES ($1, $2, $3)"
+        " ON CONFLICT (model, alias) DO UPDATE SET version = $3, updated_at = now()",
+        model,
+        alias,
+        version,
+    )
+
+
 async def move_production(conn: asyncpg.Connection, model: str, version: str) -> None:
     """production := version, previous := the old production (when it differs)."""
     current = await _production(conn, model)
     if current and current != version:
-        await conn.execute(
-            "INSERT INTO aliases (model, alias, version) VALUES ($1, 'previous', $2)"
-            " ON CONFLICT (model, alias) DO UPDATE SET version = $2, updated_at = now()",
-            model,
-            current,
-        )
-    await conn.execute(
-        "INSERT INTO aliases (model, alias, version) VALUES ($1, 'production', $2)"
-        " ON CONFLICT (model, alias) DO UPDATE SET version = $2, updated_at = now()",
-        model,
-        version,
-    )
+        await set_alias(conn, model, "previous", current)
+    await set_alias(conn, model, "production", version)
 
 
 async def enqueue(
@@ -335,4 +409,3 @@ async def state_summary(db: Database) -> dict[str, StateSummary]:
         " THEN coalesce(started_at, created_at) ELSE created_at END)) AS age FROM jobs GROUP BY state"
     )
     return {r["state"]: StateSummary(r["n"], float(r["age"])) for r in rows}
-

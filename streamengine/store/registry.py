@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from streamengine.contract.events import AdapterReleased, ReleaseReason
+from streamengine.contract.events import AdapterReleased
 from streamengine.core.manifest import Signer
-from streamengine.core.release import republish
 from streamengine.core.versions import Version, base_changed
 from streamengine.errors import Conflict, NotFound
+from streamengine.store import rollouts
 from streamengine.store.db import Database
-from streamengine.store.job_queue import enqueue_release, move_production, next_sequence
+from streamengine.store.job_queue import announce, move_production
 from streamengine.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Adapter:
     aliases: tuple[str, ...]
     fisher_file: str | None = None
     fisher_sha256: str | None = None
+    stage: str = "production"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class Adapter:
             "reason": self.manifest.get("reason"),
             "window": self.manifest.get("window"),
             "fisher_file": self.fisher_file,
+            "stage": self.stage,
         }
 
 
@@ -97,6 +99,7 @@ def _adapter(row: asyncpg.Record) -> Adapter:
         aliases=tuple(row["alias_names"]),
         fisher_file=row["fisher_file"],
         fisher_sha256=row["fisher_sha256"],
+        stage=row["stage"],
     )
 
 
@@ -111,7 +114,7 @@ async def list_adapters(db: Database, model: str) -> list[Adapter]:
 
 
 async def get_adapter(db: Database, model: str, version: str) -> Adapter:
-    """A version by name, or by alias (``production``, ``previous``)."""
+    """A version by name, or by alias (``production``, ``previous``, ``canary``)."""
     resolved = await db.fetchval("SELECT version FROM aliases WHERE model = $1 AND alias = $2", model, version)
     row = await db.fetchrow(
         _SELECT + " WHERE a.model = $1 AND a.version = $2 GROUP BY a.model, a.version", model, resolved or version
@@ -143,42 +146,34 @@ async def base_model_changed(db: Database, model: str, configured_base: str) -> 
     return base_changed(base, configured_base)
 
 
-async def _announce(
-    conn: asyncpg.Connection, model: str, version: str, reason: ReleaseReason, topic: str, signer: Signer | None
-) -> AdapterReleased:
-    """Queue ``version`` announced again, with the model line's next sequence (so nodes take it as newer)."""
-    row = await conn.fetchrow(
-        "SELECT manifest, deleted_at FROM adapters WHERE model = $1 AND version = $2", model, version
-    )
-    if row is None:
-        raise NotFound(f"model '{model}' has no adapter version '{version}'")
-    if row["deleted_at"] is not None:
-        raise Conflict(f"adapter {model} {version} was deleted; it cannot be deployed")
-    stored = AdapterReleased(event_id="-", **row["manifest"])
-    event = republish(stored, reason, datetime.now(UTC), signer, await next_sequence(conn, model))
-    await enqueue_release(conn, topic, event)
-    return event
-
-
 async def deploy(db: Database, model: str, version: str, topic: str, signer: Signer | None) -> AdapterReleased:
-    """Make ``version`` the production adapter and announce it (reason ``manual``)."""
+    """Make ``version`` the production adapter and announce it (reason ``manual``); a canary on trial is aborted."""
     async with db.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", model)
-        event = await _announce(conn, model, version, "manual", topic, signer)
+        await rollouts.abort_running(conn, model, f"manual deploy of {version}", topic, signer)
+        event = await announce(conn, model, version, "manual", topic, signer)
         await move_production(conn, model, version)
+        await _production_stage(conn, model, version)
         return event
 
 
 async def rollback(db: Database, model: str, topic: str, signer: Signer | None) -> AdapterReleased:
-    """Swap ``production`` and ``previous`` and announce the restored version (reason ``rollback``)."""
+    """Swap ``production`` and ``previous`` and announce the restored version (reason ``rollback``); a canary on
+    trial is aborted."""
     async with db.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", model)
         previous = await conn.fetchval("SELECT version FROM aliases WHERE model = $1 AND alias = 'previous'", model)
         if previous is None:
             raise Conflict(f"model '{model}' has no previous version to roll back to")
-        event = await _announce(conn, model, previous, "rollback", topic, signer)
+        await rollouts.abort_running(conn, model, f"manual rollback to {previous}", topic, signer)
+        event = await announce(conn, model, previous, "rollback", topic, signer)
         await move_production(conn, model, previous)
+        await _production_stage(conn, model, previous)
         return event
+
+
+async def _production_stage(conn: asyncpg.Connection, model: str, version: str) -> None:
+    await conn.execute("UPDATE adapters SET stage = 'production' WHERE model = $1 AND version = $2", model, version)
 
 
 # --- deletion and garbage collection ------------------------------------------------------------------
@@ -275,4 +270,3 @@ async def last_release_times(db: Database) -> dict[str, float]:
     """Unix time of each model line's newest version (for the last-release gauge)."""
     rows = await db.fetch("SELECT model, extract(epoch FROM max(created_at)) AS t FROM adapters GROUP BY model")
     return {r["model"]: float(r["t"]) for r in rows}
-

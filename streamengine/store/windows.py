@@ -18,9 +18,11 @@ import asyncpg
 import msgspec
 
 from streamengine.contract.events import WindowSpec
+from streamengine.core.rollout import Outcome
 from streamengine.core.samples import Sample
 from streamengine.core.windows import Schedule, WindowPolicy, cut_points
 from streamengine.errors import NotFound, StreamEngineError
+from streamengine.store import rollouts
 from streamengine.store.db import Database
 
 SampleAt = tuple[Sample, int | None, int | None]
@@ -177,15 +179,17 @@ async def _close(conn: asyncpg.Connection, window: asyncpg.Record, reason: str) 
 
 @dataclass(slots=True)
 class _Rows:
-    """Rows of a batch in batch order, with their COPY lines and when their records entered Kafka."""
+    """Rows of a batch in batch order, with their COPY lines, when their records entered Kafka and their
+    events' outcomes (for the canary judgement)."""
 
     rows: list[SampleAt]
     lines: list[str]
     produced_ms: Sequence[int | None]
+    outcomes: Sequence[Outcome | None]
 
     def take(self, indexes: list[int]) -> _Rows:
         return _Rows([self.rows[i] for i in indexes], [self.lines[i] for i in indexes],
-                     [self.produced_ms[i] for i in indexes])  # fmt: skip
+                     [self.produced_ms[i] for i in indexes], [self.outcomes[i] for i in indexes])  # fmt: skip
 
 
 def _merged(
@@ -219,6 +223,7 @@ async def write_batch(
     lines: list[str] | None = None,
     produced_ms: Sequence[int | None] | None = None,
     look_first: bool = True,
+    outcomes: Sequence[Outcome | None] | None = None,
 ) -> BatchOutcome:
     """Store samples (duplicates by event_id and samples of forgotten users are dropped) and close windows that
     reach the policy.
@@ -230,8 +235,12 @@ async def write_batch(
     record entered Kafka (ms since the epoch; the record's timestamp), for the tombstones. ``look_first=False``
     skips looking for stored samples (PostgreSQL's lookup of 1000 ids costs about as much as their COPY): when
     one is stored, the COPY's unique index refuses it and the batch is written again, looking first.
+    ``outcomes``: each event's outcome (``core.rollout.outcome``); the new events naming a version are counted
+    for the canary judgement in the same transaction (``rollouts.count_outcomes``).
     """
-    batch = _Rows(rows, lines if lines is not None else [copy_line(r) for r in rows], produced_ms or [None] * len(rows))
+    none = [None] * len(rows)
+    lines = lines if lines is not None else [copy_line(r) for r in rows]
+    batch = _Rows(rows, lines, produced_ms or none, outcomes or none)
     ids = list(map(_event_id, map(_sample_of, rows)))
     copies = 0
     if len(set(ids)) < len(ids):  # rare: keep the first copy of each id
@@ -255,6 +264,7 @@ async def _write(
             window = await _lock_open_window(conn, model)
             fresh = await _unstored(conn, groups[model], outcome, look_first)
             if fresh.rows:
+                await rollouts.count_outcomes(conn, model, list(map(_sample_of, fresh.rows)), fresh.outcomes)
                 await _store(conn, window, fresh, policy, outcome)
     return outcome
 

@@ -29,6 +29,7 @@ from streamengine import metrics
 from streamengine.config.settings import Settings
 from streamengine.contract.events import decode_fields
 from streamengine.core.backoff import Backoff
+from streamengine.core.rollout import Outcome, outcome
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
 from streamengine.errors import EventRejected, StreamEngineError, data_rejection, is_transient
@@ -83,13 +84,14 @@ class RawRecord:
 
 @dataclass(slots=True)
 class Classified:
-    """A batch split into samples to store (with their COPY lines, see ``windows.copy_line``, their records and
-    the records' timestamps) and rejects."""
+    """A batch split into samples to store (with their COPY lines, see ``windows.copy_line``, their records, the
+    records' timestamps and the events' outcomes) and rejects."""
 
     good: list[SampleAt] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     produced_ms: list[int | None] = field(default_factory=list)
+    outcomes: list[Outcome | None] = field(default_factory=list)
     bad: list[tuple[Record, EventRejected]] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     """The fields cut to the length limits, one entry per cut (``prompt``, ``completion``)."""
@@ -102,13 +104,18 @@ class Classified:
         self.lines += other.lines
         self.records += other.records
         self.produced_ms += other.produced_ms
+        self.outcomes += other.outcomes
         self.bad += other.bad
         self.truncated += other.truncated
 
     def part(self, start: int, end: int) -> Classified:
         """The good rows ``start:end`` (and no rejects)."""
         return Classified(
-            self.good[start:end], self.lines[start:end], self.records[start:end], self.produced_ms[start:end]
+            self.good[start:end],
+            self.lines[start:end],
+            self.records[start:end],
+            self.produced_ms[start:end],
+            self.outcomes[start:end],
         )
 
 
@@ -185,6 +192,7 @@ class IngestPipeline:
             batch.lines.append(line)
             batch.records.append(record)
             batch.produced_ms.append(record.timestamp)
+            batch.outcomes.append(outcome(event.kind, event.rating) if event.adapter_version is not None else None)
             if row[0].truncated:
                 batch.truncated += row[0].truncated
         for kind, hits in redactions.items():
@@ -238,7 +246,13 @@ class IngestPipeline:
             return await self._with_retry(
                 "sample write",
                 lambda: windows.write_batch(
-                    self.db, batch.good, self.window_policy, batch.lines, batch.produced_ms, self.look_first
+                    self.db,
+                    batch.good,
+                    self.window_policy,
+                    batch.lines,
+                    batch.produced_ms,
+                    self.look_first,
+                    batch.outcomes,
                 ),
             )
         except Exception as exc:

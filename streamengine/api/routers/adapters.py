@@ -1,4 +1,5 @@
-"""Adapters: list and inspect versions; deploy, roll back, delete and collect garbage (mutating, token)."""
+"""Adapters: list and inspect versions; deploy, roll back, promote or abort a canary, delete and collect garbage
+(mutating, token)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from streamengine.api.dependencies import ERRORS, MUTATING, Ctx, ModelParam, VersionParam, model_of, signer
-from streamengine.api.models import AdapterInfo, ReleaseResponse
-from streamengine.store import registry
+from streamengine.api.models import AdapterInfo, ReleaseResponse, RolloutInfo
+from streamengine.jobs.rollout import policy_of
+from streamengine.store import registry, rollouts
 
 router = APIRouter(tags=["adapters"])
 
@@ -21,8 +23,32 @@ async def list_adapters(ctx: Ctx, model: ModelParam = None) -> list[dict[str, An
 
 @router.get("/adapters/{version}", response_model=AdapterInfo, responses=ERRORS)
 async def adapter_info(ctx: Ctx, version: VersionParam, model: ModelParam = None) -> dict[str, Any]:
-    """One version, by name or alias."""
-    return (await registry.get_adapter(ctx.reads, model_of(ctx, model), version)).as_dict()
+    """One version, by name or alias, with its canary trial and the decision that ended it."""
+    adapter = await registry.get_adapter(ctx.reads, model_of(ctx, model), version)
+    trial = await rollouts.of_version(ctx.reads, adapter.model, adapter.version)
+    return {**adapter.as_dict(), "rollout": trial.as_dict() if trial else None}
+
+
+@router.post("/adapters/promote", response_model=RolloutInfo, **MUTATING)
+async def promote(ctx: Ctx, model: ModelParam = None) -> dict[str, Any]:
+    """Promote the canary on trial now: it becomes production and is announced on adapter.released; 409 when
+    no canary runs."""
+    settings = ctx.settings
+    trial = await rollouts.decide_by_hand(
+        ctx.db, model_of(ctx, model), "promote", policy_of(settings.rollout), settings.kafka.released_topic, signer(ctx)
+    )
+    return trial.as_dict()
+
+
+@router.post("/adapters/abort", response_model=RolloutInfo, **MUTATING)
+async def abort(ctx: Ctx, model: ModelParam = None) -> dict[str, Any]:
+    """Abort the canary on trial: its nodes go back to production, the version is rolled back; 409 when no
+    canary runs."""
+    settings = ctx.settings
+    trial = await rollouts.decide_by_hand(
+        ctx.db, model_of(ctx, model), "abort", policy_of(settings.rollout), settings.kafka.released_topic, signer(ctx)
+    )
+    return trial.as_dict()
 
 
 @router.post("/adapters/rollback", response_model=ReleaseResponse, **MUTATING)

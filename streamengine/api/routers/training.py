@@ -73,6 +73,8 @@ async def training_status(
     window = await windows.open_window(ctx.reads, name)
     last_tick = await windows.last_tick(ctx.reads, name)
     jobs = await job_queue.list_jobs(ctx.reads, name, limit)
+    canary = await registry.alias(ctx.reads, name, "canary")
+    waiting = f"waits for the canary {canary} on trial to be decided, then trains from production" if canary else None
     return TrainingStatus(
         model=name,
         production=await registry.alias(ctx.reads, name, "production"),
@@ -82,9 +84,14 @@ async def training_status(
         next_tick_at=ctx.schedule.next_after(last_tick) if ctx.schedule and last_tick else None,
         jobs_by_state=await job_queue.count_by_state(ctx.reads, name),
         jobs=[
-            JobInfo(**{k: getattr(j, k) for k in JobInfo.model_fields if k != "progress"}, progress=_progress(j))
+            JobInfo(
+                **{k: getattr(j, k) for k in JobInfo.model_fields if k not in ("progress", "waiting")},
+                progress=_progress(j),
+                waiting=waiting if j.state == "queued" and j.kind == "train" else None,
+            )
             for j in jobs
         ],
+        canary=canary,
     )
 
 

@@ -1,0 +1,58 @@
+"""The engine's canary judge: every few seconds, judge the model line's running canary and apply the decision."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from streamengine.config.keys import release_signer
+from streamengine.config.settings import RolloutSettings, Settings
+from streamengine.core.manifest import Signer
+from streamengine.core.rollout import Action, Decision, RolloutPolicy
+from streamengine.store import fleet, rollouts
+from streamengine.store.db import Database
+
+log = logging.getLogger(__name__)
+
+JUDGE_INTERVAL_S = 2.0
+"""How often the running canary is judged (each pass reads its counts: a few small queries)."""
+
+
+def policy_of(settings: RolloutSettings) -> RolloutPolicy:
+    return RolloutPolicy(
+        max_regression=settings.max_regression,
+        confidence=settings.confidence,
+        min_events=settings.min_events,
+        max_user_share=settings.max_user_share,
+        max_failed_nodes=settings.max_failed_nodes,
+        max_duration=settings.max_duration,
+        timeout_action=settings.timeout_action,
+    )
+
+
+async def judge_once(settings: Settings, db: Database, signer: Signer | None) -> Decision | None:
+    """Judge the line's running canary once and apply the decision; None when no canary runs."""
+    model = settings.model.name
+    nodes = await fleet.nodes(db, settings.rollout.node_timeout_s, model)
+    judged = await rollouts.judge(db, model, policy_of(settings.rollout), nodes, settings.kafka.released_topic, signer)
+    if judged is None:
+        return None
+    rollout, decision = judged
+    if decision.action is not Action.WAIT:
+        log.info("canary %s %s: %s (%s)", model, rollout.version, decision.action, decision.reason)
+    return decision
+
+
+async def run_judge(
+    settings: Settings, db: Database, stop: asyncio.Event, interval_s: float = JUDGE_INTERVAL_S
+) -> None:
+    """Judge every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
+    signer = release_signer(settings)
+    while not stop.is_set():
+        try:
+            await judge_once(settings, db, signer)
+        except Exception as exc:
+            log.warning("canary judge: %s: %s", type(exc).__name__, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
