@@ -329,3 +329,39 @@ async def test_promote_and_abort_through_the_api_need_the_token(line: Line, make
         status = (await http.get("/training/status", headers=token)).json()
         assert status["production"] == canary and status["canary"] is None
     assert json.loads(json.dumps(info))["rollout"]["production_version"] == production
+
+
+async def test_a_judge_killed_mid_decision_leaves_nothing_and_the_next_one_decides_once(line: Line) -> None:
+    """The judge's connection dies (as when the engine is SIGKILLed) after it moved the aliases, while it waits to
+    queue the records: none of it stays, and the next judge takes the decision exactly once."""
+    production, canary = await _on_trial(line)
+    await line.feedback(production, 300, 0.10)
+    await line.feedback(canary, 500, 0.10)
+    blocker = await line.db.connect_one()
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE outbox IN EXCLUSIVE MODE")  # the judge's INSERT waits here
+            judging = asyncio.create_task(line.judge())
+            query = "SELECT pid FROM pg_locks WHERE NOT granted AND relation = 'outbox'::regclass"
+            for _ in range(200):
+                pid = await blocker.fetchval(query)
+                if pid is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert pid is not None, "the judge never reached the outbox"
+            assert await blocker.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(Exception):  # noqa: B017 - the connection is gone, whatever asyncpg calls it
+                await judging
+    finally:
+        await blocker.close()
+    assert await registry.alias(line.db, MODEL, "production") == production
+    assert await registry.alias(line.db, MODEL, "canary") == canary
+    assert (await rollouts.of_version(line.db, MODEL, canary)).state == "running"  # type: ignore[union-attr]
+    assert [r["version"] for r in await line.outbox(line.settings.kafka.released_topic)] == [production]
+    assert (await line.judge()).action is Action.PROMOTE
+    assert await line.judge() is None
+    assert await registry.alias(line.db, MODEL, "production") == canary
+    released = [r["version"] for r in await line.outbox(line.settings.kafka.released_topic)]
+    assert released == [production, canary]
+    ended = [r for r in await line.outbox(line.settings.kafka.canary_topic) if r["stage"] == "ended"]
+    assert len(ended) == 1 and ended[0]["outcome"] == "promoted"
