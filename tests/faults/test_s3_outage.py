@@ -67,7 +67,9 @@ async def test_s3_outage_delays_releases_and_loses_nothing(make_settings, privat
         training=TRAINING,
         learning={"gate": False},  # every window's candidate is released: the counts are about S3 alone
         kafka={"batch_max_records": 100},
-        worker={"poll_s": 0.5, "heartbeat_s": 1.0},  # progress reaches the database every second
+        # progress reaches the database every second; a process per job, so that job 2 lasts long enough to be
+        # caught mid-job (a warm trainer ends its two steps within one heartbeat)
+        worker={"poll_s": 0.5, "heartbeat_s": 1.0, "warm": False},
     )  # fmt: skip
     k, url = settings.kafka, settings.api.base_url()
     config = process_tools.write_config(settings, tmp_path / "config.yaml")
@@ -143,9 +145,9 @@ async def _job_state(db: Database, job_id: int, state: str) -> bool:
 
 
 async def _training(db: Database, job_id: int) -> bool:
-    """The job's training child reported a step (its parent came from S3; its upload is still ahead)."""
+    """The job's trainer is training or computing the Fisher (its parent came from S3; its upload is ahead)."""
     progress = await db.fetchval("SELECT progress FROM jobs WHERE id = $1 AND state = 'running'", job_id)
-    return bool(progress and progress.get("step"))
+    return bool(progress and (progress.get("step") or progress.get("phase") in ("training", "fisher")))
 
 
 async def _count(db: Database, query: str, n: int) -> bool:
