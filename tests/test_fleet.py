@@ -1,5 +1,6 @@
 """The engine's fleet view on the real broker, PostgreSQL and S3 server: serving nodes' adapter.status records
-stored by the running engine, malformed records skipped, silent nodes flagged after rollout.node_timeout_s,
+stored by the running engine, malformed records skipped, a node that stops cleanly removed, one that dies
+flagged silent after rollout.node_timeout_s,
 a failed canary load counted, GET /fleet, the fleet gauges and `streamengine status`."""
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ async def _send(settings: Any, *records: tuple[bytes | None, bytes]) -> None:
         await producer.stop()
 
 
+async def _live(line: Any, count: int) -> bool:
+    return bool((await line())["live"] == count)
+
+
+async def _node_ids(line: Any, ids: set[str]) -> bool:
+    return {n["node_id"] for n in (await line())["nodes"]} == ids
+
+
 async def test_engine_stores_the_fleet_flags_silent_and_failed_nodes_and_survives_bad_records(
     make_settings: Any, tmp_path: Path
 ) -> None:
@@ -61,24 +70,31 @@ async def test_engine_stores_the_fleet_flags_silent_and_failed_nodes_and_survive
             (f"{model}/node-x".encode(), json.dumps({"node_id": "node-x", "model": model}).encode()),  # fields missing
             (f"{model}/node-x".encode(), None),  # a tombstone
         )
-        async with node("node-a", 0.3) as a, node("node-b", 0.3):
-
-            async def both_serving() -> bool:
-                fleet = (await api.get("/fleet", params={"model": model})).json()
-                return bool(fleet["lines"]) and fleet["lines"][0]["live"] == 2
-
-            await wait_for(both_serving, 30)
-        # node-b has stopped; node-a restarts and keeps reporting
         async with node("node-a", 0.3) as a:
-            await asyncio.sleep(3.5)  # past rollout.node_timeout_s for node-b
+
+            async def entry_now() -> dict[str, Any]:
+                lines = (await api.get("/fleet", params={"model": model})).json()["lines"]
+                return lines[0] if lines else {"live": 0, "nodes": []}
+
+            async with node("node-b", 0.3):
+                await wait_for(lambda: _live(entry_now, 2), 30)
+            # node-b stopped cleanly: its tombstone removes it. node-c sends one record and dies.
+            await wait_for(lambda: _node_ids(entry_now, {"node-a"}), 30)
+            alive = NodeStatus(
+                node_id="node-c", model=model, stage="production", state="serving",  # type: ignore[arg-type]
+                heartbeat_at=datetime.now(UTC),
+            )  # fmt: skip
+            await _send(settings, (f"{model}/node-c".encode(), alive.model_dump_json().encode()))
+            await wait_for(lambda: _live(entry_now, 2), 30)
+            await asyncio.sleep(3.5)  # past rollout.node_timeout_s for node-c
             fleet = (await api.get("/fleet")).json()
             assert fleet["node_timeout_s"] == 3.0
             (entry,) = [entry for entry in fleet["lines"] if entry["model"] == model]
             assert (entry["live"], entry["silent"], entry["failed"]) == (1, 1, 0)
             assert entry["versions"] == [{"version": "v1.0", "stage": "production", "nodes": 1}]
             nodes = {n["node_id"]: n for n in entry["nodes"]}
-            assert set(nodes) == {"node-a", "node-b"}  # nothing of node-x or of the malformed records
-            assert nodes["node-b"]["silent"] and not nodes["node-a"]["silent"]
+            assert set(nodes) == {"node-a", "node-c"}  # nothing of node-x or of the malformed records
+            assert nodes["node-c"]["silent"] and not nodes["node-a"]["silent"]
             assert (nodes["node-a"]["version"], nodes["node-a"]["state"]) == ("v1.0", "serving")
             assert nodes["node-a"]["swapped_at"] is not None
             labels = {"model": model, "version": "v1.0", "stage": "production", "state": "serving"}

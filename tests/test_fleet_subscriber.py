@@ -135,7 +135,7 @@ async def test_promotion_keeps_the_canary_node_on_the_version_and_moves_the_rest
 
 async def _statuses(settings: Any) -> list[tuple[str, NodeStatus, dict[str, bytes]]]:
     records = await read_all(settings.kafka.bootstrap_servers, settings.kafka.status_topic)
-    return [(r.key.decode(), NodeStatus.model_validate_json(r.value), dict(r.headers)) for r in records if r.key]
+    return [(r.key.decode(), NodeStatus.model_validate_json(r.value), dict(r.headers)) for r in records if r.value]
 
 
 async def test_status_records_on_every_change_and_as_heartbeat(
@@ -171,6 +171,9 @@ async def test_status_records_on_every_change_and_as_heartbeat(
 
         await wait_for(heartbeats, 20)
 
+    everything = await read_all(settings.kafka.bootstrap_servers, settings.kafka.status_topic)
+    last = everything[-1]  # a clean stop leaves the fleet: a tombstone on the node's key
+    assert (last.key, last.value) == (f"{model_name}/node-a".encode(), None)
     records = await _statuses(settings)
     assert {key for key, _, _ in records} == {f"{model_name}/node-a"}
     states = [(s.version, s.stage, str(s.state), s.target_version) for _, s, _ in records]

@@ -1,5 +1,6 @@
 """What a serving node tells the engine: its :class:`NodeStatus` records on ``adapter.status`` (key
-``<model>/<node_id>``, compacted), sent on every change and every ``serving.status_interval_s`` as a heartbeat.
+``<model>/<node_id>``, compacted), sent on every change and every ``serving.status_interval_s`` as a heartbeat,
+and a tombstone on its key when it stops cleanly (it leaves the fleet).
 
 Reporting never holds up serving: records wait in a short queue (the oldest dropped when it is full, the
 heartbeat carries the state anyway), the producer connects in the background with the ``kafka.*`` security
@@ -105,10 +106,23 @@ class StatusReporter:
                     )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), _RETRY.delay(failures))
+            if producer is not None:
+                await self._leave(producer)
         finally:
             if producer is not None:
                 with contextlib.suppress(Exception):
                     await producer.stop()
+
+    async def _leave(self, producer: AIOKafkaProducer) -> None:
+        """A clean stop: a tombstone on this node's key, so the engine forgets it (a node that dies instead
+        goes silent after rollout.node_timeout_s)."""
+        try:
+            key = status_key(self.model, self.node).encode()
+            await asyncio.wait_for(producer.send_and_wait(self.topic, value=None, key=key), 3.0)
+        except Exception as exc:
+            log.warning(
+                "node %s could not say it leaves (%s: %s); it will show as silent", self.node, type(exc).__name__, exc
+            )
 
     async def _next(self, stopping: asyncio.Event) -> NodeStatus | None:
         """The next queued record, else after ``interval_s`` a heartbeat; None once ``stopping`` is set."""

@@ -57,6 +57,11 @@ async def record_status(db: Database, status: NodeStatus) -> None:
     )
 
 
+async def forget(db: Database, model: str, node_id: str) -> None:
+    """Remove a node that left the fleet (a tombstone on its ``adapter.status`` key)."""
+    await db.execute("DELETE FROM fleet_nodes WHERE model = $1 AND node_id = $2", model, node_id)
+
+
 async def nodes(db: Database, timeout_s: float, model: str | None = None) -> list[FleetNode]:
     """Every reported node (of ``model``, or of every line), silent ones flagged, by line and node id."""
     rows = await db.fetch(

@@ -5,7 +5,8 @@ One consumer group (``<kafka.group_id>-fleet``) shares the topic among the engin
 committed after the records are stored, so a crash stores a record twice at worst (the store keeps the
 newest heartbeat, so a replay changes nothing). A record that is not a NodeStatus of the key it is sent
 under is logged on one line, counted (``streamengine_fleet_status_records_total{outcome="invalid"}``) and
-skipped; Kafka or PostgreSQL failing restarts the consumer after a pause, from the last committed offset.
+skipped. A tombstone (a node that stopped cleanly) removes the node; one that dies goes silent instead.
+Kafka or PostgreSQL failing restarts the consumer after a pause, from the last committed offset.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ async def store_batch(db: Database, records: list[Any]) -> int:
     """Store the NodeStatus records among ``records``; returns how many were stored (invalid ones are skipped)."""
     stored = 0
     for record in records:
-        if record.value is None:
-            continue  # a tombstone: compaction's business
+        if record.value is None:  # a node that stopped cleanly left the fleet
+            model, _, node_id = (record.key or b"").decode("utf-8", "replace").rpartition("/")
+            if model and node_id:
+                await fleet.forget(db, model, node_id)
+            continue
         try:
             status = decode(record)
         except ValueError as exc:
