@@ -103,13 +103,16 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
 
 
 def adapters_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("version", "aliases", "parent", "reason", "samples", "loss before", "loss after", "size", "created")
+    table = Table(
+        "version", "aliases", "stage", "parent", "reason", "samples", "loss before", "loss after", "size", "created"
+    )
     for a in rows:
         m = a.get("metrics") or {}
         window = a.get("window") or {}
         table.add_row(
             a["version"],
             ",".join(a["aliases"]) or "-",
+            a.get("stage") or "-",
             a["parent_version"] or "-",
             a.get("reason") or "-",
             str(window.get("samples", "-")),
