@@ -365,3 +365,73 @@ async def test_a_judge_killed_mid_decision_leaves_nothing_and_the_next_one_decid
     assert released == [production, canary]
     ended = [r for r in await line.outbox(line.settings.kafka.canary_topic) if r["stage"] == "ended"]
     assert len(ended) == 1 and ended[0]["outcome"] == "promoted"
+
+
+async def test_forgetting_a_user_drops_their_outcome_counts(line: Line) -> None:
+    from streamengine.store import privacy
+
+    production, _ = await _on_trial(line)
+    await line.feedback(production, 100, 0.2, users=4)
+    await privacy.forget_user(line.db, "user-0")
+    decision = await line.judge()
+    assert decision.production.events == 75 and decision.production.contributors == 3
+    stored = await line.db.fetch("SELECT DISTINCT contributor FROM rollout_outcomes")
+    assert all(len(r["contributor"]) == 64 and not r["contributor"].startswith("user") for r in stored)
+
+
+async def test_cli_shows_the_trial_and_promotes_or_aborts_it(line: Line) -> None:
+    """`streamengine status`, `adapters info canary|list`, `adapters abort` and `adapters promote` against a
+    live admin API; a queued job says why it waits."""
+    import contextlib
+
+    import uvicorn
+    from click.testing import CliRunner
+
+    from streamengine.api.app import create_app
+    from streamengine.api.context import EngineContext
+    from streamengine.cli.main import cli
+    from streamengine.local.embedded import free_port
+    from tests.polling import wait_for
+
+    production, canary = await _on_trial(line)
+    await line.db.execute("INSERT INTO windows (model, state) VALUES ($1, 'closed')", MODEL)
+    window = await line.db.fetchval("SELECT max(id) FROM windows WHERE model = $1", MODEL)
+    await line.db.execute("INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, 'manual')", MODEL, window)
+    await line.feedback(production, 200, 0.1)
+    await line.feedback(canary, 100, 0.1)
+    await line.judge()
+    ctx = EngineContext(line.settings, line.db, None, None, reads=line.db)  # type: ignore[arg-type]
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))  # fmt: skip
+    task = asyncio.create_task(server.serve())
+    env = {"STREAMENGINE_API__URL": f"http://127.0.0.1:{port}", "COLUMNS": "200", "NO_COLOR": "1"}
+
+    async def run(*args: str, code: int = 0) -> str:
+        result = await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    try:
+        await wait_for(lambda: server.started, 30, interval_s=0.02)
+        status = await run("status")
+        assert f"canary {canary} on trial" in status and f"waits for the canary {canary}" in status
+        info = await run("adapters", "info", "canary")
+        assert "stage: canary" in info and f"canary: running against {production}" in info
+        assert "canary: 100 events" in info and "production: 200 events" in info and "negative share 10.0%" in info
+        assert "canary" in await run("adapters", "list")
+        assert f"canary {canary} aborted; production stays {production}" in await run("adapters", "abort")
+        assert "no canary on trial" in await run("adapters", "promote", code=5)
+        info = await run("adapters", "info", canary)
+        assert "stage: rolled_back" in info and "decision: abort (manual, by operator)" in info
+        waited = await job_queue.claim(line.db, "tester", 60, 3)  # the job that waited trains from production
+        assert waited is not None and waited.reason == "manual" and waited.parent_version == production
+        await job_queue.finish_unreleased(line.db, waited.id, "tester", "failed", "not trained here")
+        assert await line.release() == "v1.2"
+        promoted = json.loads(await run("adapters", "promote", "--json"))
+        assert (promoted["version"], promoted["state"]) == ("v1.2", "promoted")
+        assert await registry.alias(line.db, MODEL, "production") == "v1.2"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await task

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from streamengine.store import rollouts
 from streamengine.store.db import Database
 
 _RETENTION_LOCK = 0x5E_0005
@@ -144,6 +145,7 @@ async def forget_user(db: Database, user_id: str) -> Forgotten:
             " ON CONFLICT (user_id) DO UPDATE SET forgotten_at = excluded.forgotten_at",
             user_id,
         )
+        await rollouts.forget(conn, user_id)  # the canary judgement's counts of the user's feedback
         placed = await conn.fetch("SELECT DISTINCT model, window_id FROM samples WHERE user_id = $1", user_id)
         if not placed:
             return result

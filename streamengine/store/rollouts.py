@@ -43,6 +43,9 @@ from streamengine.store.job_queue import announce, enqueue_canary, move_producti
 
 Ending = Literal["promoted", "rolled_back", "aborted"]
 
+_HASHED = "encode(sha256(convert_to({}, 'UTF8')), 'hex')"
+"""SQL: how a contributor's id is stored (the cap only needs to tell contributors apart)."""
+
 # The batch's outcomes by (version, contributor) as one JSON parameter; the running trial and whether each version
 # is a live release of the line are looked up by the statement itself. Contributors are stored as SHA-256 hex
 # (the cap needs only to tell them apart), '' for none.
@@ -50,12 +53,12 @@ _COUNT = """
 INSERT INTO rollout_outcomes AS o (model, version, rollout_id, known, contributor, positive, negative, neutral)
 SELECT $1, t.version, coalesce((SELECT id FROM rollouts WHERE model = $1 AND state = 'running'), 0),
     EXISTS (SELECT 1 FROM adapters a WHERE a.model = $1 AND a.version = t.version AND a.deleted_at IS NULL),
-    CASE WHEN t.contributor IS NULL THEN '' ELSE encode(sha256(convert_to(t.contributor, 'UTF8')), 'hex') END,
+    CASE WHEN t.contributor IS NULL THEN '' ELSE {hashed} END,
     t.positive, t.negative, t.neutral
 FROM json_to_recordset($2::json) AS t(version text, contributor text, positive bigint, negative bigint, neutral bigint)
 ON CONFLICT (model, rollout_id, version, known, contributor) DO UPDATE SET positive = o.positive + EXCLUDED.positive,
     negative = o.negative + EXCLUDED.negative, neutral = o.neutral + EXCLUDED.neutral
-"""
+""".format(hashed=_HASHED.format("t.contributor"))
 
 # One side's tallies for the cap: the ``$4`` heaviest contributors one by one, the rest and the anonymous summed as
 # one anonymous tally (core.rollout.side_counts: the same counts as passing every contributor).
@@ -128,6 +131,11 @@ async def count_outcomes(
     tallies = _tallies(samples, outcomes)
     if tallies is not None:
         await conn.execute(_COUNT, model, tallies)
+
+
+async def forget(conn: asyncpg.Connection, user_id: str) -> None:
+    """Drop the outcome counts of a forgotten user (``privacy.forget_user``, in its transaction)."""
+    await conn.execute(f"DELETE FROM rollout_outcomes WHERE contributor = {_HASHED.format('$1')}", user_id)
 
 
 async def _side(conn: asyncpg.Connection, rollout: Rollout, version: str, max_user_share: float) -> SideCounts:
@@ -235,6 +243,8 @@ async def judge(
     """Judge the running trial of ``model`` on its counts and the line's ``nodes`` (store.fleet) and apply the
     decision; None when none is running (any more). A wait stores the current numbers (``decision``, with
     ``decided_at`` still empty) for ``adapters info``."""
+    if not await db.fetchval("SELECT EXISTS (SELECT 1 FROM rollouts WHERE model = $1 AND state = 'running')", model):
+        return None  # the common case, without taking the model line's lock
     async with db.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM model_lines WHERE model = $1 FOR UPDATE", model)
         rollout = await _lock_running(conn, model)
