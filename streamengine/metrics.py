@@ -126,6 +126,34 @@ FLEET_SILENT = Gauge(
     ["model"],
 )
 
+# --- canary judgement (run; read from PostgreSQL by the judge, every pass) -------------------------------
+CANARY_TRIALS_ENDED = Gauge(
+    "streamengine_canary_trials_ended",
+    "Canary trials of a model line that ended, by state (promoted, rolled_back, aborted) and the rule that ended"
+    " them (not_worse, regression, failed_nodes, timeout, manual).",
+    ["model", "state", "rule"],
+)
+CANARY_RUNNING_SECONDS = Gauge(
+    "streamengine_canary_running_seconds",
+    "Age of the running canary trial of a model line, by the version on trial (absent: none runs).",
+    ["model", "version"],
+)
+CANARY_EVENTS = Gauge(
+    "streamengine_canary_events",
+    "Feedback events of the running trial after the per-user cap, by side (canary, production) and version.",
+    ["model", "side", "version"],
+)
+CANARY_NEGATIVE_SHARE = Gauge(
+    "streamengine_canary_negative_share",
+    "Share of negative outcomes of the running trial after the per-user cap, by side and version.",
+    ["model", "side", "version"],
+)
+CANARY_PROB_WORSE = Gauge(
+    "streamengine_canary_prob_worse",
+    "Posterior probability that the canary is worse than production by more than rollout.max_regression.",
+    ["model", "version"],
+)
+
 # --- training (worker) -----------------------------------------------------------------------------
 TRAINING_SECONDS = Histogram(
     "streamengine_training_seconds",

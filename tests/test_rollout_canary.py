@@ -435,3 +435,28 @@ async def test_cli_shows_the_trial_and_promotes_or_aborts_it(line: Line) -> None
         server.should_exit = True
         with contextlib.suppress(Exception):
             await task
+
+
+async def test_the_canary_gauges_follow_the_trial(line: Line) -> None:
+    from prometheus_client import REGISTRY
+
+    from streamengine.jobs.rollout import refresh_gauges
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(f"streamengine_{name}", {"model": MODEL, **labels})
+
+    production, canary = await _on_trial(line)
+    await line.feedback(production, 300, 0.10)
+    await line.feedback(canary, 100, 0.20)
+    await line.judge()
+    await refresh_gauges(line.db, MODEL)
+    assert value("canary_running_seconds", version=canary) is not None
+    assert value("canary_events", side="canary", version=canary) == pytest.approx(100)
+    assert value("canary_negative_share", side="production", version=production) == pytest.approx(0.1)
+    assert 0 < (value("canary_prob_worse", version=canary) or 0) < 1
+    await line.feedback(canary, 300, 0.30)
+    await line.judge()
+    await refresh_gauges(line.db, MODEL)
+    assert value("canary_trials_ended", state="rolled_back", rule="regression") == 1
+    assert value("canary_running_seconds", version=canary) is None
+    assert value("canary_events", side="canary", version=canary) is None

@@ -1,4 +1,5 @@
-"""The engine's canary judge: every few seconds, judge the model line's running canary and apply the decision."""
+"""The engine's canary judge: every few seconds, judge the model line's running canary, apply the decision and
+refresh the canary gauges (from PostgreSQL, so every replica reports the same values: aggregate with ``max``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 
+from streamengine import metrics
 from streamengine.config.keys import release_signer
 from streamengine.config.settings import RolloutSettings, Settings
 from streamengine.core.manifest import Signer
@@ -44,14 +46,46 @@ async def judge_once(settings: Settings, db: Database, signer: Signer | None) ->
     return decision
 
 
+_GAUGES = (
+    metrics.CANARY_TRIALS_ENDED,
+    metrics.CANARY_RUNNING_SECONDS,
+    metrics.CANARY_EVENTS,
+    metrics.CANARY_NEGATIVE_SHARE,
+    metrics.CANARY_PROB_WORSE,
+)
+
+
+async def refresh_gauges(db: Database, model: str) -> None:
+    """The canary gauges of ``model``: trials ended by state and rule; the running trial's age and latest numbers."""
+    ended = await rollouts.ended_counts(db, model)
+    trial = await rollouts.running(db, model)
+    now = await db.fetchval("SELECT now()")
+    for gauge in _GAUGES:
+        gauge.clear()
+    for (state, rule), count in ended.items():
+        metrics.CANARY_TRIALS_ENDED.labels(model, state, rule).set(count)
+    if trial is None:
+        return
+    metrics.CANARY_RUNNING_SECONDS.labels(model, trial.version).set((now - trial.started_at).total_seconds())
+    numbers = trial.decision or {}
+    for side, version in (("canary", trial.version), ("production", trial.production_version)):
+        counts = numbers.get(side) or {}
+        metrics.CANARY_EVENTS.labels(model, side, version).set(counts.get("effective_events", 0))
+        if counts.get("negative_share") is not None:
+            metrics.CANARY_NEGATIVE_SHARE.labels(model, side, version).set(counts["negative_share"])
+    if "prob_worse" in numbers:
+        metrics.CANARY_PROB_WORSE.labels(model, trial.version).set(numbers["prob_worse"])
+
+
 async def run_judge(
     settings: Settings, db: Database, stop: asyncio.Event, interval_s: float = JUDGE_INTERVAL_S
 ) -> None:
-    """Judge every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
+    """Judge and refresh the gauges every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
     signer = release_signer(settings)
     while not stop.is_set():
         try:
             await judge_once(settings, db, signer)
+            await refresh_gauges(db, settings.model.name)
         except Exception as exc:
             log.warning("canary judge: %s: %s", type(exc).__name__, exc)
         with contextlib.suppress(TimeoutError):

@@ -154,9 +154,20 @@ async def unjudged_counts(db: Database, model: str) -> dict[str, int]:
     return {r["version"]: int(r["n"]) for r in rows}
 
 
-async def running(db: Database) -> list[Rollout]:
-    """Every trial still running, oldest first."""
-    return [_rollout(r) for r in await db.fetch("SELECT * FROM rollouts WHERE state = 'running' ORDER BY id")]
+async def running(db: Database, model: str) -> Rollout | None:
+    """The trial of ``model`` still running, if any."""
+    row = await db.fetchrow("SELECT * FROM rollouts WHERE model = $1 AND state = 'running'", model)
+    return _rollout(row) if row else None
+
+
+async def ended_counts(db: Database, model: str) -> dict[tuple[str, str], int]:
+    """Trials of ``model`` that ended, by (state, rule that ended them)."""
+    rows = await db.fetch(
+        "SELECT state, coalesce(decision->>'rule', '') AS rule, count(*) AS n FROM rollouts"
+        " WHERE model = $1 AND state <> 'running' GROUP BY 1, 2",
+        model,
+    )
+    return {(r["state"], r["rule"]): r["n"] for r in rows}
 
 
 async def of_version(db: Database, model: str, version: str) -> Rollout | None:
