@@ -7,14 +7,15 @@ import io
 import json
 import os
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 
 from streamengine.contract.events import AdapterCanary, AdapterReleased
-from streamengine.core.manifest import SIGNATURE_FIELDS, Signer
-from streamengine.core.release import sequenced
+from streamengine.core.manifest import Signer
+from streamengine.core.release import canary_record, sequenced
 from tests.serving_tools import Fleet
 
 KEY = "fleet-key"
@@ -27,22 +28,6 @@ def _folder(root: Path, version: str) -> Path:
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "version": version}))
     (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
     return folder
-
-
-def _canary(
-    release: AdapterReleased,
-    stage: Literal["canary", "ended"],
-    nodes: list[str],
-    sequence: int,
-    outcome: Literal["promoted", "rolled_back", "aborted"] | None = None,
-) -> AdapterCanary:
-    """The engine's AdapterCanary record for ``release`` (signed with the fleet's key)."""
-    data = release.model_dump(exclude={"event_id", *SIGNATURE_FIELDS})
-    data.update(stage=stage, canary_nodes=nodes, production_version=None, outcome=outcome, sequence=sequence)
-    record = AdapterCanary(event_id=str(uuid.uuid4()), **data)
-    for name, value in SIGNER.signatures(record.model_dump(mode="json")).items():
-        setattr(record, name, value)
-    return record
 
 
 def replayed(record: AdapterReleased) -> bytes:
@@ -73,9 +58,19 @@ class Line:
         self.sequence += 1
         return sequenced(self.fleet.release(_folder(self.root, version), version), self.sequence, SIGNER)
 
-    def canary(self, release: AdapterReleased, stage: Literal["canary", "ended"], nodes: list[str], **kw: Any) -> Any:
+    def canary(
+        self,
+        release: AdapterReleased,
+        stage: Literal["canary", "ended"],
+        nodes: list[str],
+        outcome: Literal["promoted", "rolled_back", "aborted"] | None = None,
+    ) -> AdapterCanary:
+        """The engine's AdapterCanary record for ``release`` (core.release.canary_record), next in sequence."""
         self.sequence += 1
-        return _canary(release, stage, nodes, self.sequence, **kw)
+        return canary_record(
+            release, stage=stage, nodes=nodes, production=None, outcome=outcome, now=datetime.now(UTC),
+            signer=SIGNER, sequence=self.sequence,
+        )  # fmt: skip
 
     async def publish(self, *values: AdapterReleased | bytes, topic: str | None = None) -> None:
         kafka = self.settings.kafka

@@ -18,9 +18,13 @@ def test_generated_file_set() -> None:
     assert set(GENERATED) == {
         "schemas/feedback-event.v1.json",
         "schemas/adapter-released.v1.json",
+        "schemas/adapter-canary.v1.json",
+        "schemas/adapter-status.v1.json",
         "topics/feedback.events.yaml",
         "topics/feedback.events.dlq.yaml",
         "topics/adapter.released.yaml",
+        "topics/adapter.canary.yaml",
+        "topics/adapter.status.yaml",
         "asyncapi.yaml",
     }
 
@@ -49,11 +53,17 @@ def test_generated_files_parse_and_reference_each_other() -> None:
     assert {"version", "uri", "files", "signature", "reason"} <= set(released["properties"])
     api = yaml.safe_load(GENERATED["asyncapi.yaml"])
     addresses = {c["address"] for c in api["channels"].values()}
-    assert addresses == {"feedback.events", "feedback.events.dlq", "adapter.released"}
-    for name in ("FeedbackEvent", "AdapterReleased"):
+    assert addresses == {
+        "feedback.events",
+        "feedback.events.dlq",
+        "adapter.released",
+        "adapter.canary",
+        "adapter.status",
+    }
+    for name in ("FeedbackEvent", "AdapterReleased", "AdapterCanary", "NodeStatus"):
         ref = api["components"]["messages"][name]["payload"]["$ref"]
         assert ref.removeprefix("./") in GENERATED
-    for path in ("topics/feedback.events.yaml", "topics/adapter.released.yaml"):
+    for path in ("topics/feedback.events.yaml", "topics/adapter.released.yaml", "topics/adapter.status.yaml"):
         schema = yaml.safe_load(GENERATED[path])["value_schema"]
         assert schema in GENERATED
 

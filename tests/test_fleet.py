@@ -128,3 +128,7 @@ async def test_engine_stores_the_fleet_flags_silent_and_failed_nodes_and_survive
             assert result.exit_code == 0, result.output
             assert "fleet" in result.output and "node-a" in result.output and "failed" in result.output
             assert "silent" in result.output
+            assert "fleet: 1 live (1 canary v1.0), 1 failed, 1 silent" in result.output
+            top = await asyncio.to_thread(CliRunner().invoke, cli, ["top", "--once"], env=env)
+            assert top.exit_code == 0, top.output
+            assert f"fleet\n  {model}: 1 live (1 canary v1.0), 1 failed, 1 silent" in top.output, top.output

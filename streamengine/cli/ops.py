@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
-from rich.table import Table
 
 from streamengine.cli.base import State, client, console, json_option, model_option, pass_state, print_json
 from streamengine.errors import NotFound, ServiceUnavailable
@@ -22,7 +20,7 @@ from streamengine.errors import NotFound, ServiceUnavailable
 def status(state: State, model: str | None, limit: int, as_json: bool) -> None:
     """Training status: open window, production version, next tick, recent jobs with progress or error; the
     fleet: serving nodes by version and stage, failed and silent ones."""
-    from streamengine.cli.output import jobs_table, status_header
+    from streamengine.cli.output import fleet_summary, fleet_table, jobs_table, status_header
 
     api = client(state)
     data = api.get("/training/status", model=model, limit=limit)
@@ -36,35 +34,11 @@ def status(state: State, model: str | None, limit: int, as_json: bool) -> None:
         return
     console.print(status_header(data))
     console.print(jobs_table(data["jobs"]))
-    console.print(fleet_summary(fleet))
-    if fleet:
-        console.print(fleet_table(fleet["nodes"]))
-
-
-def fleet_summary(line: dict[str, Any] | None) -> str:
-    """One line: live nodes per version and stage, failed and silent nodes."""
-    if not line:
-        return "fleet: no serving node has reported (adapter.status)"
-    versions = ", ".join(f"{v['nodes']} {v['stage']} {v['version'] or 'base'}" for v in line["versions"]) or "none"
-    return f"fleet: {line['live']} live ({versions}), {line['failed']} failed, {line['silent']} silent"
-
-
-def fleet_table(nodes: list[dict[str, Any]]) -> Table:
-    table = Table("node", "version", "stage", "state", "target", "heartbeat", "note")
-    for node in nodes:
-        note = "silent" if node["silent"] else ""
-        if node["reason"]:
-            note = f"{note}; {node['reason']}" if note else node["reason"]
-        table.add_row(
-            node["node_id"],
-            node["version"] or "base",
-            node["stage"],
-            node["state"],
-            node["target_version"] or "-",
-            str(node["heartbeat_at"])[:19],
-            note[:120],
-        )
-    return table
+    if not fleet:
+        console.print("fleet: no serving node has reported (adapter.status)")
+        return
+    console.print(f"fleet: {fleet_summary(fleet)}")
+    console.print(fleet_table(fleet["nodes"]))
 
 
 @click.command()

@@ -102,6 +102,30 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
+def fleet_summary(line: dict[str, Any]) -> str:
+    """One model line of GET /fleet in a line: live nodes per version and stage, failed and silent nodes."""
+    versions = ", ".join(f"{v['nodes']} {v['stage']} {v['version'] or 'base'}" for v in line["versions"]) or "none"
+    return f"{line['live']} live ({versions}), {line['failed']} failed, {line['silent']} silent"
+
+
+def fleet_table(nodes: list[dict[str, Any]]) -> Table:
+    table = Table("node", "version", "stage", "state", "target", "heartbeat", "note")
+    for node in nodes:
+        note = "silent" if node["silent"] else ""
+        if node["reason"]:
+            note = f"{note}; {node['reason']}" if note else node["reason"]
+        table.add_row(
+            node["node_id"],
+            node["version"] or "base",
+            node["stage"],
+            node["state"],
+            node["target_version"] or "-",
+            str(node["heartbeat_at"])[:19],
+            note[:120],
+        )
+    return table
+
+
 def adapters_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(
         "version", "aliases", "stage", "parent", "reason", "samples", "loss before", "loss after", "size", "created"

@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.text import Text
 
 from streamengine.cli.base import State, client, console, pass_state
-from streamengine.cli.output import duration, metric_samples, progress_text
+from streamengine.cli.output import duration, fleet_summary, metric_samples, progress_text
 from streamengine.config.settings import Settings
 from streamengine.errors import NotFound, StreamEngineError
 
@@ -200,10 +200,10 @@ def _release_text(adapter: dict[str, Any]) -> str:
 
 
 def _fleet_lines(fleet: Any) -> list[Text]:
-    if not fleet:
+    lines = fleet.get("lines") if isinstance(fleet, dict) else None
+    if not lines:
         return [Text("  no fleet data")]
-    items = fleet.items() if isinstance(fleet, dict) else enumerate(fleet)
-    return [Text(f"  {key}: {value}") for key, value in items]
+    return [Text(f"  {line['model']}: {fleet_summary(line)}") for line in lines]
 
 
 # --- showing it -----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from streamengine.api.dependencies import Ctx
+from streamengine.api.dependencies import ERRORS, Ctx
 from streamengine.store import fleet
 
 router = APIRouter(tags=["fleet"])
@@ -52,7 +52,7 @@ class Fleet(BaseModel):
 ModelFilter = Annotated[str | None, Query(max_length=200, description="Only this model line (default: every line).")]
 
 
-@router.get("/fleet", response_model=Fleet)
+@router.get("/fleet", response_model=Fleet, responses={422: ERRORS[422]})
 async def fleet_view(ctx: Ctx, model: ModelFilter = None) -> Fleet:
     """Serving nodes per model line as they last reported: version, stage, state, silent flag; counts per
     version and stage."""
