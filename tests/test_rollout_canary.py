@@ -460,3 +460,19 @@ async def test_the_canary_gauges_follow_the_trial(line: Line) -> None:
     assert value("canary_trials_ended", state="rolled_back", rule="regression") == 1
     assert value("canary_running_seconds", version=canary) is None
     assert value("canary_events", side="canary", version=canary) is None
+
+
+@pytest.mark.parametrize("action", ["rollback", "promote"])
+async def test_an_undecided_canary_times_out_with_the_configured_action(line: Line, action: str) -> None:
+    from datetime import timedelta
+
+    production, canary = await _on_trial(line)
+    rollout = line.settings.rollout.model_copy(update={"max_duration": timedelta(seconds=1), "timeout_action": action})
+    line.settings = line.settings.model_copy(update={"rollout": rollout})
+    assert (await line.judge()).action is Action.WAIT
+    await asyncio.sleep(1.1)
+    decision = await line.judge()
+    assert decision.rule is Rule.TIMEOUT and decision.action is Action(action)
+    expected = canary if action == "promote" else production
+    assert await registry.alias(line.db, MODEL, "production") == expected
+    assert (await rollouts.of_version(line.db, MODEL, canary)).decision["rule"] == "timeout"  # type: ignore[union-attr]
