@@ -224,6 +224,7 @@ async def test_an_equal_canary_is_promoted_after_min_events(line: Line) -> None:
 async def test_production_feedback_before_the_trial_does_not_count(line: Line) -> None:
     assert await line.release() == "v1.0"
     await line.feedback("v1.0", 400, 0.0)  # before any canary: not production's side of the trial
+    assert await line.db.fetchval("SELECT count(*) FROM rollout_outcomes") == 0  # nothing to judge: not kept
     for node in NODES:
         await line.node(node)
     assert await line.release() == "v1.1"

@@ -46,16 +46,27 @@ Ending = Literal["promoted", "rolled_back", "aborted"]
 _HASHED = "encode(sha256(convert_to({}, 'UTF8')), 'hex')"
 """SQL: how a contributor's id is stored (the cap only needs to tell contributors apart)."""
 
-# The batch's outcomes by (version, contributor) as one JSON parameter; the running trial and whether each version
-# is a live release of the line are looked up by the statement itself. Contributors are stored as SHA-256 hex
-# (the cap needs only to tell them apart), '' for none.
+# The batch's outcomes by (version, contributor) as one JSON parameter. Kept: the outcomes of the running trial's
+# two versions, by contributor, under the trial's id; and those naming a version that is no live release of the
+# line, by version alone under trial 0 (counted apart, never judged). Feedback on other released versions, or
+# with no trial running, judges nothing and is not kept. The statement looks up the trial and the versions
+# itself; contributors are stored as SHA-256 hex, '' for none.
 _COUNT = """
+WITH trial AS (SELECT id, version, production_version FROM rollouts WHERE model = $1 AND state = 'running'),
+t AS (
+    SELECT t.*, EXISTS (
+        SELECT 1 FROM adapters a WHERE a.model = $1 AND a.version = t.version AND a.deleted_at IS NULL
+    ) AS known
+    FROM json_to_recordset($2::json) AS t(version text, contributor text, positive bigint, negative bigint,
+        neutral bigint)
+)
 INSERT INTO rollout_outcomes AS o (model, version, rollout_id, known, contributor, positive, negative, neutral)
-SELECT $1, t.version, coalesce((SELECT id FROM rollouts WHERE model = $1 AND state = 'running'), 0),
-    EXISTS (SELECT 1 FROM adapters a WHERE a.model = $1 AND a.version = t.version AND a.deleted_at IS NULL),
-    CASE WHEN t.contributor IS NULL THEN '' ELSE {hashed} END,
-    t.positive, t.negative, t.neutral
-FROM json_to_recordset($2::json) AS t(version text, contributor text, positive bigint, negative bigint, neutral bigint)
+SELECT $1, t.version, CASE WHEN t.known THEN (SELECT id FROM trial) ELSE 0 END, t.known,
+    CASE WHEN t.known AND t.contributor IS NOT NULL THEN {hashed} ELSE '' END AS who,
+    sum(t.positive), sum(t.negative), sum(t.neutral)
+FROM t
+WHERE NOT t.known OR t.version IN (SELECT version FROM trial UNION ALL SELECT production_version FROM trial)
+GROUP BY t.version, t.known, who
 ON CONFLICT (model, rollout_id, version, known, contributor) DO UPDATE SET positive = o.positive + EXCLUDED.positive,
     negative = o.negative + EXCLUDED.negative, neutral = o.neutral + EXCLUDED.neutral
 """.format(hashed=_HASHED.format("t.contributor"))

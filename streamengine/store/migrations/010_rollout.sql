@@ -19,10 +19,11 @@ CREATE TABLE rollouts (
 );
 CREATE UNIQUE INDEX rollouts_one_running ON rollouts (model) WHERE state = 'running';
 
--- Outcomes of the feedback naming a version (adapter_version), per contributor (user, else session; '' for
--- none), counted by ingest in the batch's transaction. rollout_id: the canary running when they arrived
--- (0: none), so production's side counts only what came during the trial. known: the version was released
--- in this line when they arrived; the others (unknown, another line's) are kept apart and never judged.
+-- Outcomes of the feedback naming a version (adapter_version), counted by ingest in the batch's transaction:
+-- while a trial runs, those of its canary and production versions per contributor (SHA-256 of the user, else
+-- session; '' for none) under its id (rollout_id), so production's side counts only what came during the
+-- trial; those naming a version that was no live release of the line when they arrived (known false: unknown,
+-- another line's) by version alone under rollout_id 0, never judged.
 CREATE TABLE rollout_outcomes (
     model text NOT NULL,
     version text NOT NULL,
