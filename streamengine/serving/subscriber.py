@@ -570,6 +570,10 @@ class Subscriber:
             log.info("bootstrap read %d records of %s in %.2fs", len(records), self.model, took)
             await self._apply_latest(records, live=False)
         self._reporting = asyncio.create_task(self.reporter.run(self._stopping), name=f"status-{self.model}")
+        log.info(
+            "node %s follows %s (canaries %s), serving %s (%s)", self.node, ", ".join(self.topics),
+            "on" if self.canary else "off", self.current or "the base model", self.stage,
+        )  # fmt: skip
         self.ready.set()
 
     async def run(self) -> None:
