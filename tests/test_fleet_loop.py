@@ -5,8 +5,9 @@ with real files, and a feedback simulator that answers for each node with thumbs
 per version, naming the version that node serves.
 
 (a) a canary worse than production (20% against 10% negative) is rolled back by the engine and its node goes
-back to production; (b) an equal canary is promoted and every node moves to it; (e) the node that takes no
-part in canaries serves production throughout.
+back to production; (b) an equal canary is promoted and every node moves to it; (c) a canary its node cannot
+load is reported failed and rolled back without waiting for feedback; (e) the node that takes no part in
+canaries serves production throughout.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from streamengine.serving import CallbackSwapper, Subscriber
 from streamengine.store import job_queue
 from streamengine.store.db import Database
 from tests.engine_tools import engine_running
+from tests.fleet_tools import tamper
 from tests.kafka_tools import feedback
 from tests.polling import wait_for
 from tests.serving_tools import Fleet
@@ -45,9 +47,10 @@ OLD = "node-v1"  # takes no part in canaries: never reads adapter.canary
 ROUND = {"canary": 60, "production": 20}  # events per node and round, by the side the node is on
 
 
-async def _release(db: Database, settings: Settings, fleet: Fleet, root: Path) -> str:
-    """The worker's release step without the training: a claimed job, its version, real files in S3, the
-    canary decision (``worker.canary_for``) and ``job_queue.release``."""
+async def _release(db: Database, settings: Settings, fleet: Fleet, root: Path, damaged: bool = False) -> str:
+    """The worker's release step without the training: a claimed job, its version, real files in S3 (with
+    ``damaged``, changed in S3 after their hashes were taken), the canary decision (``worker.canary_for``) and
+    ``job_queue.release``."""
     await db.execute("INSERT INTO model_lines (model) VALUES ($1) ON CONFLICT DO NOTHING", MODEL)
     window = await db.fetchval("INSERT INTO windows (model, state) VALUES ($1, 'closed') RETURNING id", MODEL)
     await db.execute("INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, 'threshold')", MODEL, window)
@@ -59,6 +62,8 @@ async def _release(db: Database, settings: Settings, fleet: Fleet, root: Path) -
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "version": version}))
     (folder / "adapter_model.safetensors").write_bytes(os.urandom(256))
     files = await fleet.store.aupload_folder(folder, MODEL, version)
+    if damaged:
+        tamper(fleet, version)
     sizes = {name: (folder / name).stat().st_size for name in files}
     signer = release_signer(settings)
     event = build_release(
@@ -187,3 +192,39 @@ async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows
     assert calls["node-a"] == calls["node-b"] == ["v1.0", "v1.2"]
     promoted_after = simulator.sent - rolled_back_after
     print(f"\nfeedback events sent until the rollback was seen: {rolled_back_after}; the promotion: {promoted_after}")
+
+
+async def test_a_canary_its_node_cannot_load_is_rolled_back(make_settings: Any, tmp_path: Path) -> None:
+    settings = make_settings(signing_key=KEY, rollout={"canary_fraction": 0.34}, window={"max_samples": 1_000_000})
+    fleet = Fleet(settings, MODEL)
+
+    def node(node_id: str) -> Subscriber:
+        serving = {"node_id": node_id, "download_dir": tmp_path / node_id}
+        return Subscriber(make_settings(signing_key=KEY, serving=serving), CallbackSwapper(lambda *_: None), MODEL)
+
+    db = await Database.connect(settings.database)
+    try:
+        async with engine_running(settings) as api:
+            assert await _release(db, settings, fleet, tmp_path / "files") == "v1.0"
+            async with node("node-a") as a, node("node-b") as b, node("node-c") as c:
+
+                async def live(count: int) -> bool:
+                    lines = (await api.get("/fleet", params={"model": MODEL})).json()["lines"]
+                    return bool(lines) and lines[0]["live"] == count
+
+                await wait_for(lambda: live(3), 30)
+                assert await _release(db, settings, fleet, tmp_path / "files", damaged=True) == "v1.1"
+
+                async def decided() -> Any:
+                    info = (await api.get("/adapters/v1.1")).json()
+                    return info if info["rollout"] and info["rollout"]["state"] != "running" else None
+
+                info = await wait_for(decided, 60)
+                assert info["rollout"]["canary_nodes"] == ["node-c"]
+                decision = info["rollout"]["decision"]
+                assert (info["stage"], decision["rule"], decision["failed_nodes"]) == ("rolled_back", "failed_nodes", 1)
+                assert any((o.version, o.reason) == ("v1.1", "integrity") for o in c.outcomes)
+                assert (a.current, b.current, c.current) == ("v1.0", "v1.0", "v1.0")
+                await c.wait_until(lambda: c.stage == "production", 30)  # the end of the trial reached the node
+    finally:
+        await db.close()
