@@ -30,6 +30,7 @@ from streamengine.core.release import build_release
 from streamengine.core.rollout import canary_nodes
 from streamengine.jobs.worker import canary_for
 from streamengine.serving import CallbackSwapper, Subscriber
+from streamengine.store import fleet as store_fleet
 from streamengine.store import job_queue
 from streamengine.store.db import Database
 from tests.engine_tools import engine_running
@@ -132,7 +133,7 @@ async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows
         rollout={"canary_fraction": 0.34, "min_events": 150, "max_user_share": 0.05, "max_regression": 0.05},
         window={"max_samples": 1_000_000},
     )
-    assert canary_nodes([*AWARE, OLD], MODEL, 0.34) == ["node-c"]  # by hash: the old node is not picked
+    assert canary_nodes(AWARE, MODEL, 0.34) == ["node-c"]  # by hash, among the nodes that take part
     fleet = Fleet(settings, MODEL)
     calls: dict[str, list[str]] = {node: [] for node in [*AWARE, OLD]}
 
@@ -155,6 +156,10 @@ async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows
                     return bool(line) and line["versions"] == [{"version": version, "stage": "production", "nodes": 4}]
 
                 await wait_for(lambda: fleet_on("v1.0"), 30)
+                # The node with serving.canary off says so in its status: the engine never picks it for a canary.
+                (line,) = (await api.get("/fleet", params={"model": MODEL})).json()["lines"]
+                assert {n["node_id"]: n["canary"] for n in line["nodes"]} == {**dict.fromkeys(AWARE, True), OLD: False}
+                assert sorted(await store_fleet.live_nodes(db, MODEL, settings.rollout.node_timeout_s)) == AWARE
 
                 # (a) v1.1 on trial on node-c, 20% negative against production's 10%: rolled back.
                 assert await _release(db, settings, fleet, tmp_path / "files") == "v1.1"

@@ -112,6 +112,8 @@ def fleet_table(nodes: list[dict[str, Any]]) -> Table:
     table = Table("node", "version", "stage", "state", "target", "heartbeat", "note")
     for node in nodes:
         note = "silent" if node["silent"] else ""
+        if not node.get("canary", True):
+            note = f"{note}; no canaries" if note else "no canaries"
         if node["reason"]:
             note = f"{note}; {node['reason']}" if note else node["reason"]
         table.add_row(

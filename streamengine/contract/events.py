@@ -249,6 +249,10 @@ class NodeStatus(BaseModel):
     model: str = Field(min_length=1, max_length=128)
     version: str | None = Field(None, pattern=r"^v\d+\.\d+$", description="What it serves (None: nothing yet).")
     stage: Literal["production", "canary"] = Field(description="Which announcement it follows now.")
+    canary: bool = Field(
+        True,
+        description="Takes part in canaries (serving.canary): the engine names canary nodes only among these.",
+    )
     state: NodeState
     target_version: str | None = Field(
         None, pattern=r"^v\d+\.\d+$", description="The version it is downloading or failed to load."

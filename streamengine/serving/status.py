@@ -53,6 +53,7 @@ class StatusReporter:
         self.topic = settings.kafka.status_topic
         self.model, self.node = model, settings.serving.node
         self.interval_s = settings.serving.status_interval_s
+        self.canary = settings.serving.canary
         self.view = NodeView()
         self._queue: asyncio.Queue[NodeStatus] = asyncio.Queue(_QUEUE)
 
@@ -64,6 +65,7 @@ class StatusReporter:
             model=self.model,
             version=view.version,
             stage=view.stage,
+            canary=self.canary,
             state=view.state,
             target_version=view.target_version,
             reason=view.reason[:1000] if view.reason else None,

@@ -15,10 +15,11 @@ from streamengine.store.db import Database
 
 # Compacted topics replay old records on a restart: a record older than the one stored changes nothing.
 _UPSERT = """
-INSERT INTO fleet_nodes (model, node_id, version, stage, state, target_version, reason, swapped_at, heartbeat_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+INSERT INTO fleet_nodes
+    (model, node_id, version, stage, state, target_version, reason, swapped_at, heartbeat_at, canary)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (model, node_id) DO UPDATE SET
-    version = EXCLUDED.version, stage = EXCLUDED.stage, state = EXCLUDED.state,
+    version = EXCLUDED.version, stage = EXCLUDED.stage, state = EXCLUDED.state, canary = EXCLUDED.canary,
     target_version = EXCLUDED.target_version, reason = EXCLUDED.reason, swapped_at = EXCLUDED.swapped_at,
     heartbeat_at = EXCLUDED.heartbeat_at, received_at = now()
 WHERE fleet_nodes.heartbeat_at <= EXCLUDED.heartbeat_at
@@ -39,6 +40,8 @@ class FleetNode:
     swapped_at: datetime | None
     heartbeat_at: datetime
     silent: bool
+    canary: bool = True
+    """Takes part in canaries (``serving.canary``)."""
 
 
 async def record_status(db: Database, status: NodeStatus) -> None:
@@ -54,6 +57,7 @@ async def record_status(db: Database, status: NodeStatus) -> None:
         status.reason,
         status.swapped_at,
         status.heartbeat_at,
+        status.canary,
     )
 
 
@@ -74,5 +78,6 @@ async def nodes(db: Database, timeout_s: float, model: str | None = None) -> lis
 
 
 async def live_nodes(db: Database, model: str, timeout_s: float) -> list[str]:
-    """Ids of the nodes of ``model`` heard from within ``timeout_s`` (what a canary is chosen among)."""
-    return [node.node_id for node in await nodes(db, timeout_s, model) if not node.silent]
+    """Ids of the nodes of ``model`` heard from within ``timeout_s`` that take part in canaries (what a canary
+    is chosen among: a node with ``serving.canary`` off would never run it)."""
+    return [node.node_id for node in await nodes(db, timeout_s, model) if not node.silent and node.canary]

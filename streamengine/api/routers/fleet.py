@@ -22,6 +22,7 @@ class FleetNode(BaseModel):
     version: str | None = Field(description="What it serves (None: the base model, no adapter yet).")
     stage: Literal["production", "canary"] = Field(description="Whether it follows production or runs a canary.")
     state: Literal["downloading", "serving", "failed"]
+    canary: bool = Field(description="Takes part in canaries (serving.canary); canaries are picked among these.")
     target_version: str | None = Field(description="The version it is downloading or failed to load.")
     reason: str | None = Field(description="Why its last load failed (state failed), or why it is retrying.")
     swapped_at: datetime | None = Field(description="When it began serving ``version``.")
