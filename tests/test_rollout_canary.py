@@ -50,7 +50,7 @@ class Line:
     pipeline: IngestPipeline
     offset: int = 0
 
-    async def node(self, node_id: str, state: str = "serving", target: str | None = None) -> None:
+    async def node(self, node_id: str, state: str = "serving", target: str | None = None, canary: bool = True) -> None:
         production = await registry.alias(self.db, MODEL, "production")
         status = NodeStatus(
             node_id=node_id,
@@ -61,6 +61,7 @@ class Line:
             target_version=target,
             reason="load failed" if state == "failed" else None,
             heartbeat_at=datetime.now(UTC),
+            canary=canary,
         )
         await fleet.record_status(self.db, status)
 
@@ -165,6 +166,9 @@ async def test_a_release_goes_on_trial_on_the_canary_nodes_only(line: Line) -> N
 
 async def test_canaries_off_or_no_live_node_release_to_production(line: Line, make_settings) -> None:  # type: ignore[no-untyped-def]
     assert await line.release() == "v1.0"
+    for node in NODES:
+        await line.node(node, canary=False)  # nodes that take no part in canaries
+    assert await canary_for(line.settings, line.db, MODEL, "v1.1") is None
     for node in NODES:
         await line.node(node)
     off = make_settings(rollout={"canary_fraction": 0.0})

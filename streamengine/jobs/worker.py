@@ -420,14 +420,20 @@ def record_training_metrics(model: str, result: TrainResult) -> None:
 
 
 async def canary_for(settings: Settings, db: Database, model: str, version: str) -> job_queue.Canary | None:
-    """Where ``version`` goes first: the canary of the line's live nodes (``rollout.canary_fraction``), or None
-    for every node at once (canaries off, no live node, or no production version yet to compare with)."""
+    """Where ``version`` goes first: the canary of the line's live nodes that take part in canaries
+    (``rollout.canary_fraction``), or None for every node at once (canaries off, no such node, or no production
+    version yet to compare with)."""
     rollout = settings.rollout
     if rollout.canary_fraction <= 0:
         return None
     live = await fleet.live_nodes(db, model, rollout.node_timeout_s)
     if not live:
-        log.info("no serving node of %s reported within rollout.node_timeout_s: %s goes to production", model, version)
+        log.info(
+            "no live serving node of %s takes part in canaries (status within rollout.node_timeout_s, serving.canary"
+            " on): %s goes to production",
+            model,
+            version,
+        )
         return None
     if await registry.alias(db, model, "production") is None:
         log.info("%s has no production version to compare a canary with: %s goes to production", model, version)
