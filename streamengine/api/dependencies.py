@@ -29,7 +29,7 @@ VersionParam = Annotated[
     Path(
         max_length=64,
         pattern=r"^(v\d+\.\d+|[a-z][a-z0-9_-]*)$",
-        description="A version (v1.2) or an alias (production, previous).",
+        description="A version (v1.2) or an alias (production, previous, canary).",
     ),
 ]
 
