@@ -60,6 +60,9 @@ def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: P
         metrics={"port": 0},
         serving={"download_dir": home / "serving", "public_key_file": public_key, "require_signature": True},
         signing={"private_key_file": private_key},
+        # One serving node and feedback that names no version: a canary would have nothing to be judged
+        # against and would wait out rollout.max_duration, holding every later job. Every release at once.
+        rollout={"canary_fraction": 0.0},
     )
 
 
