@@ -1,8 +1,8 @@
-"""The whole loop on the real broker, PostgreSQL and S3 server: a running engine (ingest, outbox relay, canary
-judge, fleet status consumer), four subscribers (three that take part in canaries, one that does not, as a
-subscriber of an earlier streamengine) reporting on adapter.status, releases down the worker's release path
-with real files, and a feedback simulator that answers for each node with thumbs at a negative rate chosen
-per version, naming the version that node serves.
+"""The whole loop on the real broker, PostgreSQL and S3 server: a running engine (ingest, outbox relay, canary judge,
+fleet status consumer), four subscribers with the tiny model in process (PEFT swappers; three that take part in
+canaries, one that does not, as a subscriber of an earlier streamengine) reporting on adapter.status, releases
+down the worker's release path with real files, and a feedback simulator that answers for each node with thumbs at
+a negative rate chosen per version, naming the version that node serves.
 
 (a) a canary worse than production (20% against 10% negative) is rolled back by the engine and its node goes
 back to production; (b) an equal canary is promoted and every node moves to it; (c) a canary its node cannot
@@ -29,7 +29,7 @@ from streamengine.contract.events import LoraSpec
 from streamengine.core.release import build_release
 from streamengine.core.rollout import canary_nodes
 from streamengine.jobs.worker import canary_for
-from streamengine.serving import CallbackSwapper, Subscriber
+from streamengine.serving import CallbackSwapper, PeftSwapper, Subscriber
 from streamengine.store import fleet as store_fleet
 from streamengine.store import job_queue
 from streamengine.store.db import Database
@@ -37,7 +37,7 @@ from tests.engine_tools import engine_running
 from tests.fleet_tools import tamper
 from tests.kafka_tools import feedback
 from tests.polling import wait_for
-from tests.serving_tools import Fleet
+from tests.serving_tools import Fleet, make_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +48,23 @@ OLD = "node-v1"  # takes no part in canaries: never reads adapter.canary
 ROUND = {"canary": 60, "production": 20}  # events per node and round, by the side the node is on
 
 
-async def _release(db: Database, settings: Settings, fleet: Fleet, root: Path, damaged: bool = False) -> str:
-    """The worker's release step without the training: a claimed job, its version, real files in S3 (with
-    ``damaged``, changed in S3 after their hashes were taken), the canary decision (``worker.canary_for``) and
-    ``job_queue.release``."""
+async def _release(
+    db: Database, settings: Settings, fleet: Fleet, root: Path, damaged: bool = False, adapter: Path | None = None
+) -> str:
+    """The worker's release step without the training: a claimed job, its version, real files in S3 (``adapter``'s,
+    else small stand-ins; with ``damaged``, changed in S3 after their hashes were taken), the canary decision
+    (``worker.canary_for``) and ``job_queue.release``."""
     await db.execute("INSERT INTO model_lines (model) VALUES ($1) ON CONFLICT DO NOTHING", MODEL)
     window = await db.fetchval("INSERT INTO windows (model, state) VALUES ($1, 'closed') RETURNING id", MODEL)
     await db.execute("INSERT INTO jobs (model, window_id, reason) VALUES ($1, $2, 'threshold')", MODEL, window)
     job = await job_queue.claim(db, "tester", 60, 3)
     assert job is not None
     version = await job_queue.reserve_version(db, job.id, "tester")
-    folder = root / version
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "version": version}))
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    folder = adapter or root / version
+    if adapter is None:
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "version": version}))
+        (folder / "adapter_model.safetensors").write_bytes(os.urandom(256))
     files = await fleet.store.aupload_folder(folder, MODEL, version)
     if damaged:
         tamper(fleet, version)
@@ -126,7 +129,7 @@ async def _until_decided(
 
 
 async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows(
-    make_settings: Any, tmp_path: Path
+    make_settings: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(
         signing_key=KEY,
@@ -137,15 +140,21 @@ async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows
     fleet = Fleet(settings, MODEL)
     calls: dict[str, list[str]] = {node: [] for node in [*AWARE, OLD]}
 
+    adapters = [make_adapter(tiny_model, tmp_path / "adapters" / f"a{seed}", seed) for seed in range(3)]
+
     def node(node_id: str) -> Subscriber:
+        """A serving node with the tiny model in process (PEFT), swapping each version in."""
         serving = {"node_id": node_id, "download_dir": tmp_path / node_id, "canary": node_id != OLD}
-        swapper = CallbackSwapper(lambda m, v, f, n=node_id: calls[n].append(v))
-        return Subscriber(make_settings(signing_key=KEY, serving=serving), swapper, MODEL)
+        return Subscriber(
+            make_settings(signing_key=KEY, serving=serving), PeftSwapper(tiny_model), MODEL,
+            on_swap=lambda version, n=node_id: calls[n].append(version),
+        )  # fmt: skip
 
     db = await Database.connect(settings.database)
     try:
         async with engine_running(settings) as api:
-            assert await _release(db, settings, fleet, tmp_path / "files") == "v1.0"  # no node yet: production
+            v10 = await _release(db, settings, fleet, tmp_path / "files", adapter=adapters[0])
+            assert v10 == "v1.0"  # no node yet: production
             nodes = {node_id: node(node_id) for node_id in [*AWARE, OLD]}
             for sub in nodes.values():
                 await sub.__aenter__()
@@ -162,7 +171,7 @@ async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows
                 assert sorted(await store_fleet.live_nodes(db, MODEL, settings.rollout.node_timeout_s)) == AWARE
 
                 # (a) v1.1 on trial on node-c, 20% negative against production's 10%: rolled back.
-                assert await _release(db, settings, fleet, tmp_path / "files") == "v1.1"
+                assert await _release(db, settings, fleet, tmp_path / "files", adapter=adapters[1]) == "v1.1"
                 await nodes["node-c"].wait_until(lambda: nodes["node-c"].stage == "canary", 30)
                 assert {n: s.current for n, s in nodes.items()} == {**dict.fromkeys(nodes, "v1.0"), "node-c": "v1.1"}
                 simulator = Simulator(settings, {"v1.0": 0.1, "v1.1": 0.2})
@@ -176,7 +185,7 @@ async def test_the_engine_judges_canaries_on_live_feedback_and_the_fleet_follows
                 rolled_back_after = simulator.sent
 
                 # (b) v1.2 on trial, as good as production: promoted, every node on it.
-                assert await _release(db, settings, fleet, tmp_path / "files") == "v1.2"
+                assert await _release(db, settings, fleet, tmp_path / "files", adapter=adapters[2]) == "v1.2"
                 await nodes["node-c"].wait_until(lambda: nodes["node-c"].current == "v1.2", 30)
                 simulator.rates = {"v1.0": 0.1, "v1.2": 0.1}
                 info = await _until_decided(api, simulator, nodes, "v1.2")
