@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -66,6 +67,20 @@ _TRANSIENT_CODES = frozenset(
 _AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"})
 _TRANSPORT_ERRORS = (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """Whether a transport error is the server's certificate failing verification (urllib3 wraps the
+    ``ssl.SSLCertVerificationError`` in its own errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(current))
+        reason = getattr(current, "reason", None)
+        current = reason if isinstance(reason, BaseException) else (current.__cause__ or current.__context__)
+    return False
 
 
 def _threaded(fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
@@ -156,6 +171,13 @@ class ObjectStore:
                 detail = str(exc.code)
             except _TRANSPORT_ERRORS as exc:
                 detail = self._scrub(f"{type(exc).__name__}: {exc}")
+                if _untrusted_certificate(exc):  # the same answer on every try: no retry, a hint instead
+                    raise ServiceUnavailable(
+                        "S3",
+                        self.endpoint,
+                        f"{what} failed: {detail} (a CA bundle that signed the server's "
+                        "certificate goes in storage.ca_file, STREAMENGINE_STORAGE__CA_FILE)",
+                    ) from None
                 if attempt == tries:
                     raise ServiceUnavailable("S3", self.endpoint, f"{what} failed: {detail}") from None
             delay = self.backoff.delay(attempt, random.random())
