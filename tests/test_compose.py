@@ -99,6 +99,10 @@ def test_compose_runs_every_service_with_health_checks_and_volumes() -> None:
         envs = {k for k in services[name]["environment"] if k.startswith("STREAMENGINE_")}
         assert envs <= SETTING_ENVS, envs - SETTING_ENVS
     assert set(compose["volumes"]) >= {"kafka-data", "postgres-data", "minio-data", "prometheus-data", "grafana-data"}
+    # Default passwords (MinIO, Grafana) and an unauthenticated broker stay on this machine: every published port
+    # binds to loopback; reaching them from elsewhere is a deliberate edit with real credentials.
+    published = [(name, port) for name, service in services.items() for port in service.get("ports", [])]
+    assert published and all(str(port).startswith("127.0.0.1:") for _, port in published), published
 
 
 def test_dockerfile_pins_torch_and_runs_streamengine_unprivileged() -> None:
