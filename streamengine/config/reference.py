@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from streamengine.config.settings import CONFIG_ENV, ENV_PREFIX, Settings
 from streamengine.core.masking import MASK, mask_dsn
@@ -46,6 +47,8 @@ def _type(annotation: Any) -> str:
         text = " or ".join(_type(a) for a in kept)
         return text + (" (optional)" if len(kept) < len(args) else "")
     if origin is list:
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return "list of mappings (JSON)"
         return f"list of {_type(args[0])} (JSON)" if args else "list (JSON)"
     if origin is dict:
         return "mapping (JSON)"
@@ -126,7 +129,7 @@ def _show(value: Any, secret: bool = True) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list | dict):
-        return json.dumps(value)
+        return json.dumps(to_jsonable_python(value))
     return str(value)
 
 

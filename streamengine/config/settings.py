@@ -623,6 +623,39 @@ class PrivacySettings(_Section):
         return value
 
 
+LINE_SECTIONS = ("window", "lora", "training", "ewc", "learning", "rollout")
+"""The sections a ``models:`` entry may override (config/lines.py)."""
+
+
+class LineSettings(_Section):
+    """One entry of ``models:``: a model line by name, or every line whose name matches a pattern."""
+
+    name: str | None = Field(None, min_length=1, max_length=256, description="The line, as in events' `model` field.")
+    pattern: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="A shell-style pattern (`tenant-*`, `?`, `[ab]`; case-sensitive): every line it matches, each "
+        "with its own windows, versions and aliases.",
+    )
+    base: str | None = Field(None, description="Base model of the line(s); unset: model.base.")
+    quantization: Literal["none", "8bit", "4bit"] | None = Field(None, description="Unset: model.quantization.")
+    window: dict[str, Any] = Field({}, description="Overrides of window.* (only the fields given).")
+    lora: dict[str, Any] = Field({}, description="Overrides of lora.*.")
+    training: dict[str, Any] = Field({}, description="Overrides of training.*.")
+    ewc: dict[str, Any] = Field({}, description="Overrides of ewc.*.")
+    learning: dict[str, Any] = Field({}, description="Overrides of learning.* (nested sections key by key).")
+    rollout: dict[str, Any] = Field({}, description="Overrides of rollout.*.")
+
+    @model_validator(mode="after")
+    def _name_or_pattern(self) -> LineSettings:
+        if (self.name is None) == (self.pattern is None):
+            raise ValueError("give a line either a name or a pattern (not both)")
+        if self.name is not None and any(c in self.name for c in "*?["):
+            raise ValueError(f"name {self.name[:100]!r} holds a wildcard: give it as `pattern`")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings of one streamengine process."""
 
@@ -637,6 +670,11 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()
     model: ModelSettings = ModelSettings()
+    models: list[LineSettings] = Field(
+        [],
+        description="Model lines served by this engine, each a name or a pattern with its base and overrides "
+        "(docs/operations.md, Model lines); environment: a JSON list. Empty: the only line is model.name.",
+    )
     lora: LoraSettings = LoraSettings()
     ewc: EwcSettings = EwcSettings()
     training: TrainingSettings = TrainingSettings()
@@ -665,6 +703,23 @@ class Settings(BaseSettings):
         """The older spelling cannot nest into ``api`` by itself: read as a field, then moved there."""
         if self.env_api_token is not None:
             self.api.token = self.env_api_token
+        return self
+
+    @model_validator(mode="after")
+    def _lines(self) -> Settings:
+        """Line names are unique and every entry's overrides give valid settings (the error names the entry)."""
+        from streamengine.config import lines  # it builds on this module
+
+        names = [entry.name for entry in self.models if entry.name is not None]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"models: line {twice[0][:100]!r} is listed more than once")
+        patterns = [entry.pattern for entry in self.models if entry.pattern is not None]
+        if twice := sorted({p for p in patterns if patterns.count(p) > 1}):
+            raise ValueError(f"models: pattern {twice[0][:100]!r} is listed more than once")
+        try:
+            lines.check(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @classmethod
@@ -729,7 +784,10 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             # api.token given by the environment is checked twice, once under the name of the variable
             loc = ("api", "token") if err["loc"] and err["loc"][0] in _API_TOKEN_ENVS else err["loc"]
             dotted = ".".join(str(p) for p in loc)
-            problems.append(f"{dotted} ({env_name(loc)}): {err['msg']}")
+            # a check across sections (models:) has no location: its message names the setting
+            problems.append(
+                f"{dotted} ({env_name(loc)}): {err['msg']}" if loc else err["msg"].removeprefix("Value error, ")
+            )
         raise ConfigError("invalid setting: " + "; ".join(dict.fromkeys(problems))) from None
     except SettingsError as exc:  # a JSON value in the environment that does not parse (never quoted)
         found = re.search(r'field "([^"]+)"', str(exc))
