@@ -80,6 +80,8 @@ CPU_TARGET_US = 15.0
 """CPU of the ingest process per event in (c), median of the repeats: at most this."""
 NAIVE_TARGET = 5.0
 """(c) / (d)."""
+LINES_TARGET = 0.9
+"""``--lines``: ingest's rate with the most lines / its rate with one line, median of the per-repeat ratios."""
 RECORD_BYTES = 1024
 PHASES = ("kafka", "copy", "ingest", "plain", "naive")
 LABELS = {
@@ -130,13 +132,13 @@ def _text(rng: random.Random, chars: int) -> str:
     return " ".join(parts)[:chars].rstrip()
 
 
-def make_event(i: int, rng: random.Random, size: int = RECORD_BYTES) -> bytes:
+def make_event(i: int, rng: random.Random, size: int = RECORD_BYTES, model: str = MODEL) -> bytes:
     """A valid FeedbackEvent v1, realistic fields, padded with prompt/response text to ``size`` bytes."""
     kind = rng.choices(["thumbs_up", "thumbs_down", "rating", "correction"], weights=[60, 15, 20, 5])[0]
     question = f"Can you explain {rng.choice(_TOPICS)}? {_text(rng, rng.randint(120, 260))}"
     event: dict[str, Any] = {
         "event_id": f"evt-{i:09d}-{rng.getrandbits(48):012x}",
-        "model": MODEL,
+        "model": model,
         "prompt": question,
         "response": "",
         "kind": kind,
@@ -159,12 +161,17 @@ def make_event(i: int, rng: random.Random, size: int = RECORD_BYTES) -> bytes:
     return json.dumps(event).encode()
 
 
-def make_events(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
-    """``n`` (key, value) pairs; keys are user ids, as serving nodes would send."""
+def line_name(i: int) -> str:
+    return f"line-{i}"
+
+
+def make_events(n: int, seed: int = 0, lines: int = 0) -> list[tuple[bytes, bytes]]:
+    """``n`` (key, value) pairs; keys are user ids, as serving nodes would send. ``lines``: the events go to that
+    many model lines in turn (:func:`line_name`); 0: all to ``MODEL``."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        value = make_event(i, rng)
+        value = make_event(i, rng, model=line_name(i % lines) if lines else MODEL)
         out.append((json.loads(value)["user_id"].encode(), value))
     return out
 
@@ -508,9 +515,12 @@ async def run_naive(settings: Settings, dsn: str, n: int, pg: PgBackends, broker
 # --------------------------------------------------------------------------------------------- driver
 
 
-def bench_settings(cfg: Config, bootstrap: str, suffix: str, dsn: str, group: str, redact: bool = True) -> Settings:
-    """Settings as ``streamengine run`` would get them, on the benchmark's broker and database."""
-    privacy = {} if redact else {"privacy": {"redact": []}}
+def bench_settings(
+    cfg: Config, bootstrap: str, suffix: str, dsn: str, group: str, redact: bool = True, **lines: Any
+) -> Settings:
+    """Settings as ``streamengine run`` would get them, on the benchmark's broker and database (``lines``: the
+    ``model``/``models`` settings instead of the one line ``MODEL``)."""
+    privacy: dict[str, Any] = {} if redact else {"privacy": {"redact": []}}
     return load_settings(
         **privacy,
         kafka={
@@ -526,8 +536,8 @@ def bench_settings(cfg: Config, bootstrap: str, suffix: str, dsn: str, group: st
             "rebalance_timeout_s": 6.0,
         },
         database={"url": dsn},
-        model={"name": MODEL},
         window={"max_samples": cfg.window_max_samples},
+        **(lines or {"model": {"name": MODEL}}),
     )
 
 
@@ -542,6 +552,8 @@ class Config:
     partitions: int
     json_path: Path
     phases: tuple[str, ...]
+    lines: tuple[int, ...] = ()
+    """Numbers of model lines to compare (``--lines``); empty: the phases."""
 
 
 async def _one_repeat(
@@ -739,6 +751,90 @@ async def amain(cfg: Config, tansu: Tansu, admin_dsn: str) -> dict[str, Any]:
     return summarise(cfg, runs)
 
 
+# --------------------------------------------------------------------------------------------- --lines
+
+
+def lines_settings(cfg: Config, bootstrap: str, suffix: str, dsn: str, group: str, lines: int) -> Settings:
+    """(c)'s settings on a topic of its own for ``lines`` lines: one line is today's single-line configuration
+    (``model.name``); more are one ``models:`` pattern matching them all."""
+    line: dict[str, Any] = {"model": {"name": line_name(0)}} if lines == 1 else {"models": [{"pattern": "line-*"}]}
+    return bench_settings(cfg, bootstrap, f"{suffix}-l{lines}", dsn, group, **line)
+
+
+async def lines_main(cfg: Config, tansu: Tansu, admin_dsn: str) -> dict[str, Any]:
+    """(c) with the events spread evenly over each number of lines of ``cfg.lines``, every repeat on fresh
+    databases, the order of the counts alternating between repeats."""
+    suffix = uuid.uuid4().hex[:8]
+    for count in cfg.lines:
+        settings = lines_settings(cfg, tansu.bootstrap, suffix, admin_dsn, "base", count)
+        await ensure_topics(settings.kafka)
+        print(f"producing {cfg.events:,} events of {RECORD_BYTES} bytes over {count} line(s) ...", flush=True)
+        await produce(tansu.bootstrap, settings.kafka.feedback_topic, make_events(cfg.events, lines=count))
+    gc.collect()
+    gc.freeze()
+    runs: list[dict[int, Result]] = []
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        for number in range(1, cfg.repeat + 1):
+            order = cfg.lines if number % 2 else tuple(reversed(cfg.lines))
+            run: dict[int, Result] = {}
+            for count in order:
+                name = f"se_bench_{uuid.uuid4().hex[:10]}"
+                dsn = create_database(admin_dsn, name)
+                try:
+                    settings = lines_settings(cfg, tansu.bootstrap, suffix, dsn, str(number), count)
+                    run[count] = await run_ingest(settings, name, cfg.events, PgBackends(admin, name), tansu.pid)
+                finally:
+                    drop_database(admin_dsn, name)
+                print(f"  repeat {number}: {count:>5} line(s) {run[count].events_per_s:>10,.0f} events/s", flush=True)
+            runs.append(run)
+    finally:
+        await admin.close()
+    one = min(cfg.lines)
+    rows = {
+        str(count): {
+            "events_per_s": _median(run[count].events_per_s for run in runs),
+            "cpu_us_per_event": _median(run[count].cpu_us_per_event for run in runs),
+            "pg_cpu_us_per_event": _median(run[count].pg_cpu_us_per_event for run in runs),
+            "vs_fewest": _median(run[count].events_per_s / run[one].events_per_s for run in runs),
+            "vs_fewest_runs": [run[count].events_per_s / run[one].events_per_s for run in runs],
+            "runs": [asdict(run[count]) for run in runs],
+        }
+        for count in cfg.lines
+    }
+    most = _median(run[max(cfg.lines)].events_per_s / run[one].events_per_s for run in runs)
+    return {
+        "benchmark": "ingest --lines",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "platform": platform.platform()},
+        "config": {
+            "events": cfg.events,
+            "record_bytes": RECORD_BYTES,
+            "repeat": cfg.repeat,
+            "lines": cfg.lines,
+            "partitions": cfg.partitions,
+            "kafka.batch_max_records": cfg.batch_max_records,
+            "window.max_samples": cfg.window_max_samples,
+        },
+        "lines": rows,
+        "targets": {f"rate with {max(cfg.lines)} lines / {one} >= {LINES_TARGET:g}": _at_least(most, LINES_TARGET)},
+    }
+
+
+def lines_table(summary: dict[str, Any]) -> str:
+    head = f"{'lines':>6} {'events/s':>10} {'CPU us/ev':>10} {'PG us/ev':>9} {'rate / fewest (per repeat)':>34}"
+    out = [head, "-" * len(head)]
+    for count, row in summary["lines"].items():
+        each = ", ".join(f"{r:.2f}" for r in row["vs_fewest_runs"])
+        out.append(
+            f"{count:>6} {_fmt(row['events_per_s'], ',.0f'):>10} {_fmt(row['cpu_us_per_event'], '.1f'):>10}"
+            f" {_fmt(row['pg_cpu_us_per_event'], '.1f'):>9} {row['vs_fewest']:>8.2f} ({each})"
+        )
+    ((target, met),) = summary["targets"].items()
+    out.append(f"\n{target}: {'met' if met else 'MISSED'}")
+    return "\n".join(out)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Start a tansu broker and reach PostgreSQL, run every repeat, stop/drop everything."""
     log_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -748,7 +844,7 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
         tansu.start()
         admin_dsn = Postgres.connect_or_start(pg_dir / "data", log_dir)
-        return asyncio.run(amain(cfg, tansu, admin_dsn))
+        return asyncio.run(lines_main(cfg, tansu, admin_dsn) if cfg.lines else amain(cfg, tansu, admin_dsn))
     finally:
         tansu.stop()
         Postgres.stop_started()
@@ -769,11 +865,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=1000, help="window.max_samples (default 1000)")
     parser.add_argument("--partitions", type=int, default=6, help="partitions of the feedback topic (default 6)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/ingest.json"), help="where to write JSON")
+    parser.add_argument(
+        "--lines", default="",
+        help="comma-separated numbers of model lines (1,100,1000): only (c), the events spread evenly over the lines, "
+        "each rate compared with the fewest lines'",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="where to write JSON (default bench/results/...)")
     args = parser.parse_args(argv)
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
     if unknown := set(phases) - set(PHASES):
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    try:
+        lines = tuple(sorted({int(n) for n in args.lines.split(",") if n.strip()}))
+    except ValueError:
+        parser.error("--lines takes numbers separated by commas")
+    if any(n < 1 for n in lines):
+        parser.error("--lines: at least one line")
+    json_path = args.json or Path("bench/results/ingest_lines.json" if lines else "bench/results/ingest.json")
     cfg = Config(
         events=args.events,
         naive_events=args.naive_events or min(args.events, 10_000),
@@ -782,15 +890,16 @@ def main(argv: list[str] | None = None) -> int:
         batch_max_wait_s=args.batch_wait,
         window_max_samples=args.window,
         partitions=args.partitions,
-        json_path=args.json,
+        json_path=json_path,
         phases=phases,
+        lines=lines,
     )
     if cfg.naive_events > cfg.events:
         parser.error("--naive-events cannot exceed --events")
     logging.basicConfig(level=logging.WARNING)
     summary = run(cfg)
     print()
-    print(table(summary))
+    print(lines_table(summary) if lines else table(summary))
     cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
     cfg.json_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwritten to {cfg.json_path}")

@@ -1,7 +1,7 @@
 """Canary rollouts in PostgreSQL: the live outcome counts, the trials, and their decisions applied exactly once.
 
 Ingest counts the outcome of every new event naming a version (:func:`count_outcomes`, one statement in the
-batch's transaction). The engine judges each running trial (:func:`judge`) with the pure rule of
+batch's transaction, whatever the lines). The engine judges each running trial (:func:`judge`) with the pure rule of
 :mod:`streamengine.core.rollout`; an operator can decide by hand (:func:`decide_by_hand`) and a manual deploy
 or rollback aborts it (:func:`abort_running`). Every decision takes the model line's lock, then the trial's row,
 checks it is still running and, in the same transaction, moves the aliases, queues the records through the
@@ -46,27 +46,34 @@ Ending = Literal["promoted", "rolled_back", "aborted"]
 _HASHED = "encode(sha256(convert_to({}, 'UTF8')), 'hex')"
 """SQL: how a contributor's id is stored (the cap only needs to tell contributors apart)."""
 
-# The batch's outcomes by (version, contributor) as one JSON parameter. Kept: the outcomes of the running trial's
-# two versions, by contributor, under the trial's id; and those naming a version that is no live release of the
-# line, by version alone under trial 0 (counted apart, never judged). Feedback on other released versions, or
-# with no trial running, judges nothing and is not kept. The statement looks up the trial and the versions
-# itself; contributors are stored as SHA-256 hex, '' for none.
+# The batch's outcomes by (model line, version, contributor) as one JSON parameter, every line of the batch in
+# one statement. Kept: the outcomes of the line's running trial's two versions, by contributor, under the trial's
+# id; and those naming a version that is no live release of the line, by version alone under trial 0 (counted
+# apart, never judged). Feedback on other released versions, or with no trial running, judges nothing and is not
+# kept. The statement looks up the trials and the versions itself; contributors are stored as SHA-256 hex, '' for
+# none.
 _COUNT = """
-WITH trial AS (SELECT id, version, production_version FROM rollouts WHERE model = $1 AND state = 'running'),
-t AS (
+WITH t AS (
     SELECT t.*, EXISTS (
-        SELECT 1 FROM adapters a WHERE a.model = $1 AND a.version = t.version AND a.deleted_at IS NULL
+        SELECT 1 FROM adapters a WHERE a.model = t.model AND a.version = t.version AND a.deleted_at IS NULL
     ) AS known
-    FROM json_to_recordset($2::json) AS t(version text, contributor text, positive bigint, negative bigint,
-        neutral bigint)
+    FROM json_to_recordset($1::json) AS t(model text, version text, contributor text, positive bigint,
+        negative bigint, neutral bigint)
+),
+trial AS (
+    SELECT model, id, version, production_version FROM rollouts
+    WHERE model IN (SELECT model FROM t) AND state = 'running'
 )
 INSERT INTO rollout_outcomes AS o (model, version, rollout_id, known, contributor, positive, negative, neutral)
-SELECT $1, t.version, CASE WHEN t.known THEN (SELECT id FROM trial) ELSE 0 END, t.known,
-    CASE WHEN t.known AND t.contributor IS NOT NULL THEN {hashed} ELSE '' END AS who,
+SELECT t.model, t.version, CASE WHEN t.known THEN (SELECT id FROM trial WHERE trial.model = t.model) ELSE 0 END,
+    t.known, CASE WHEN t.known AND t.contributor IS NOT NULL THEN {hashed} ELSE '' END AS who,
     sum(t.positive), sum(t.negative), sum(t.neutral)
 FROM t
-WHERE NOT t.known OR t.version IN (SELECT version FROM trial UNION ALL SELECT production_version FROM trial)
-GROUP BY t.version, t.known, who
+WHERE NOT t.known OR t.version IN (
+    SELECT version FROM trial WHERE trial.model = t.model
+    UNION ALL SELECT production_version FROM trial WHERE trial.model = t.model
+)
+GROUP BY t.model, t.version, t.known, who
 ON CONFLICT (model, rollout_id, version, known, contributor) DO UPDATE SET positive = o.positive + EXCLUDED.positive,
     negative = o.negative + EXCLUDED.negative, neutral = o.neutral + EXCLUDED.neutral
 """.format(hashed=_HASHED.format("t.contributor"))
@@ -120,28 +127,29 @@ def _rollout(row: asyncpg.Record) -> Rollout:
     return Rollout(**{name: row[name] for name in Rollout.__slots__})
 
 
-def _tallies(samples: Sequence[Sample], outcomes: Sequence[Outcome | None]) -> str | None:
-    """The outcomes of the samples naming a version, by (version, contributor), as the JSON ``_COUNT`` reads."""
-    counts: Counter[tuple[str, str | None, Outcome]] = Counter()
+def _tallies(samples: Sequence[Sample], outcomes: Sequence[Outcome | None]) -> list[dict[str, Any]]:
+    """The outcomes of the samples naming a version, by (line, version, contributor), as ``_COUNT`` reads them."""
+    counts: Counter[tuple[str, str, str | None, Outcome]] = Counter()
     for sample, result in zip(samples, outcomes, strict=True):
         if sample.adapter_version is not None and result is not None:
-            counts[sample.adapter_version, contributor(sample.user_id, sample.session_id), result] += 1
-    if not counts:
-        return None
-    rows: dict[tuple[str, str | None], dict[str, Any]] = {}
-    for (version, who, result), n in counts.items():
-        row = rows.setdefault((version, who), {"version": version, "contributor": who, **dict.fromkeys(Outcome, 0)})
+            counts[sample.model, sample.adapter_version, contributor(sample.user_id, sample.session_id), result] += 1
+    rows: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for (model, version, who, result), n in counts.items():
+        key = (model, version, who)
+        row = rows.setdefault(
+            key, {"model": model, "version": version, "contributor": who, **dict.fromkeys(Outcome, 0)}
+        )
         row[result] += n
-    return json.dumps(list(rows.values()))
+    return list(rows.values())
 
 
 async def count_outcomes(
-    conn: asyncpg.Connection, model: str, samples: Sequence[Sample], outcomes: Sequence[Outcome | None]
+    conn: asyncpg.Connection, samples: Sequence[Sample], outcomes: Sequence[Outcome | None]
 ) -> None:
-    """Count the outcomes of new events of ``model`` that name a version (in the caller's transaction)."""
-    tallies = _tallies(samples, outcomes)
-    if tallies is not None:
-        await conn.execute(_COUNT, model, tallies)
+    """Count the outcomes of new events that name a version, of every line, in one statement (in the caller's
+    transaction)."""
+    if tallies := _tallies(samples, outcomes):
+        await conn.execute(_COUNT, json.dumps(tallies))
 
 
 async def forget(conn: asyncpg.Connection, user_id: str) -> None:

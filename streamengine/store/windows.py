@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import attrgetter, itemgetter
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -59,9 +60,13 @@ class BatchOutcome:
     closed: list[ClosedWindow] = field(default_factory=list)
     open_samples: dict[str, int] = field(default_factory=dict)
     """Trainable samples in each written line's open window after the batch (how close it is to closing)."""
+    inserted_by_model: dict[str, int] = field(default_factory=dict)
+    """``inserted`` by model line."""
 
     def add(self, other: BatchOutcome) -> None:
         self.inserted += other.inserted
+        for model, count in other.inserted_by_model.items():
+            self.inserted_by_model[model] = self.inserted_by_model.get(model, 0) + count
         self.duplicates += other.duplicates
         self.forgotten += other.forgotten
         self.closed += other.closed
@@ -145,16 +150,24 @@ class ConcurrentInsert(StreamEngineError):
 
 
 async def _lock_open_window(conn: asyncpg.Connection, model: str) -> asyncpg.Record:
-    query = "SELECT * FROM windows WHERE model = $1 AND state = 'open' FOR UPDATE"
-    row: asyncpg.Record | None = await conn.fetchrow(query, model)
-    if row is None:  # first sample of the model line, or the last window just closed
-        await conn.execute("INSERT INTO model_lines (model) VALUES ($1) ON CONFLICT DO NOTHING", model)
+    return (await _lock_open_windows(conn, [model]))[model]
+
+
+_LOCK_OPEN = "SELECT * FROM windows WHERE model = ANY ($1::text[]) AND state = 'open' ORDER BY model FOR UPDATE"
+
+
+async def _lock_open_windows(conn: asyncpg.Connection, models: list[str]) -> dict[str, asyncpg.Record]:
+    """Lock the open window of each model line (sorted: one lock order for every replica), opening the missing
+    ones (first sample of a line, or its last window just closed): a few statements whatever the lines' number."""
+    rows = {r["model"]: r for r in await conn.fetch(_LOCK_OPEN, models)}
+    if missing := [model for model in models if model not in rows]:
+        await conn.execute("INSERT INTO model_lines (model) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", missing)
         await conn.execute(
-            "INSERT INTO windows (model) VALUES ($1) ON CONFLICT (model) WHERE state = 'open' DO NOTHING", model
+            "INSERT INTO windows (model) SELECT unnest($1::text[]) ON CONFLICT (model) WHERE state = 'open' DO NOTHING",
+            missing,
         )
-        row = await conn.fetchrow(query, model)
-    assert row is not None
-    return row
+        rows.update((r["model"], r) for r in await conn.fetch(_LOCK_OPEN, missing))
+    return rows
 
 
 async def _add_job(conn: asyncpg.Connection, window: asyncpg.Record, reason: str) -> int:
@@ -219,16 +232,17 @@ def _made_before(sample: Sample, produced_ms: int | None, moment: datetime) -> b
 async def write_batch(
     db: Database,
     rows: list[SampleAt],
-    policy: WindowPolicy,
+    policy: WindowPolicy | Callable[[str], WindowPolicy],
     lines: list[str] | None = None,
     produced_ms: Sequence[int | None] | None = None,
     look_first: bool = True,
     outcomes: Sequence[Outcome | None] | None = None,
 ) -> BatchOutcome:
     """Store samples (duplicates by event_id and samples of forgotten users are dropped) and close windows that
-    reach the policy.
+    reach the policy (``policy``: one for every line, or the policy of each model line).
 
-    One transaction and a handful of statements per model line, whatever the batch size. The first copy
+    One transaction and a handful of statements, whatever the batch size and the number of model lines in it;
+    a line whose window the batch closes adds a few of its own. The first copy
     of an event id in the batch wins. Samples already stored and tombstones are found first (under the
     window's lock), so every new sample is written once, with COPY, straight into the window it belongs to.
     ``lines``: the rows' :func:`copy_line`, when the caller prepared them; ``produced_ms``: when each row's
@@ -257,15 +271,31 @@ async def write_batch(
 
 
 async def _write(
-    db: Database, groups: dict[str, _Rows], policy: WindowPolicy, outcome: BatchOutcome, look_first: bool
+    db: Database,
+    groups: dict[str, _Rows],
+    policy: WindowPolicy | Callable[[str], WindowPolicy],
+    outcome: BatchOutcome,
+    look_first: bool,
 ) -> BatchOutcome:
     async with db.pool.acquire() as conn, conn.transaction():
-        for model in sorted(groups):  # fixed lock order: no deadlocks between replicas
-            window = await _lock_open_window(conn, model)
-            fresh = await _unstored(conn, groups[model], outcome, look_first)
-            if fresh.rows:
-                await rollouts.count_outcomes(conn, model, list(map(_sample_of, fresh.rows)), fresh.outcomes)
-                await _store(conn, window, fresh, policy, outcome)
+        models = sorted(groups)
+        opened = await _lock_open_windows(conn, models)
+        fresh = await _unstored(conn, groups, outcome, look_first)
+        kept = [fresh[model] for model in models]
+        samples = [_sample_of(row) for group in kept for row in group.rows]
+        await rollouts.count_outcomes(conn, samples, [result for group in kept for result in group.outcomes])
+        staying: list[tuple[asyncpg.Record, _Rows, _Plan]] = []
+        for model in models:
+            rows = fresh[model]
+            if not rows.rows:
+                continue
+            plan = _plan(opened[model], rows, policy if isinstance(policy, WindowPolicy) else policy(model))
+            if plan.cuts:
+                await _store(conn, opened[model], rows, plan, outcome)
+            else:
+                staying.append((opened[model], rows, plan))
+        if staying:
+            await _store_open(conn, staying, outcome)
     return outcome
 
 
@@ -279,44 +309,57 @@ def _by_model(batch: _Rows) -> dict[str, _Rows]:
     return {model: batch.take(group) for model, group in indexes.items()}
 
 
-async def _unstored(conn: asyncpg.Connection, group: _Rows, outcome: BatchOutcome, look_first: bool) -> _Rows:
-    """The rows of ``group`` that are neither stored already (unless not ``look_first``) nor of a user forgotten
-    since their event."""
-    samples = list(map(_sample_of, group.rows))
-    users = set(map(_user, samples))
+async def _unstored(
+    conn: asyncpg.Connection, groups: dict[str, _Rows], outcome: BatchOutcome, look_first: bool
+) -> dict[str, _Rows]:
+    """The rows of each group that are neither stored already (unless not ``look_first``) nor of a user forgotten
+    since their event: one lookup for the whole batch."""
+    samples = {model: list(map(_sample_of, group.rows)) for model, group in groups.items()}
+    everything = list(itertools.chain.from_iterable(samples.values()))
+    users = set(map(_user, everything))
     users.discard(None)
-    ids = _json(list(map(_event_id, samples))).decode() if look_first else "[]"
+    ids = _json(list(map(_event_id, everything))).decode() if look_first else "[]"
     found = await conn.fetch(_CHECK, ids, _json(list(users)).decode())
     if not found:
-        return group
+        return groups
     stored = {r["id"] for r in found if r["forgotten_at"] is None}
     forgotten = {r["id"]: r["forgotten_at"] for r in found if r["forgotten_at"] is not None}
-    keep = []
-    for index, sample in enumerate(samples):
-        if sample.event_id in stored:
-            outcome.duplicates += 1
-        elif sample.user_id in forgotten and _made_before(sample, group.produced_ms[index], forgotten[sample.user_id]):
-            outcome.forgotten += 1
-        else:
-            keep.append(index)
-    return group.take(keep)
+    kept: dict[str, _Rows] = {}
+    for model, group in groups.items():
+        keep = []
+        for index, sample in enumerate(samples[model]):
+            if sample.event_id in stored:
+                outcome.duplicates += 1
+            elif sample.user_id in forgotten and _made_before(
+                sample, group.produced_ms[index], forgotten[sample.user_id]
+            ):
+                outcome.forgotten += 1
+            else:
+                keep.append(index)
+        kept[model] = group.take(keep)
+    return kept
 
 
-async def _insert(conn: asyncpg.Connection, window_id: int, lines: list[str]) -> None:
-    prefix = f"{window_id}\t"
-    framed = lines.copy()  # the first line's prefix and the last newline on the ends: one large string, not three
-    framed[0], framed[-1] = prefix + framed[0], framed[-1] + "\n"
-    if len(framed) == 1:
-        framed[0] = prefix + lines[0] + "\n"
-    data = f"\n{prefix}".join(framed).encode()
+async def _insert(conn: asyncpg.Connection, segments: Sequence[tuple[int, list[str]]]) -> None:
+    """COPY the lines of each (window id, lines) segment into that window."""
+    parts = []
+    for window_id, lines in segments:
+        prefix = f"{window_id}\t"
+        framed = lines.copy()  # the first line's prefix and the last newline on the ends: one string, not three
+        framed[0], framed[-1] = prefix + framed[0], framed[-1] + "\n"
+        if len(framed) == 1:
+            framed[0] = prefix + lines[0] + "\n"
+        parts.append(f"\n{prefix}".join(framed))
+    data = (parts[0] if len(parts) == 1 else "".join(parts)).encode()
+    count = sum(len(lines) for _, lines in segments)
     try:
         # A memoryview: asyncpg would take bytes for a file name.
         status = await conn.copy_to_table("samples", source=memoryview(data), columns=COPY_COLUMNS, format="text")
     except asyncpg.UniqueViolationError:
-        raise ConcurrentInsert(f"a sample of the batch of {len(lines)} was stored concurrently") from None
+        raise ConcurrentInsert(f"a sample of the batch of {count} was stored concurrently") from None
     copied = int(status.rsplit(" ", 1)[-1])  # "COPY <rows>"
-    if copied != len(lines):
-        raise StreamEngineError(f"COPY stored {copied} of {len(lines)} samples")
+    if copied != count:
+        raise StreamEngineError(f"COPY stored {copied} of {count} samples")
 
 
 # One segment of a batch into its window: the counters and offsets, and the window closed when the segment
@@ -336,35 +379,60 @@ INSERT INTO windows (model) VALUES ($1) RETURNING *, (SELECT id FROM job) AS job
 """
 
 
-async def _store(
-    conn: asyncpg.Connection, window: asyncpg.Record, fresh: _Rows, policy: WindowPolicy, outcome: BatchOutcome
-) -> None:
-    """Insert new samples into the open window, closing it (and opening the next) exactly at the threshold."""
+@dataclass(slots=True)
+class _Plan:
+    """Which new samples of one line are trainable, their weights, and where they close windows (``cut_points``)."""
+
+    trainable: list[bool]
+    weights: list[float]
+    cuts: list[int]
+
+
+def _plan(window: asyncpg.Record, fresh: _Rows, policy: WindowPolicy) -> _Plan:
     samples = list(map(_sample_of, fresh.rows))
     trainable = [s.label > 0 and s.weight > 0 for s in samples]  # Sample.trainable, without a call per sample
     weights = list(map(_weight, samples))
     cuts = cut_points(window["samples"], window["weight"], list(zip(trainable, weights, strict=True)), policy)
-    for start, end in itertools.pairwise([0, *cuts, len(samples)]):
+    return _Plan(trainable, weights, cuts)
+
+
+def _offsets(window: asyncpg.Record, segment: list[SampleAt]) -> tuple[dict[str, int], dict[str, int]]:
+    """The window's first and last offsets per partition with ``segment``'s merged in."""
+    last = dict(zip(map(_partition_of, segment), map(_offset_of, segment), strict=True))
+    first = dict(zip(map(_partition_of, reversed(segment)), map(_offset_of, reversed(segment)), strict=True))
+    return _merged(dict(window["first_offsets"]), first, min), _merged(dict(window["last_offsets"]), last, max)
+
+
+def _count(outcome: BatchOutcome, model: str, inserted: int) -> None:
+    outcome.inserted += inserted
+    outcome.inserted_by_model[model] = outcome.inserted_by_model.get(model, 0) + inserted
+
+
+async def _store(
+    conn: asyncpg.Connection, window: asyncpg.Record, fresh: _Rows, plan: _Plan, outcome: BatchOutcome
+) -> None:
+    """Insert new samples into the open window, closing it (and opening the next) exactly at the threshold."""
+    trainable, weights, cuts = plan.trainable, plan.weights, plan.cuts
+    for start, end in itertools.pairwise([0, *cuts, len(fresh.rows)]):
         if start == end:  # the last cut is the batch's end: the next window opens with the next sample
             break
-        await _insert(conn, window["id"], fresh.lines[start:end])
-        segment, flags, closes = fresh.rows[start:end], trainable[start:end], end in cuts
-        last = dict(zip(map(_partition_of, segment), map(_offset_of, segment), strict=True))
-        first = dict(zip(map(_partition_of, reversed(segment)), map(_offset_of, reversed(segment)), strict=True))
+        await _insert(conn, [(window["id"], fresh.lines[start:end])])
+        flags, closes = trainable[start:end], end in cuts
+        first, last = _offsets(window, fresh.rows[start:end])
         window = await conn.fetchrow(
             _ACCOUNT,
             window["id"],
             sum(flags),
             sum(itertools.compress(weights[start:end], flags)),
             end - start,
-            _merged(dict(window["first_offsets"]), first, min),
-            _merged(dict(window["last_offsets"]), last, max),
+            first,
+            last,
             closes,
         )
-        outcome.inserted += end - start
+        _count(outcome, window["model"], end - start)
         if not closes:
             continue
-        if end < len(samples):  # more samples follow
+        if end < len(fresh.rows):  # more samples follow
             following = await conn.fetchrow(_JOB_AND_NEXT, window["model"], window["id"])
             job_id = following["job_id"]
         else:
@@ -374,6 +442,43 @@ async def _store(
         )
         window = following
     outcome.open_samples[window["model"]] = window["samples"]
+
+
+# Segments of several lines, none closing its window: every window's counters and offsets in one statement.
+_ACCOUNT_MANY = """
+UPDATE windows AS w SET samples = w.samples + u.samples, weight = w.weight + u.weight, stored = w.stored + u.stored,
+    first_offsets = u.first_offsets::jsonb, last_offsets = u.last_offsets::jsonb
+FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[], $5::text[], $6::text[])
+    AS u (id, samples, weight, stored, first_offsets, last_offsets)
+WHERE w.id = u.id RETURNING w.model, w.samples
+"""
+
+
+async def _store_open(
+    conn: asyncpg.Connection, staying: list[tuple[asyncpg.Record, _Rows, _Plan]], outcome: BatchOutcome
+) -> None:
+    """Insert the new samples of lines whose windows they do not close: one COPY and one update for all lines."""
+    if len(staying) == 1:
+        window, fresh, plan = staying[0]
+        await _store(conn, window, fresh, plan, outcome)
+        return
+    await _insert(conn, [(window["id"], fresh.lines) for window, fresh, _ in staying])
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    for window, fresh, plan in staying:
+        first, last = _offsets(window, fresh.rows)
+        values = (
+            window["id"],
+            sum(plan.trainable),
+            sum(itertools.compress(plan.weights, plan.trainable)),
+            len(fresh.rows),
+            _json(first).decode(),
+            _json(last).decode(),
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+        _count(outcome, window["model"], len(fresh.rows))
+    for row in await conn.fetch(_ACCOUNT_MANY, *columns):
+        outcome.open_samples[row["model"]] = row["samples"]
 
 
 async def close_now(db: Database, model: str, reason: str, min_samples: int = 1) -> ClosedWindow | None:

@@ -219,8 +219,9 @@ class IngestApp:
     async def _store(self, checkpoint: Checkpoint, records: list[Record], batch: Classified) -> None:
         async with checkpoint.lock:  # a rebalance waits for this batch to be stored and committed
             outcome = await self.pipeline.store(batch)  # retries until durable
-            if outcome.open_samples:  # one line's window (several lines: the fullest one decides)
-                self._room = self.settings.window.max_samples - max(outcome.open_samples.values())
+            if outcome.open_samples:  # one line's window (several lines: the one closest to closing decides)
+                policy = self.pipeline.window_policy
+                self._room = min(policy(model).max_samples - held for model, held in outcome.open_samples.items())
             self._in_flight = 0
             checkpoint.stored(records)
             if checkpoint.due():

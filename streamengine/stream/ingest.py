@@ -26,13 +26,14 @@ from typing import Protocol, TypeVar
 from aiokafka.errors import MessageSizeTooLargeError
 
 from streamengine import metrics
+from streamengine.config.lines import Lines
 from streamengine.config.settings import Settings
 from streamengine.contract.events import decode_fields
 from streamengine.core.backoff import Backoff
 from streamengine.core.rollout import Outcome, outcome
 from streamengine.core.samples import SamplePolicy, to_sample
 from streamengine.core.windows import WindowPolicy
-from streamengine.errors import EventRejected, StreamEngineError, data_rejection, is_transient
+from streamengine.errors import ConfigError, EventRejected, StreamEngineError, data_rejection, is_transient
 from streamengine.store import windows
 from streamengine.store.db import Database
 from streamengine.store.windows import SampleAt
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DLQ_PREVIEW_BYTES = 65_536
 """What a DLQ record keeps of a value too large for the producer or the DLQ topic to take whole."""
+POLICY_CACHE_MAX = 65_536
+"""Most line names whose policies ingest remembers at once."""
 
 
 class Record(Protocol):
@@ -147,26 +150,51 @@ class IngestPipeline:
         self.settings = settings
         self.db = db
         self.sender = sender
-        self.sample_policy = SamplePolicy(
-            kind_weights=settings.samples.kind_weights,
-            positive_rating_min=settings.samples.positive_rating_min,
-            negative_rating_max=settings.samples.negative_rating_max,
-            holdout_fraction=settings.learning.holdout_fraction,
-            max_prompt_chars=settings.samples.max_prompt_chars,
-            max_completion_chars=settings.samples.max_completion_chars,
-            overlength=settings.samples.overlength,
-        )
-        self.window_policy = WindowPolicy(
-            max_samples=settings.window.max_samples,
-            max_weight=settings.window.max_weight,
-            min_samples=settings.window.min_samples,
-        )
-        self.models = {settings.model.name}
+        self.lines = Lines(settings)
+        self._policies: dict[str, tuple[SamplePolicy, WindowPolicy] | None] = {}
         self.redactor = build_redactor(settings.privacy)  # privacy.function is imported here, once
         self.retry = Backoff(first_s=0.1, max_s=5.0)
         self.look_first = True
         """Look for stored samples before writing a batch: after a batch that held duplicates (as after a restart,
         when the records not yet committed are read again), else the COPY finds them."""
+
+    def policies(self, model: str) -> tuple[SamplePolicy, WindowPolicy] | None:
+        """The sample and window policies of line ``model`` (None: no configured line matches it), remembered per
+        name: a lookup costs the same however many lines there are."""
+        try:
+            return self._policies[model]
+        except KeyError:
+            pass
+        found = None
+        if self.lines.matches(model):
+            line = self.lines.for_line(model)
+            found = (
+                SamplePolicy(
+                    kind_weights=line.samples.kind_weights,
+                    positive_rating_min=line.samples.positive_rating_min,
+                    negative_rating_max=line.samples.negative_rating_max,
+                    holdout_fraction=line.learning.holdout_fraction,
+                    max_prompt_chars=line.samples.max_prompt_chars,
+                    max_completion_chars=line.samples.max_completion_chars,
+                    overlength=line.samples.overlength,
+                ),
+                WindowPolicy(
+                    max_samples=line.window.max_samples,
+                    max_weight=line.window.max_weight,
+                    min_samples=line.window.min_samples,
+                ),
+            )
+        if len(self._policies) >= POLICY_CACHE_MAX:  # a flood of distinct unknown names cannot grow it further
+            self._policies.clear()
+        self._policies[model] = found
+        return found
+
+    def window_policy(self, model: str) -> WindowPolicy:
+        """The window policy of a configured line ``model``."""
+        found = self.policies(model)
+        if found is None:
+            raise ConfigError(f"model line '{model[:100]}' matches no configured line")
+        return found[1]
 
     def classify(self, records: Sequence[Record]) -> Classified:
         """Split a batch into samples to store and records to reject (pure CPU work)."""
@@ -176,10 +204,11 @@ class IngestPipeline:
         for record in records:
             try:
                 event = decode_fields(record.value, limit, max_messages)
-                if event.model not in self.models:
+                policies = self.policies(event.model)
+                if policies is None:
                     raise EventRejected("unknown_model", f"model line '{event.model[:100]}' is not configured here")
                 event = self.redactor.event(event, redactions)  # privacy: nothing unredacted is stored
-                row = (to_sample(event, self.sample_policy), record.partition, record.offset)
+                row = (to_sample(event, policies[0]), record.partition, record.offset)
                 line = windows.copy_line(row)
             except EventRejected as exc:
                 batch.bad.append((record, exc))
@@ -219,7 +248,8 @@ class IngestPipeline:
             metrics.EVENTS_FORGOTTEN.inc(outcome.forgotten)
             for cut in batch.truncated:
                 metrics.SAMPLES_TRUNCATED.labels(cut).inc()
-            metrics.SAMPLES_STORED.labels(batch.good[0][0].model).inc(outcome.inserted)
+            for model, inserted in outcome.inserted_by_model.items():
+                metrics.SAMPLES_STORED.labels(model).inc(inserted)
             for closed in outcome.closed:
                 metrics.WINDOWS_CLOSED.labels(closed.model, closed.reason).inc()
                 log.info(
