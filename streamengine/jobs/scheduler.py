@@ -10,16 +10,21 @@ Semantics of ``model_lines.last_tick_at``: a model line starts with ``last_tick_
 firing at once for ticks that passed before it existed. A tick that finds fewer than
 ``window.min_samples`` samples is consumed anyway: the window stays open until the next tick (or its
 threshold, or a manual train).
+
+Every model line ticks on its own schedule (``models:`` entries may override ``window.*``): the lines named in
+the settings, and the lines a pattern matches once they have an open window (:func:`tick_lines`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from datetime import datetime
 
 from streamengine import metrics
+from streamengine.config.lines import Lines
 from streamengine.config.settings import PrivacySettings, Settings
 from streamengine.core.job_states import ACTIVE_STATES, JOB_STATES
 from streamengine.core.windows import Schedule
@@ -32,7 +37,32 @@ log = logging.getLogger(__name__)
 
 def schedule_of(settings: Settings) -> Schedule:
     """The configured tick; a bad cron or time zone is a ConfigError naming the setting."""
-    return Schedule(settings.window.schedule, settings.window.timezone)
+    return _schedule(settings.window.schedule, settings.window.timezone)
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(cron: str, timezone: str) -> Schedule:
+    return Schedule(cron, timezone)
+
+
+async def tick_lines(db: Database, lines: Lines, now: datetime | None = None) -> list[ClosedWindow]:
+    """The tick of every line, each on its own schedule and ``window.min_samples``: every line named in the
+    settings, and every line a pattern matches that has an open window. Only the lines whose schedule is due
+    since their last tick (read for all lines at once) take a transaction."""
+    if now is None:
+        now = await windows.database_now(db)
+    named = lines.names()
+    opened = [model for model in sorted(await windows.open_window_fill(db)) if model not in named]
+    last = await windows.last_ticks(db)
+    closed = []
+    for model in [*named, *filter(lines.matches, opened)]:
+        line = lines.for_line(model)
+        schedule = schedule_of(line)
+        if model in last and not schedule.is_due(last[model], now):
+            continue
+        if (window := await tick_once(db, model, schedule, line.window.min_samples, now)) is not None:
+            closed.append(window)
+    return closed
 
 
 async def tick_once(
@@ -92,11 +122,11 @@ async def expire_once(db: Database, settings: PrivacySettings) -> int:
 
 async def run_scheduler(settings: Settings, db: Database, stop: asyncio.Event, interval_s: float = 5.0) -> None:
     """Tick (and refresh the gauges) every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
-    schedule = schedule_of(settings)
+    schedule, lines = schedule_of(settings), Lines(settings)
     model = settings.model.name
     while not stop.is_set():
         try:
-            await tick_once(db, model, schedule, settings.window.min_samples)
+            await tick_lines(db, lines)
             await refresh_gauges(db, model, schedule)
             await expire_once(db, settings.privacy)
         except Exception as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from streamengine import metrics
 from streamengine.config.keys import release_signer
+from streamengine.config.lines import Lines
 from streamengine.config.settings import Settings
 from streamengine.contract.events import AdapterReleased, LoraSpec
 from streamengine.core.backoff import Backoff
@@ -66,10 +67,8 @@ class Worker:
         self.signer = release_signer(settings)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.work_dir = Path(settings.worker.work_dir)
-        learning = settings.learning
-        self.gate = GatePolicy(
-            learning.gate, learning.max_forgetting, learning.min_improvement, learning.max_base_forgetting
-        )
+        self.lines = Lines(settings)
+        """Each job trains with its line's settings (``models:`` entries; config/lines.py)."""
         self.outages = 0
         """Jobs in a row that ended on an unreachable dependency: the next claim waits longer each time."""
         worker = settings.worker
@@ -178,34 +177,35 @@ class Worker:
             return "taken over"
 
     async def _process(self, job: job_queue.Job, lease: Lease) -> None:
+        line = self.lines.for_line(job.model)
         folder = self.work_dir / f"job-{job.id}"
         await asyncio.to_thread(_fresh_dir, folder)
-        objective = self.settings.training.objective
+        objective = line.training.objective
         run_child = partial(self._run_child, job, lease)
-        anchor_path = await anchors.job_anchor_set(self.settings, self.db, self.store, folder, run_child)
+        anchor_path = await anchors.job_anchor_set(line, self.db, self.store, folder, run_child)
         data = await dataset.prepare(
-            self.db, self.settings, job.id, job.model, job.window_id, folder, objective == "kto", anchor_path
+            self.db, line, job.id, job.model, job.window_id, folder, objective == "kto", anchor_path
         )
         log.info("job %d data: %s", job.id, ", ".join(f"{k} {v}" for k, v in data.counts.items()))
         # A new base model starts a new major line, trained from scratch (the old adapter fits the old base).
-        new_base = await registry.base_model_changed(self.db, job.model, self.settings.model.base)
+        new_base = await registry.base_model_changed(self.db, job.model, line.model.base)
         parent_dir, parent_fisher = (
             (None, None) if new_base else await self._fetch_parent(job.model, job.parent_version, folder)
         )
         output = folder / "adapter"
         spec = TrainSpec(
-            base_model=self.settings.model.base,
+            base_model=line.model.base,
             parent_adapter=str(parent_dir) if parent_dir else None,
             parent_fisher=str(parent_fisher) if parent_fisher else None,
             samples_path=str(data.samples_path),
             eval_sets={name: str(path) for name, path in data.eval_sets.items()},
             output_dir=str(output),
-            lora=self.settings.lora,
-            training=self.settings.training,
-            ewc=self.settings.ewc,
-            distill=self.settings.learning.distill,
+            lora=line.lora,
+            training=line.training,
+            ewc=line.ewc,
+            distill=line.learning.distill,
             base_sets=["anchor"],
-            quantization=self.settings.model.quantization,
+            quantization=line.model.quantization,
         )
         spec_path = folder / "spec.json"
         await asyncio.to_thread(spec.write, spec_path)
@@ -213,7 +213,7 @@ class Worker:
         result = await self._train(job, lease, spec, spec_path, folder / "train.log")
         record_training_metrics(job.model, result)
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
-        decision = decide(result.eval, self.gate)
+        decision = decide(result.eval, gate_of(line))
         numbers = release_metrics(result, decision)
         if decision.forgetting is not None:
             metrics.FORGETTING.labels(job.model).set(decision.forgetting)
@@ -228,7 +228,7 @@ class Worker:
         lease.phase("uploading")
         event = await self._upload(job, version, output, numbers)
         lease.phase("releasing")
-        canary = await canary_for(self.settings, self.db, job.model, version)
+        canary = await canary_for(line, self.db, job.model, version)
         async with lease.last_step():
             await job_queue.release(
                 self.db, job.id, self.owner, event, self.settings.kafka.released_topic, self.signer, canary
@@ -258,22 +258,23 @@ class Worker:
         that finds its earlier attempt's object stored adds nothing, and one that computed other bytes (not
         every accelerator sums in the same order) stores a name of its own; stored objects stay immutable."""
         assert job.target_version is not None
+        line = self.lines.for_line(job.model)
         folder = self.work_dir / f"job-{job.id}"
         await asyncio.to_thread(_fresh_dir, folder)
         adapter = await registry.get_adapter(self.db, job.model, job.target_version)
-        data = await dataset.prepare(self.db, self.settings, job.id, job.model, job.window_id, folder)
+        data = await dataset.prepare(self.db, line, job.id, job.model, job.window_id, folder)
         files = {name: sha for name, sha in adapter.manifest["files"].items() if name != FISHER_FILE}
         adapter_dir = await self.store.adownload_uri(adapter.uri, folder / "adapter", files)
         _, parent_fisher = await self._fetch_parent(job.model, adapter.parent_version, folder)
         spec = FisherSpec(
-            base_model=self.settings.model.base,
+            base_model=line.model.base,
             adapter_dir=str(adapter_dir),
             samples_path=str(data.samples_path),
             out_path=str(folder / "fisher.safetensors"),
             parent_fisher=str(parent_fisher) if parent_fisher else None,
-            ewc=self.settings.ewc,
-            training=self.settings.training,
-            quantization=self.settings.model.quantization,
+            ewc=line.ewc,
+            training=line.training,
+            quantization=line.model.quantization,
         )
         spec_path = folder / "fisher.json"
         await asyncio.to_thread(spec.write, spec_path)
@@ -297,7 +298,7 @@ class Worker:
         """Train in the warm trainer, or in a process of its own; the phases go into the lease and the metrics."""
         clock = PhaseClock(lease)
         on_progress = self._progress_handler(job, lease)
-        processes = self.settings.training.processes
+        processes = spec.training.processes
         if self.trainer is not None and takes(processes, spec.quantization):
             result, warm = await self.trainer.train(spec, log_path, on_progress, clock.enter)
         else:
@@ -345,6 +346,7 @@ class Worker:
     async def _upload(
         self, job: job_queue.Job, version: str, output: Path, numbers: dict[str, float | None]
     ) -> AdapterReleased:
+        line = self.lines.for_line(job.model)
         window = await windows.get_window(self.db, job.window_id)
         files = await asyncio.to_thread(_hash_files, output)
         sizes = await asyncio.to_thread(lambda: {name: (output / name).stat().st_size for name in files})
@@ -352,15 +354,13 @@ class Worker:
             model=job.model,
             version=version,
             parent_version=job.parent_version,
-            base_model=self.settings.model.base,
+            base_model=line.model.base,
             uri=self.store.uri(job.model, version),
             files=files,
             file_sizes=sizes,
             size_bytes=sum(sizes.values()),
-            lora=LoraSpec(
-                r=self.settings.lora.r, alpha=self.settings.lora.alpha, target_modules=self.settings.lora.target_modules
-            ),
-            ewc_lambda=self.settings.ewc.lambda_,
+            lora=LoraSpec(r=line.lora.r, alpha=line.lora.alpha, target_modules=line.lora.target_modules),
+            ewc_lambda=line.ewc.lambda_,
             window=window,
             metrics=numbers,
             reason=job.reason if job.reason in ("threshold", "schedule", "manual") else "manual",  # type: ignore[arg-type]
@@ -417,6 +417,12 @@ def record_training_metrics(model: str, result: TrainResult) -> None:
     metrics.TRAINING_STEPS_PER_SECOND.set(result.steps / max(result.seconds, 1e-9))
     metrics.EVAL_LOSS.labels(model, "before").set(result.eval_loss_before)
     metrics.EVAL_LOSS.labels(model, "after").set(result.eval_loss_after)
+
+
+def gate_of(line: Settings) -> GatePolicy:
+    """The release gate of a line's settings."""
+    learning = line.learning
+    return GatePolicy(learning.gate, learning.max_forgetting, learning.min_improvement, learning.max_base_forgetting)
 
 
 async def canary_for(settings: Settings, db: Database, model: str, version: str) -> job_queue.Canary | None:

@@ -1,9 +1,11 @@
 """The training job queue in PostgreSQL: claim with a lease, heartbeat, reserve a version, finish.
 
-Workers claim with ``FOR UPDATE SKIP LOCKED``; a job whose lease expires (its worker died) is claimed
-again. Jobs of one model line run one at a time, oldest window first, because each trains on top of
-the version the previous one released; while the line has a canary on trial its training jobs wait (a
-candidate is never stacked on an unjudged version) and then train from whatever production is.
+Workers claim under the model line's lock (``FOR UPDATE SKIP LOCKED``); a job whose lease expires (its
+worker died) is claimed again. Lines with work take turns (the one whose last job started longest ago
+first), so a line with a backlog does not hold the pool. Jobs of one model line run one at a time, oldest
+window first, because each trains on top of the version the previous one released; while the line has a
+canary on trial its training jobs wait (a candidate is never stacked on an unjudged version) and then train
+from whatever production is.
 """
 
 from __future__ import annotations
@@ -61,8 +63,24 @@ async def _production(conn: asyncpg.Connection, model: str) -> str | None:
     return version
 
 
+# Each line's head (its oldest unfinished job) when it can be claimed, lines taking turns: the line whose last job
+# started longest ago (or never) first, then the oldest job. A line with a canary on trial waits with its training
+# jobs, and a line whose head runs under a live lease waits for it: neither takes a place in the 16.
+_HEADS = f"""
+SELECT h.id, h.model, h.kind FROM (
+    SELECT DISTINCT ON (model) id, model, kind, state, lease_expires_at FROM jobs
+    WHERE state IN ('queued', 'running') ORDER BY model, id
+) h
+WHERE (h.state = 'queued' OR h.lease_expires_at < now())
+    AND NOT (h.kind = 'train' AND {CANARY_RUNNING.format(model="h.model")})
+ORDER BY (SELECT max(started_at) FROM jobs s WHERE s.model = h.model) NULLS FIRST, h.id
+LIMIT 16
+"""
+
+
 async def claim(db: Database, owner: str, lease_s: float, max_attempts: int) -> Job | None:
-    """Claim the oldest runnable job whose model line has no other job running, or None."""
+    """Claim the oldest runnable job of the line whose turn it is (lines with work take turns: the one whose last
+    job started longest ago first), never a second job of a line, or None."""
     async with db.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "UPDATE jobs SET state = 'failed', finished_at = now(), lease_owner = NULL,"
@@ -70,16 +88,15 @@ async def claim(db: Database, owner: str, lease_s: float, max_attempts: int) -> 
             " WHERE state = 'running' AND lease_expires_at < now() AND attempts >= $1",
             max_attempts,
         )
-        candidates = await conn.fetch(
-            f"SELECT id, model, kind FROM jobs WHERE {CLAIMABLE} ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 16"
-        )
-        for cand in candidates:
+        for cand in await conn.fetch(_HEADS):
             line = await conn.fetchval(
                 "SELECT model FROM model_lines WHERE model = $1 FOR UPDATE SKIP LOCKED", cand["model"]
             )
             if line is None:
                 continue  # another worker is claiming for this model line right now
-            busy = await conn.fetchval(
+            # Under the line's lock: the head is still claimable and no other job of the line runs or comes first.
+            head = await conn.fetchval(f"SELECT id FROM jobs WHERE id = $1 AND {CLAIMABLE} FOR UPDATE", cand["id"])
+            busy = head is None or await conn.fetchval(
                 "SELECT count(*) FROM jobs WHERE model = $1 AND id <> $2 AND"
                 " (state = 'running' AND lease_expires_at >= now() OR state = 'queued' AND id < $2)",
                 cand["model"],

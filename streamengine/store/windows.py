@@ -522,6 +522,11 @@ async def last_tick(db: Database, model: str) -> datetime | None:
     return last
 
 
+async def last_ticks(db: Database) -> dict[str, datetime]:
+    """When the cron tick of every model line last fired."""
+    return {r["model"]: r["last_tick_at"] for r in await db.fetch("SELECT model, last_tick_at FROM model_lines")}
+
+
 async def get_window(db: Database, window_id: int) -> WindowSpec:
     row = await db.fetchrow("SELECT * FROM windows WHERE id = $1", window_id)
     if row is None:
