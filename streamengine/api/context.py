@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 
+from streamengine.config.lines import Lines
 from streamengine.config.settings import Settings
 from streamengine.core.windows import Schedule
 from streamengine.store.db import Database
@@ -36,6 +37,11 @@ class EngineContext:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     collectors: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
     """Run before each /metrics scrape so gauges read from PostgreSQL and Kafka are current."""
+    lines: Lines = field(init=False)
+    """The model lines of ``settings`` (each name's effective settings remembered)."""
+
+    def __post_init__(self) -> None:
+        self.lines = Lines(self.settings)
 
     async def collect(self, timeout_s: float = 2.0) -> None:
         for collector in self.collectors:

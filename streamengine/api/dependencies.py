@@ -13,7 +13,7 @@ from streamengine.api.context import EngineContext
 from streamengine.api.models import ErrorBody
 from streamengine.config.keys import release_signer
 from streamengine.core.manifest import Signer
-from streamengine.errors import NotFound, ServiceUnavailable
+from streamengine.errors import ConfigError, NotFound, ServiceUnavailable
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -23,7 +23,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 _bearer = HTTPBearer(auto_error=False, description="api.token (STREAMENGINE_API__TOKEN), when set")
 
-ModelParam = Annotated[str | None, Query(max_length=200, description="Model line (default: model.name of the engine).")]
+ModelParam = Annotated[
+    str | None,
+    Query(max_length=200, description="Model line (default: the only one; required when there are several)."),
+]
 VersionParam = Annotated[
     str,
     Path(
@@ -81,11 +84,19 @@ MUTATING: dict[str, Any] = {
 
 
 def model_of(ctx: EngineContext, model: str | None) -> str:
-    """The model line a request names (default: model.name); NotFound when this engine does not serve it."""
-    name = model or ctx.settings.model.name
-    if name != ctx.settings.model.name:
-        raise NotFound(f"model line '{name}' is not configured here (model.name is '{ctx.settings.model.name}')")
-    return name
+    """The model line a request names; without one, the only line this engine serves. A :class:`ConfigError`
+    listing the lines when several are served and none is named; NotFound when no name or pattern matches."""
+    lines = ctx.lines
+    if model is None:
+        names, patterns = lines.names(), [e.pattern for _, e in lines.patterns]
+        if len(names) == 1 and not patterns:
+            return names[0]
+        served = ", ".join([*names, *(p or "" for p in patterns)])
+        raise ConfigError(f"model: this engine serves several model lines ({served}); name one (?model=, --model)")
+    if not lines.matches(model):
+        served = ", ".join([*lines.names(), *(e.pattern or "" for _, e in lines.patterns)])
+        raise NotFound(f"model line '{model[:100]}' is not configured here (lines: {served})")
+    return model
 
 
 def signer(ctx: EngineContext) -> Signer | None:

@@ -36,7 +36,9 @@ class Liveness(BaseModel):
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, max_length=200, description="Model line (default: the configured one).")
+    model: str | None = Field(
+        None, max_length=200, description="Model line (default: the only one; required when there are several)."
+    )
     min_samples: int = Field(1, ge=1, description="Refuse (409) when the open window holds fewer samples.")
 
 
@@ -113,7 +115,7 @@ class JobProgress(BaseModel):
 
 
 class FisherRequest(BaseModel):
-    model: str | None = Field(None, description="Model line (default: the configured one).")
+    model: str | None = Field(None, description="Model line (default: the only one; required when there are several).")
     version: str = Field("production", description="A released version or alias.")
 
 

@@ -43,7 +43,9 @@ class State:
 
 pass_state = click.make_pass_decorator(State)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
-model_option = click.option("--model", default=None, help="Model line (default: model.name from the settings).")
+model_option = click.option(
+    "--model", default=None, help="Model line (default: the only one; required when there are several)."
+)
 
 
 def run_until_signal(make: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:

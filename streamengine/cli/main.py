@@ -372,7 +372,7 @@ def adapters_gc(state: State, keep: int, dry_run: bool, model: str | None, as_js
     click.echo(f"{result['objects']} objects removed" if not dry_run else "dry run: nothing removed")
 
 
-for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi, forget
+for _command in cli_ops.COMMANDS:  # status, metrics, health, settings, openapi, forget, models
     cli.add_command(_command)
 cli.add_command(cli_top.top)
 

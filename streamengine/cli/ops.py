@@ -1,5 +1,5 @@
 """The CLI's read commands against the admin API and its reference output: status, metrics, health,
-settings, openapi; and `forget` (registered on the `streamengine` group by :mod:`streamengine.cli.main`)."""
+settings, openapi, models; and `forget` (registered on the `streamengine` group by :mod:`streamengine.cli.main`)."""
 
 from __future__ import annotations
 
@@ -140,4 +140,18 @@ def forget(state: State, user_id: str, as_json: bool) -> None:
         click.echo("jobs running now that may have read them: " + ", ".join(map(str, result["running_jobs"])))
 
 
-COMMANDS = [status, metrics, health, settings_command, openapi, forget]
+@click.command()
+@json_option
+@pass_state
+def models(state: State, as_json: bool) -> None:
+    """The model lines the engine serves (GET /models): base model, the pattern a line matches, window policy."""
+    from streamengine.cli.output import lines_table
+
+    data = client(state).get("/models")
+    if as_json:
+        print_json(data)
+        return
+    console.print(lines_table(data))
+
+
+COMMANDS = [status, metrics, health, settings_command, openapi, forget, models]

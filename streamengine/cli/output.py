@@ -128,6 +128,16 @@ def fleet_table(nodes: list[dict[str, Any]]) -> Table:
     return table
 
 
+def lines_table(lines: list[dict[str, Any]]) -> Table:
+    table = Table("model", "base", "pattern", "window closes at", "tick")
+    for line in lines:
+        window = line["window"]
+        weight = f" or weight {window['max_weight']}" if window["max_weight"] else ""
+        closes = f"{window['max_samples']} samples{weight}"
+        table.add_row(line["model"], line["base_model"], line.get("pattern") or "-", closes, window["schedule"])
+    return table
+
+
 def adapters_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(
         "version", "aliases", "stage", "parent", "reason", "samples", "loss before", "loss after", "size", "created"

@@ -33,10 +33,9 @@ async def adapter_info(ctx: Ctx, version: VersionParam, model: ModelParam = None
 async def promote(ctx: Ctx, model: ModelParam = None) -> dict[str, Any]:
     """Promote the canary on trial now: it becomes production and is announced on adapter.released; 409 when
     no canary runs."""
-    settings = ctx.settings
-    trial = await rollouts.decide_by_hand(
-        ctx.db, model_of(ctx, model), "promote", policy_of(settings.rollout), settings.kafka.released_topic, signer(ctx)
-    )
+    name = model_of(ctx, model)
+    policy, topic = policy_of(ctx.lines.for_line(name).rollout), ctx.settings.kafka.released_topic
+    trial = await rollouts.decide_by_hand(ctx.db, name, "promote", policy, topic, signer(ctx))
     return trial.as_dict()
 
 
@@ -44,10 +43,9 @@ async def promote(ctx: Ctx, model: ModelParam = None) -> dict[str, Any]:
 async def abort(ctx: Ctx, model: ModelParam = None) -> dict[str, Any]:
     """Abort the canary on trial: its nodes go back to production, the version is rolled back; 409 when no
     canary runs."""
-    settings = ctx.settings
-    trial = await rollouts.decide_by_hand(
-        ctx.db, model_of(ctx, model), "abort", policy_of(settings.rollout), settings.kafka.released_topic, signer(ctx)
-    )
+    name = model_of(ctx, model)
+    policy, topic = policy_of(ctx.lines.for_line(name).rollout), ctx.settings.kafka.released_topic
+    trial = await rollouts.decide_by_hand(ctx.db, name, "abort", policy, topic, signer(ctx))
     return trial.as_dict()
 
 
