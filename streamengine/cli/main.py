@@ -137,8 +137,15 @@ def up(
 
 
 @cli.command()
-@click.option("--model", "model_name", default=None, help="Model line to follow (default: model.name).")
+@click.option(
+    "--model", "models", multiple=True, help="Model line to follow; repeat for several (default: model.name)."
+)
 @click.option("--base", default=None, help="Base model folder to hot-swap into (default: model.base).")
+@click.option(
+    "--every-line",
+    is_flag=True,
+    help="Follow every line whose releases carry the base model (--base or model.base), also lines released later.",
+)
 @click.option("--print-only", is_flag=True, help="Download and verify, but load no model (prints each version).")
 @click.option(
     "--swapper",
@@ -150,13 +157,18 @@ def up(
 )
 @pass_state
 def subscribe(
-    state: State, model_name: str | None, base: str | None, print_only: bool, swapper_kind: str | None
+    state: State,
+    models: tuple[str, ...],
+    base: str | None,
+    every_line: bool,
+    print_only: bool,
+    swapper_kind: str | None,
 ) -> None:
-    """Serving-node side: follow adapter.released, verify, download and hot-swap each version."""
+    """Serving-node side: follow adapter.released, verify, download and hot-swap each version of each line."""
     from streamengine.serving.run import serve_subscriber
 
     settings = state.settings
-    run_until_signal(lambda stop: serve_subscriber(settings, stop, model_name, base, print_only, swapper_kind))
+    run_until_signal(lambda stop: serve_subscriber(settings, stop, models, base, print_only, swapper_kind, every_line))
 
 
 # --- producing ---------------------------------------------------------------------------------------

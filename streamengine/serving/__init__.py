@@ -6,9 +6,10 @@ Imports without torch (the base install); :class:`PeftSwapper` loads torch/peft 
 
 from streamengine.errors import BufferFull, InvalidFeedback, Undelivered
 from streamengine.serving.http import HttpSwapper, lora_name
+from streamengine.serving.lines import Subscribers
 from streamengine.serving.producer import FeedbackProducer, SyncFeedbackProducer, uuid7
 from streamengine.serving.subscriber import Outcome, Subscriber
-from streamengine.serving.swappers import CallbackSwapper, PeftSwapper, Swapper, adapter_name
+from streamengine.serving.swappers import CallbackSwapper, PeftLine, PeftSwapper, Swapper, adapter_name
 from streamengine.stream.sender import Delivered, Record
 
 __all__ = [
@@ -19,9 +20,11 @@ __all__ = [
     "HttpSwapper",
     "InvalidFeedback",
     "Outcome",
+    "PeftLine",
     "PeftSwapper",
     "Record",
     "Subscriber",
+    "Subscribers",
     "Swapper",
     "SyncFeedbackProducer",
     "Undelivered",

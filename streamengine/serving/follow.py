@@ -7,6 +7,8 @@ Kafka-protocol brokers (tansu) answer wrongly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -52,10 +54,11 @@ async def caught_up(consumer: AIOKafkaConsumer, parts: set[TopicPartition]) -> b
 
 
 async def read_to_end(
-    consumer: AIOKafkaConsumer, topics: str | list[str], key: bytes, timeout_s: float, stopping: Any
+    consumer: AIOKafkaConsumer, topics: str | list[str], key: bytes | None, timeout_s: float, stopping: Any
 ) -> list[Any] | None:
     """Assign every partition of ``topics`` (one or several), read them from the beginning to their end and
-    return the records keyed ``key`` (or unkeyed), oldest first per partition. None when none exists."""
+    return the records keyed ``key`` (or unkeyed; every record when ``key`` is None), oldest first per
+    partition. None when none exists."""
     topics = [topics] if isinstance(topics, str) else topics
     parts = await partitions(consumer, *topics)
     if not parts:
@@ -67,7 +70,7 @@ async def read_to_end(
     while True:
         batch = await consumer.getmany(timeout_ms=100)
         for records in batch.values():
-            seen.extend(r for r in records if r.key is None or r.key == key)
+            seen.extend(r for r in records if key is None or r.key is None or r.key == key)
         if await caught_up(consumer, parts) or stopping.is_set():
             break
         if time.monotonic() > deadline:
@@ -89,3 +92,9 @@ async def refresh_assignment(consumer: AIOKafkaConsumer, topics: list[str]) -> N
         consumer.seek(tp, offset)
     await consumer.seek_to_beginning(*new)
     log.info("following %d new partitions of %s", len(new), ", ".join(sorted({tp.topic for tp in new})))
+
+
+async def sleep_or(event: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less when ``event`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from prometheus_client import start_http_server
@@ -11,7 +12,7 @@ from prometheus_client import start_http_server
 from streamengine.config.settings import Settings
 from streamengine.errors import ConfigError
 from streamengine.serving.http import HttpSwapper
-from streamengine.serving.subscriber import Subscriber
+from streamengine.serving.lines import Subscribers
 from streamengine.serving.swappers import CallbackSwapper, PeftSwapper, Swapper
 
 log = logging.getLogger(__name__)
@@ -47,20 +48,51 @@ def build_swapper(settings: Settings, base: str | None = None, kind: str | None 
     return PeftSwapper(source, hotswap=serving.hotswap)
 
 
+class Swappers:
+    """The swapper of each followed line: views of one shared in-process model (peft), or one swapper per line
+    (an inference server's adapters are named per line and version; print)."""
+
+    def __init__(self, settings: Settings, base: str | None, kind: str | None) -> None:
+        self.settings, self.base, self.kind = settings, base, kind
+        self.peft: PeftSwapper | None = None
+        self.http: list[HttpSwapper] = []
+
+    def __call__(self, model: str) -> Swapper:
+        if (self.kind or self.settings.serving.swapper) == "peft":
+            if self.peft is None:
+                swapper = build_swapper(self.settings, self.base, self.kind)
+                assert isinstance(swapper, PeftSwapper)
+                self.peft = swapper
+            return self.peft.line(model)
+        swapper = build_swapper(self.settings, self.base, self.kind)
+        if isinstance(swapper, HttpSwapper):
+            self.http.append(swapper)
+        return swapper
+
+    async def aclose(self) -> None:
+        for swapper in self.http:
+            await swapper.aclose()
+
+
 async def serve_subscriber(
     settings: Settings,
     stop: asyncio.Event,
-    model: str | None,
+    models: Sequence[str],
     base: str | None,
     print_only: bool,
     swapper_kind: str | None = None,
+    every_line: bool = False,
 ) -> None:
-    swapper = build_swapper(settings, base, "print" if print_only else swapper_kind)
+    """Follow ``models`` (model.name when none), or with ``every_line`` every line released on ``base`` (default
+    model.base), each hot-swapped by the swapper ``swapper_kind`` (default serving.swapper) names."""
+    lines_of = (base or settings.model.base) if every_line else None
+    if every_line and not lines_of:
+        raise ConfigError("--every-line: name the base model whose lines to follow (--base or model.base)")
+    swappers = Swappers(settings, base, "print" if print_only else swapper_kind)
     if settings.metrics.port:
         start_http_server(settings.metrics.port, addr="0.0.0.0")
     try:
-        async with Subscriber(settings, swapper, model):
+        async with Subscribers(settings, swappers, models, base=lines_of):
             await stop.wait()
     finally:
-        if isinstance(swapper, HttpSwapper):
-            await swapper.aclose()
+        await swappers.aclose()

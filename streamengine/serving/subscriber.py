@@ -592,7 +592,7 @@ class Subscriber:
                         await follow.refresh_assignment(consumer, self.topics)
                         assigned = bool(consumer.assignment())
                     if not assigned:
-                        await _sleep_or(self._stopping, 0.5)
+                        await follow.sleep_or(self._stopping, 0.5)
                     else:
                         batch = await consumer.getmany(timeout_ms=self.poll_ms)
                         records = [r for tp in sorted(batch) for r in batch[tp]]
@@ -600,7 +600,7 @@ class Subscriber:
                             await self._apply_latest(records, live=True)
                 except KafkaError as exc:
                     log.warning("reading %s failed: %s; retrying", ", ".join(self.topics), exc)
-                    await _sleep_or(self._stopping, 1.0)
+                    await follow.sleep_or(self._stopping, 1.0)
                 if self._pending and time.monotonic() >= self._retry_at:
                     RETRIES.labels(self.model).inc()
                     async with self._applying:
@@ -661,8 +661,3 @@ class Subscriber:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
-
-
-async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)

@@ -29,10 +29,11 @@ SwapMethod = Literal["from_pretrained", "hotswap", "load_adapter", "set_adapter"
 
 @runtime_checkable
 class Swapper(Protocol):
-    """Serves one adapter at a time. ``swap`` raises when the new adapter cannot be served, and then
-    the adapter that was current keeps serving."""
+    """Serves one adapter of a model line at a time. ``swap`` raises when the new adapter cannot be served, and
+    then the adapter that was current keeps serving."""
 
-    current: str | None
+    @property
+    def current(self) -> str | None: ...
 
     async def swap(self, model: str, version: str, folder: Path) -> None: ...
 
@@ -57,17 +58,22 @@ class CallbackSwapper:
 
 
 class PeftSwapper:
-    """A base causal LM in this process with PEFT LoRA adapters hot-swapped on top.
+    """A base causal LM in this process with PEFT LoRA adapters hot-swapped on top, for one or several model
+    lines of that base.
 
-    Two adapter slots, ``<model>@slot-a`` and ``<model>@slot-b``: the active one serves the current
-    version, the other keeps the previous version loaded (a rollback to it is one ``set_adapter``).
-    A new version goes into the inactive slot, then becomes active: with
+    Two adapter slots per line, ``<model>@slot-a`` and ``<model>@slot-b``: the line's active slot serves its
+    current version, the other keeps its previous version loaded (a rollback to it is one ``set_adapter``).
+    A new version goes into the line's inactive slot, then becomes active: with
     ``peft.utils.hotswap.hotswap_adapter`` (weights copied in place, no new modules) when its rank,
     targets and LoRA options match the slot's, else by deleting the slot and ``load_adapter``. The
     very first version wraps the base with ``PeftModel.from_pretrained``. When loading fails the
-    current adapter keeps serving and the error is raised. ``lock`` (re-entrant) is held while
-    adapters change; hold it around your own forward passes (``with swapper.serving() as m``) so no
-    request runs across a swap.
+    current adapter keeps serving and the error is raised. ``current``/``previous`` are those of the line
+    swapped last (the only line, on a node that follows one); ``versions`` holds each line's current version.
+    With several lines, name the line of a request (``generate(text, model=line)``, ``serving(line)``):
+    its active slot runs it (the base model alone while the line has no adapter yet); :meth:`line` gives the
+    per-line view a :class:`~streamengine.serving.subscriber.Subscriber` of that line swaps through.
+    ``lock`` (re-entrant) is held while adapters change; hold it around your own forward passes
+    (``with swapper.serving() as m``) so no request runs across a swap.
     """
 
     def __init__(
@@ -90,7 +96,9 @@ class PeftSwapper:
         self.current: str | None = None
         self.previous: str | None = None
         self.lock = threading.RLock()
-        self.slots: dict[str, str] = {}  # adapter (slot) name -> version it holds
+        self.slots: dict[str, str] = {}  # adapter (slot) name -> version it holds, every line's
+        self.versions: dict[str, str] = {}  # model line -> its current version
+        self.active: dict[str, str] = {}  # model line -> the slot that serves it
         self.last_swap_s: float | None = None
         self.last_method: SwapMethod | None = None
 
@@ -120,29 +128,33 @@ class PeftSwapper:
         _precheck(Path(folder))
         with self.lock:
             base = self.load_base()
-            if self.current == version:
+            if self.versions.get(model) == version:
                 return
-            held = {v: name for name, v in self.slots.items()}
+            slots = (adapter_name(model, "slot-a"), adapter_name(model, "slot-b"))
+            held = {v: name for name, v in self.slots.items() if name in slots}
             if self.model is None:
                 from peft import PeftModel
 
-                target = adapter_name(model, "slot-a")
+                target = slots[0]
                 self.model = PeftModel.from_pretrained(base, str(folder), adapter_name=target, is_trainable=False)
                 self.model.eval()
                 method: SwapMethod = "from_pretrained"
             elif version in held:
                 target, method = held[version], "set_adapter"  # the previous version (a rollback): still loaded
             else:
-                active = self.model.active_adapter
-                slots = (adapter_name(model, "slot-a"), adapter_name(model, "slot-b"))
-                target = slots[1] if slots[0] == active else slots[0]
+                target = slots[1] if self.active.get(model) == slots[0] else slots[0]
                 self.slots.pop(target, None)  # whatever it held is overwritten or deleted below
                 method = self._load_into(target, Path(folder))
             self.model.set_adapter(target)
-            self.slots[target] = version
-            self.previous, self.current = self.current, version
+            self.slots[target], self.active[model] = version, target
+            self.previous, self.current = self.versions.get(model), version
+            self.versions[model] = version
             self.last_swap_s, self.last_method = time.perf_counter() - started, method
         log.info("serving adapter %s %s (%s, %.1f ms)", model, version, method, self.last_swap_s * 1000)
+
+    def line(self, model: str) -> PeftLine:
+        """The view of line ``model`` a subscriber swaps through (its ``current`` is that line's version)."""
+        return PeftLine(self, model)
 
     def _load_into(self, target: str, folder: Path) -> SwapMethod:
         """Put the adapter in ``folder`` into the inactive slot ``target`` (not yet activated)."""
@@ -174,25 +186,43 @@ class PeftSwapper:
 
     # --- inference helpers ---------------------------------------------------------------------
     @contextmanager
-    def serving(self) -> Iterator[Any]:
-        """The model to run (PEFT-wrapped once an adapter is loaded), with adapters held still."""
+    def serving(self, model: str | None = None) -> Iterator[Any]:
+        """The model to run (PEFT-wrapped once an adapter is loaded), with adapters held still: with ``model``,
+        that line's adapter active (the base alone while it has none); without, the adapter swapped last, which
+        is ambiguous (a ValueError) once several lines are loaded."""
         with self.lock:
-            yield self.model if self.model is not None else self.load_base()
+            if self.model is None:
+                yield self.load_base()
+                return
+            if model is None:
+                if len(self.active) > 1:
+                    raise ValueError(f"adapters of several model lines are loaded ({', '.join(self.active)}): name one")
+                yield self.model
+                return
+            slot = self.active.get(model)
+            if slot is None:
+                with self.model.disable_adapter():
+                    yield self.model
+                return
+            if self.model.active_adapter != slot:
+                self.model.set_adapter(slot)
+            yield self.model
 
-    def logits(self, text: str) -> Any:
-        """Logits of the last position for ``text`` (a torch tensor on the CPU)."""
+    def logits(self, text: str, model: str | None = None) -> Any:
+        """Logits of the last position for ``text`` (a torch tensor on the CPU), by line ``model``'s adapter."""
         import torch
 
-        with self.serving() as model, torch.no_grad():
+        with self.serving(model) as served, torch.no_grad():
             inputs = self._encode(text)
-            return model(**inputs).logits[0, -1].detach().float().cpu()
+            return served(**inputs).logits[0, -1].detach().float().cpu()
 
-    def generate(self, text: str, max_new_tokens: int = 16) -> str:
+    def generate(self, text: str, max_new_tokens: int = 16, model: str | None = None) -> str:
+        """Greedy continuation of ``text`` by line ``model``'s adapter (see :meth:`serving`)."""
         import torch
 
-        with self.serving() as model, torch.no_grad():
+        with self.serving(model) as served, torch.no_grad():
             inputs = self._encode(text)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = served.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new = out[0, inputs["input_ids"].shape[1] :]
             return str(self.tokenizer.decode(new, skip_special_tokens=True))
 
@@ -201,6 +231,22 @@ class PeftSwapper:
             raise RuntimeError("PeftSwapper has no tokenizer: pass one, or a base folder that holds one")
         encoded = self.tokenizer(text, return_tensors="pt")
         return {k: v.to(self.device) for k, v in encoded.items()}
+
+
+class PeftLine:
+    """One model line of a shared :class:`PeftSwapper`: what a subscriber of that line swaps through."""
+
+    def __init__(self, swapper: PeftSwapper, model: str) -> None:
+        self.swapper, self.model = swapper, model
+
+    @property
+    def current(self) -> str | None:
+        return self.swapper.versions.get(self.model)
+
+    async def swap(self, model: str, version: str, folder: Path) -> None:
+        if model != self.model:
+            raise ValueError(f"the swapper of line '{self.model}' was handed an adapter of '{model}'")
+        await self.swapper.swap(model, version, folder)
 
 
 def _lora_config(folder: Path) -> Any:
