@@ -10,7 +10,7 @@
   ``max_memory_allocated`` on CUDA).
 
 ``--scale`` (several minutes) runs the calibration behind ``ewc.normalize``: for three model sizes
-(8k, 65k and 262k LoRA parameters), each pretrained briefly on the base skill of bench/forgetting.py,
+(8k, 65k and 262k LoRA parameters), each pretrained briefly on the base skill of bench.forgetting,
 one window (``up``) then a conflicting one (``next``) with EWC at a grid of lambdas, and reports the
 lambda at which the first window's forgetting is halved, in the units of each normalisation.
 

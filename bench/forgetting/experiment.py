@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.forgetting import report
-from bench.forgetting.base import pretrain, score
+from bench.forgetting.base import score
 from bench.forgetting.methods import Method, Run, run_joint, run_method, shipped
 from bench.forgetting.tasks import WINDOWS, Item, base_items, window_items
 from streamengine.config.settings import EwcSettings, LearningSettings
@@ -35,6 +35,8 @@ ROWS: dict[str, Method] = {
     "+magpie r0.5": replace(ANCHORED, replay=0.5, anchors="magpie"),
     "default": shipped(),
 }
+# One job on every window (the upper bound for the windows): epochs and learning rate as multiples of the case's.
+JOINT: dict[str, tuple[int, float]] = {"joint": (1, 1.0), "joint-long": (2, 1.0), "joint-slow": (2, 1 / 3)}
 MAIN_ROWS = "naive,ewc+replay,default,joint"
 # The benchmark's training settings (the same for every method): chosen so naive learns the newest window.
 TRAINING: dict[str, dict[str, Any]] = {
@@ -101,7 +103,8 @@ def one_run(base: Path, case: str, seed: int, rows: list[str], sizes: dict[str, 
         pool, gate, built = anchors_of(method.anchors if method.anchors != "none" else "magpie")
         run = Run(base, windows, base_holdout, training, gate)
         if method.joint:
-            result = run_joint(run, training["epochs"] * (2 if name == "joint-long" else 1))
+            epochs, lr = JOINT[name]
+            result = run_joint(run, training["epochs"] * epochs, training["learning_rate"] * lr)
         else:
             result = {**run_method(run, method, pool if method.anchors != "none" else []), "anchor_set": built}
         summary = report.summarise(result["final"], WINDOWS)
@@ -113,8 +116,9 @@ def one_run(base: Path, case: str, seed: int, rows: list[str], sizes: dict[str, 
     return out
 
 
-def unit(b: int, seed: int, case: str, rows: list[str], sizes: dict[str, int]) -> dict[str, Any]:
-    """One base, data seed and case, in a worker process of one thread (on a shared machine one thread per
-    process wastes least; results do not depend on the number of processes)."""
+def unit(base: Path, seed: int, case: str, rows: list[str], sizes: dict[str, int]) -> dict[str, Any]:
+    """One base (its folder, pretrained before the units start: a code change during the run cannot make a
+    worker build another), data seed and case, in a worker process of one thread (on a shared machine one
+    thread per process wastes least; results do not depend on the number of processes)."""
     torch.set_num_threads(1)
-    return one_run(pretrain(b), case, seed, rows, sizes)
+    return one_run(base, case, seed, rows, sizes)

@@ -79,12 +79,12 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
     return {"final": final, "jobs": jobs}
 
 
-def run_joint(run: Run, epochs: int) -> dict[str, Any]:
+def run_joint(run: Run, epochs: int, learning_rate: float) -> dict[str, Any]:
     """One job on every window's training samples (the upper bound for the windows)."""
     rows = [(item, "window") for window in run.windows for item in window.train]
     with tempfile.TemporaryDirectory(prefix="forgetting-") as scratch:
         work = Path(scratch)
-        joint = replace(run, training={**run.training, "epochs": epochs})
+        joint = replace(run, training={**run.training, "epochs": epochs, "learning_rate": learning_rate})
         job = _job(joint, Method(joint=True), rows, work / "joint", None, work / "joint.jsonl")
         final = evaluate(run, work / "joint")
     return {"final": final, "jobs": [job]}

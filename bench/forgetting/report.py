@@ -50,10 +50,12 @@ def case_table(case: str, rows: dict[str, dict[str, Any]]) -> str:
         "| row | earlier EM | earlier acc | newest EM | newest acc | base EM | base acc | s/job |\n"
         "|---|---|---|---|---|---|---|---|"
     )
-    lines = [f"Case `{case}` (mean (sd) over {len(next(iter(rows.values()))['runs'])} runs):", "", head]
+    n = max(len(row["runs"]) for row in rows.values())
+    lines = [f"Case `{case}` (mean (sd) over {n} runs):", "", head]
     for name, row in rows.items():
         cells = [_cell(row, f"{part}_{m}") for part in ("earlier", "newest", "base") for m in ("em", "acc")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['summary']['seconds_per_job']:.1f} |")
+        label = name if len(row["runs"]) == n else f"{name} ({len(row['runs'])} runs)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['summary']['seconds_per_job']:.1f} |")
     return "\n".join(lines)
 
 
@@ -67,16 +69,36 @@ def ratio(rows: dict[str, dict[str, Any]], top: str, key: str, bottom: str, bott
 def targets_table(cases: dict[str, dict[str, dict[str, Any]]], row: str = "default") -> str:
     """The issue's targets for ``row``: earlier / joint, newest / naive, base after / before, time / ewc+replay."""
     lines = [
-        f"| case | earlier EM: {row} / joint | newest EM: {row} / naive | base EM: after / before "
+        f"| case | earlier EM: {row} / joint | {row} / joint-slow | newest EM: {row} / naive | base EM: after / before "
         f"| seconds per job: {row} / ewc+replay |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for case, rows in cases.items():
         cells = [
             ratio(rows, row, "earlier_em", "joint"),
+            ratio(rows, row, "earlier_em", "joint-slow"),
             ratio(rows, row, "newest_em", "naive"),
             ratio(rows, row, "base_em", row, "base_em_before"),
             ratio(rows, row, "seconds_per_job", "ewc+replay"),
         ]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks_table(cases: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Step 0's checks: naive learns the newest window on every run; does longer or slower training raise joint
+    (earlier and newest EM, mean (sd), runs)?"""
+    joints = ("joint", "joint-long", "joint-slow")
+    lines = [
+        "| case | naive newest EM: mean, lowest run | " + " | ".join(joints) + " | base EM before |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, rows in cases.items():
+        naive = rows.get("naive")
+        cells = [f"{naive['summary']['newest_em']:.2f}, {naive['min']['newest_em']:.2f}" if naive else "-"]
+        for name in joints:
+            j = rows.get(name)
+            cells.append(f"{_cell(j, 'earlier_em')} / {_cell(j, 'newest_em')}, {len(j['runs'])}" if j else "-")
+        cells.append(f"{next(iter(rows.values()))['summary']['base_em_before']:.2f}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
