@@ -104,3 +104,28 @@ async def test_every_line_of_a_base_is_followed_also_one_released_later(make_set
         await fleets[alpha].produce(fleets[alpha].release(adapters[2], "v1.1"))
         await node[alpha].wait_for_version("v1.1", 20)
     assert served == {alpha: ["v1.0", "v1.1"], gamma: ["v1.0"]}
+
+
+async def test_lines_on_one_inference_server_each_keep_their_own_versions(make_settings, adapters: list[Path]) -> None:
+    from streamengine.serving.run import Swappers
+    from tests.serving_tools import FakeLoraServer
+
+    alpha, beta, _ = _names()
+    async with FakeLoraServer("vllm") as vllm:
+        settings = make_settings(serving={"swapper": "vllm", "server_url": vllm.url})
+        fleets = {name: Fleet(settings, name) for name in (alpha, beta)}
+        await fleets[alpha].produce(fleets[alpha].release(adapters[0], "v1.0"))
+        await fleets[beta].produce(fleets[beta].release(adapters[1], "v1.0"))
+        swappers = Swappers(settings, None, None)
+        try:
+            async with Subscribers(settings, swappers, [alpha, beta]) as node:
+                assert set(vllm.loaded) == {f"{alpha}@v1.0", f"{beta}@v1.0"}
+                for version, folder in (("v1.1", adapters[1]), ("v1.2", adapters[2])):
+                    await fleets[alpha].produce(fleets[alpha].release(folder, version))
+                    await node[alpha].wait_for_version(version, 20)
+                # alpha unloaded its own v1.0 (current and previous stay); beta's only version is untouched.
+                assert set(vllm.loaded) == {f"{alpha}@v1.1", f"{alpha}@v1.2", f"{beta}@v1.0"}
+                served = json.loads((node[alpha].download_dir / "current.json").read_text())["served_name"]
+                assert served == f"{alpha}@v1.2" and node[beta].current == "v1.0"
+        finally:
+            await swappers.aclose()
