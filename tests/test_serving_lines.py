@@ -129,3 +129,26 @@ async def test_lines_on_one_inference_server_each_keep_their_own_versions(make_s
                 assert served == f"{alpha}@v1.2" and node[beta].current == "v1.0"
         finally:
             await swappers.aclose()
+
+
+async def test_subscribe_follows_each_model_given(make_settings, adapters: list[Path], tmp_path: Path) -> None:
+    import asyncio
+
+    from tests import process_tools
+
+    settings = make_settings(metrics={"port": 0})
+    alpha, beta, gamma = _names()
+    fleets = {name: Fleet(settings, name) for name in (alpha, beta, gamma)}
+    await fleets[alpha].produce(fleets[alpha].release(adapters[0], "v1.0"))
+    config = process_tools.write_config(settings, tmp_path / "config.yaml")
+    log = tmp_path / "subscribe.log"
+    args = ["subscribe", "--print-only", "--model", alpha, "--model", beta]
+    subscriber = process_tools.start(args, config, log)
+    try:
+        await wait_for(lambda: f"{alpha} v1.0 ready" in log.read_text(), 60, describe=lambda: log.read_text()[-3000:])
+        await fleets[gamma].produce(fleets[gamma].release(adapters[1], "v1.0"))  # not followed
+        await fleets[beta].produce(fleets[beta].release(adapters[2], "v1.0"))
+        await wait_for(lambda: f"{beta} v1.0 ready" in log.read_text(), 60, describe=lambda: log.read_text()[-3000:])
+    finally:
+        code = await asyncio.to_thread(process_tools.stop, subscriber)
+    assert code == 0 and gamma not in log.read_text(), log.read_text()[-3000:]
