@@ -50,6 +50,8 @@ async def test_one_batch_fills_each_lines_window_by_its_own_policy(pg_dsn: str) 
             "SELECT s.model, w.model AS window_model FROM samples s JOIN windows w ON w.id = s.window_id"
         )
         jobs = await db.fetch("SELECT model, count(*) AS n FROM jobs GROUP BY model ORDER BY model")
+        big = await db.fetchrow("SELECT first_offsets, last_offsets FROM windows WHERE model = 'big'")
+        small = await db.fetch("SELECT first_offsets, last_offsets FROM windows WHERE model = 'small' ORDER BY id")
     finally:
         await db.close()
     assert (first.inserted, first.duplicates, second.inserted, second.duplicates) == (25, 0, 25, 5)
@@ -63,6 +65,14 @@ async def test_one_batch_fills_each_lines_window_by_its_own_policy(pg_dsn: str) 
     for tenant in ("tenant-a", "tenant-b", "tenant-c"):
         assert windows_of[tenant] == [("closed", 4), ("closed", 4), ("open", 2)]
     assert {r["model"]: r["n"] for r in jobs} == {"small": 3, "tenant-a": 2, "tenant-b": 2, "tenant-c": 2}
+    # offsets merged across batches (partition = offset % 2): big got offsets 1, 6, ..., 46; small 0, 5, ..., 45
+    assert (big["first_offsets"], big["last_offsets"]) == ({"0": 6, "1": 1}, {"0": 46, "1": 41})
+    assert [(w["first_offsets"], w["last_offsets"]) for w in small] == [
+        ({"0": 0, "1": 5}, {"0": 10, "1": 5}),
+        ({"0": 20, "1": 15}, {"0": 20, "1": 25}),
+        ({"0": 30, "1": 35}, {"0": 40, "1": 35}),
+        ({"1": 45}, {"1": 45}),
+    ]
     assert second.open_samples == {"small": 1, "big": 10, "tenant-a": 2, "tenant-b": 2, "tenant-c": 2}
 
 

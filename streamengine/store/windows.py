@@ -153,7 +153,10 @@ async def _lock_open_window(conn: asyncpg.Connection, model: str) -> asyncpg.Rec
     return (await _lock_open_windows(conn, [model]))[model]
 
 
-_LOCK_OPEN = "SELECT * FROM windows WHERE model = ANY ($1::text[]) AND state = 'open' ORDER BY model FOR UPDATE"
+_LOCK_OPEN = (
+    "SELECT id, model, samples, weight FROM windows WHERE model = ANY ($1::text[]) AND state = 'open'"
+    " ORDER BY model FOR UPDATE"
+)
 
 
 async def _lock_open_windows(conn: asyncpg.Connection, models: list[str]) -> dict[str, asyncpg.Record]:
@@ -205,16 +208,14 @@ class _Rows:
                      [self.produced_ms[i] for i in indexes], [self.outcomes[i] for i in indexes])  # fmt: skip
 
 
-def _merged(
-    offsets: dict[str, int], seen: dict[int | None, int | None], pick: Callable[[int, int], int]
-) -> dict[str, int]:
-    """The window's offsets per partition with a segment's first (``min``) or last (``max``) ones merged in."""
-    merged = dict(offsets)
-    for partition, offset in seen.items():
-        if partition is not None and offset is not None:
-            key = str(partition)
-            merged[key] = pick(merged.get(key, offset), offset)
-    return merged
+def _merge(column: str, value: str, pick: str) -> str:
+    """SQL: the offsets per partition of jsonb ``column`` with those of the JSON text ``value`` merged in, keeping
+    the ``least`` (first offsets) or ``greatest`` (last offsets) of each partition."""
+    return (
+        f"{column} || coalesce((SELECT jsonb_object_agg(e.key, CASE WHEN {column} ? e.key THEN "
+        f"{pick}(({column} ->> e.key)::bigint, e.value::bigint) ELSE e.value::bigint END) "
+        f"FROM jsonb_each_text({value}::jsonb) AS e), '{{}}'::jsonb)"
+    )
 
 
 def _made_before(sample: Sample, produced_ms: int | None, moment: datetime) -> bool:
@@ -365,12 +366,12 @@ async def _insert(conn: asyncpg.Connection, segments: Sequence[tuple[int, list[s
 # One segment of a batch into its window: the counters and offsets, and the window closed when the segment
 # reaches the threshold ($7), in one statement.
 _ACCOUNT = """
-UPDATE windows SET samples = samples + $2, weight = weight + $3, stored = stored + $4, first_offsets = $5,
-    last_offsets = $6, state = CASE WHEN $7 THEN 'closed' ELSE state END,
+UPDATE windows SET samples = samples + $2, weight = weight + $3, stored = stored + $4,
+    first_offsets = {first}, last_offsets = {last}, state = CASE WHEN $7 THEN 'closed' ELSE state END,
     closed_at = CASE WHEN $7 THEN now() ELSE closed_at END,
     close_reason = CASE WHEN $7 THEN 'threshold' ELSE close_reason END
 WHERE id = $1 RETURNING *
-"""
+""".format(first=_merge("first_offsets", "$5::text", "least"), last=_merge("last_offsets", "$6::text", "greatest"))
 # The closed window's job and the model line's next window, in one statement (under the closed window's lock,
 # no other writer can open one meanwhile).
 _JOB_AND_NEXT = """
@@ -396,11 +397,15 @@ def _plan(window: asyncpg.Record, fresh: _Rows, policy: WindowPolicy) -> _Plan:
     return _Plan(trainable, weights, cuts)
 
 
-def _offsets(window: asyncpg.Record, segment: list[SampleAt]) -> tuple[dict[str, int], dict[str, int]]:
-    """The window's first and last offsets per partition with ``segment``'s merged in."""
+def _offsets(segment: list[SampleAt]) -> tuple[str, str]:
+    """A segment's first and last offset per partition, as JSON text (rows without either skipped)."""
     last = dict(zip(map(_partition_of, segment), map(_offset_of, segment), strict=True))
     first = dict(zip(map(_partition_of, reversed(segment)), map(_offset_of, reversed(segment)), strict=True))
-    return _merged(dict(window["first_offsets"]), first, min), _merged(dict(window["last_offsets"]), last, max)
+    return _offsets_text(first), _offsets_text(last)
+
+
+def _offsets_text(seen: dict[int | None, int | None]) -> str:
+    return _json({str(p): o for p, o in seen.items() if p is not None and o is not None}).decode()
 
 
 def _count(outcome: BatchOutcome, model: str, inserted: int) -> None:
@@ -418,7 +423,7 @@ async def _store(
             break
         await _insert(conn, [(window["id"], fresh.lines[start:end])])
         flags, closes = trainable[start:end], end in cuts
-        first, last = _offsets(window, fresh.rows[start:end])
+        first, last = _offsets(fresh.rows[start:end])
         window = await conn.fetchrow(
             _ACCOUNT,
             window["id"],
@@ -447,11 +452,14 @@ async def _store(
 # Segments of several lines, none closing its window: every window's counters and offsets in one statement.
 _ACCOUNT_MANY = """
 UPDATE windows AS w SET samples = w.samples + u.samples, weight = w.weight + u.weight, stored = w.stored + u.stored,
-    first_offsets = u.first_offsets::jsonb, last_offsets = u.last_offsets::jsonb
+    first_offsets = {first}, last_offsets = {last}
 FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[], $5::text[], $6::text[])
     AS u (id, samples, weight, stored, first_offsets, last_offsets)
 WHERE w.id = u.id RETURNING w.model, w.samples
-"""
+""".format(
+    first=_merge("w.first_offsets", "u.first_offsets", "least"),
+    last=_merge("w.last_offsets", "u.last_offsets", "greatest"),
+)
 
 
 async def _store_open(
@@ -465,14 +473,14 @@ async def _store_open(
     await _insert(conn, [(window["id"], fresh.lines) for window, fresh, _ in staying])
     columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
     for window, fresh, plan in staying:
-        first, last = _offsets(window, fresh.rows)
+        first, last = _offsets(fresh.rows)
         values = (
             window["id"],
             sum(plan.trainable),
             sum(itertools.compress(plan.weights, plan.trainable)),
             len(fresh.rows),
-            _json(first).decode(),
-            _json(last).decode(),
+            first,
+            last,
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
