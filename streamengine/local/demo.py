@@ -93,3 +93,53 @@ class Quiz:
             before, after = f'"{self.before[country]}"', f'"{now[country]}"'
             out.append(f"  {question(country):<{width}}  before: {before:<12} now: {after:<12} ({note})")
         return out
+
+
+@dataclass
+class LiveUsers:
+    """Users of a serving fleet asking the demo's questions: each event asks one node, which answers with the
+    version it serves, and the user's feedback names that version (``adapter_version``, what the engine judges a
+    canary on): a thumbs up for the answer the world expects, else a correction. Users are spread evenly over
+    ``users`` ids, so none holds more than its share of a side's events (``rollout.max_user_share``)."""
+
+    world: World
+    model: str
+    users: int = 50
+    sent: int = 0
+    answers: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    """Each (node, version)'s greedy answers: a version always answers a question the same way."""
+
+    def ask(self, node_id: str, swapper: PeftSwapper) -> tuple[str, dict[str, str]] | None:
+        """The version ``node_id`` serves now and its answers to every question; None before its first version."""
+        with swapper.serving() as served:
+            version = swapper.current
+            if version is None:
+                return None
+            key = (node_id, version)
+            if key not in self.answers:
+                self.answers[key] = {c: answer(served, swapper.tokenizer, c) for c in self.world.capitals}
+        return version, self.answers[key]
+
+    def events(self, node_id: str, version: str, answers: dict[str, str], count: int) -> list[bytes]:
+        """``count`` feedback records on ``version``'s answers, every question in turn."""
+        countries = list(self.world.capitals)
+        out = []
+        for _ in range(count):
+            self.sent += 1
+            country = countries[self.sent % len(countries)]
+            said, expected = answers[country], self.world.taught(country)
+            event: dict[str, object] = {
+                "event_id": f"live-{node_id}-{self.sent}",
+                "model": self.model,
+                "adapter_version": version,
+                "user_id": f"user-{self.sent % self.users}",
+                "session_id": f"{node_id}-{self.sent}",
+                "prompt": [{"role": "user", "content": question(country)}],
+                "response": said,
+            }
+            if said == expected:
+                event.update(kind="thumbs_up")
+            else:
+                event.update(kind="correction", correction=expected)
+            out.append(json.dumps(event).encode())
+        return out

@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import os
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from streamengine.config.keys import ensure_key_pair
 from streamengine.config.settings import Settings
+from streamengine.core.rollout import canary_nodes
 from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
-from streamengine.local.demo import Quiz, feedback_events
+from streamengine.local.demo import LiveUsers, Quiz, feedback_events
 from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, free_port
 from streamengine.local.language import build_pretrained, make_world
 from streamengine.logs import log_to_file
 from streamengine.serving.subscriber import Subscriber
 from streamengine.serving.swappers import PeftSwapper
-from streamengine.store import registry
+from streamengine.store import registry, rollouts
 from streamengine.store.db import Database
 from streamengine.store.objects import ObjectStore
 from streamengine.stream.produce import prepare, send
@@ -43,8 +45,29 @@ def _say(message: str) -> None:
     print(f"[up {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: Path, window: int) -> Settings:
-    """Settings of the local loop; releases are signed (Ed25519, a key pair kept in ``home``/keys)."""
+# The demo fleet: two serving nodes of the line. canary_nodes(NODES, MODEL, CANARY_FRACTION) == ["node-a"]: node-a
+# runs each new version on trial, node-b stays on production until the engine decides.
+NODES = ("node-a", "node-b")
+CANARY_FRACTION = 0.5
+# The demo's judgement, sized so a decision comes within seconds of live feedback: 100 events on each side (not
+# 200), a margin of 0.05 (not 0.02: with no negative answer on either side, 0.02 needs about 120 events for
+# P >= 0.95), and 50 users who may each hold 2% of a side (the default share, 0.5%, wants 200 users).
+DEMO_ROLLOUT: dict[str, Any] = {
+    "canary_fraction": CANARY_FRACTION,
+    "min_events": 100,
+    "max_regression": 0.05,
+    "max_user_share": 0.02,
+}
+LIVE_USERS = 50
+LIVE_EVENTS_PER_S = 20  # per node, while a version is served
+
+
+def up_settings(
+    home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: Path, window: int, fleet: bool = False
+) -> Settings:
+    """Settings of the local loop; releases are signed (Ed25519, a key pair kept in ``home``/keys). With ``fleet``
+    (`up`'s demo fleet of :data:`NODES`), new versions go on trial first, judged as :data:`DEMO_ROLLOUT`;
+    without, every release goes to every node at once."""
     private_key, public_key = ensure_key_pair(home / "keys")
     return Settings(
         kafka={"bootstrap_servers": kafka, "session_timeout_s": 6, "rebalance_timeout_s": 6, "partitions": 2},
@@ -60,10 +83,18 @@ def up_settings(home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: P
         metrics={"port": 0},
         serving={"download_dir": home / "serving", "public_key_file": public_key, "require_signature": True},
         signing={"private_key_file": private_key},
-        # One serving node and feedback that names no version: a canary would have nothing to be judged
-        # against and would wait out rollout.max_duration, holding every later job. Every release at once.
-        rollout={"canary_fraction": 0.0},
+        # Without a fleet (one node, feedback naming no version) a canary would have nothing to be judged against
+        # and would wait out rollout.max_duration, holding every later job: every release at once.
+        rollout=DEMO_ROLLOUT if fleet else {"canary_fraction": 0.0},
     )
+
+
+def node_settings(settings: Settings, node_id: str) -> Settings:
+    """``settings`` of one serving node of the demo fleet: its own id and download folder."""
+    serving = settings.serving.model_copy(
+        update={"node_id": node_id, "download_dir": settings.serving.download_dir / node_id}
+    )
+    return settings.model_copy(update={"serving": serving})
 
 
 def _route_output(logs: Path, quiet: bool) -> None:
@@ -74,19 +105,19 @@ def _route_output(logs: Path, quiet: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is first imported
 
 
-def _serving_node(home: Path, quiz: Quiz) -> tuple[Path, PeftSwapper]:
-    """The demo's base (pretrained, or cached), loaded by the serving node, with the base's answers to the quiz
-    and peft imported (the first swap needs it): all while the services start. The tiny model runs on one
-    thread in this process, as fast as on more, which on a busy machine wait for each other (the trainer's
-    child processes choose their own)."""
+def _serving_nodes(home: Path, quiz: Quiz) -> tuple[Path, dict[str, PeftSwapper]]:
+    """The demo's base (pretrained, or cached), loaded by each node of the demo fleet, with the base's answers
+    to the quiz and peft imported (the first swap needs it): all while the services start. The tiny model runs
+    on one thread in this process, as fast as on more, which on a busy machine wait for each other (the
+    trainer's child processes choose their own)."""
     import torch
 
     torch.set_num_threads(1)
     base = build_pretrained(home / "model", quiz.seed)
-    swapper = PeftSwapper(str(base))
-    quiz.before = quiz.ask(swapper)
+    swappers = {node_id: PeftSwapper(str(base)) for node_id in NODES}
+    quiz.before = quiz.ask(swappers[NODES[0]])
     importlib.import_module("peft")
-    return base, swapper
+    return base, swappers
 
 
 View = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
@@ -110,20 +141,20 @@ async def run_up(home: Path, options: UpOptions, stop: asyncio.Event) -> None:
     started = time.monotonic()
     _say(f"starting a broker, an S3 server and PostgreSQL; pretraining a tiny model (full logs in {logs})")
     quiz = Quiz(make_world(options.seed), options.seed)
-    serving_node = asyncio.create_task(asyncio.to_thread(_serving_node, home, quiz))
+    serving_nodes = asyncio.create_task(asyncio.to_thread(_serving_nodes, home, quiz))
     with Tansu(log_dir=logs) as tansu, SeaweedS3(home / "s3", log_dir=logs) as s3:
         admin_dsn = await asyncio.to_thread(Postgres.connect_or_start, home / "pg", logs)
         database = f"streamengine_up_{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(create_database, admin_dsn, database)
         pg_dsn = admin_dsn.rsplit("/", 1)[0] + "/" + database
-        model_dir, swapper = await serving_node
-        settings = up_settings(home, tansu.bootstrap, pg_dsn, s3, model_dir, options.window)
+        model_dir, swappers = await serving_nodes
+        settings = up_settings(home, tansu.bootstrap, pg_dsn, s3, model_dir, options.window, fleet=True)
         _say(
             f"broker {tansu.bootstrap}, S3 {s3.endpoint}, PostgreSQL database {database}, model {model_dir} "
             f"(pretrained on the demo's language: the capitals of {len(quiz.world.capitals)} made-up countries)"
         )
         try:
-            await _run_loop(settings, options, _Node(swapper, quiz, started), stop)
+            await _run_loop(settings, options, _Demo(swappers, quiz, started), stop)
         finally:
             Postgres.stop_started()
 
@@ -139,44 +170,79 @@ async def _start_engine(settings: Settings, stop: asyncio.Event) -> asyncio.Task
 
 
 @dataclass
-class _Node:
-    """The demo's serving node: its model, the questions it answers after each release, the releases seen."""
+class _Demo:
+    """The demo fleet's nodes, the questions `up` asks after each version a node swaps in, and the releases
+    that reached production (what ``--exit-after`` counts)."""
 
-    swapper: PeftSwapper
+    swappers: dict[str, PeftSwapper]
     quiz: Quiz
     started: float
-    releases: int = 0
+    production: set[str] = field(default_factory=set)
+    """Versions a node swapped in as production."""
+    shown: dict[str, asyncio.Event] = field(default_factory=dict)
+    """Versions whose release lines are said (set) or being said."""
 
-    async def on_swap(self, db: Database, version: str) -> None:
-        self.releases += 1
+    @property
+    def releases(self) -> int:
+        return len(self.production)
+
+    async def on_swap(self, db: Database, node: Subscriber, version: str) -> None:
+        """Say what ``node`` swapped in: a version's release numbers and answers once, by its first node."""
+        stage = "on trial (canary)" if node.stage == "canary" else "production"
+        if node.stage != "canary":
+            self.production.add(version)
+        took = (self.swappers[node.node].last_swap_s or 0) * 1000
+        if version in self.shown:
+            await self.shown[version].wait()
+            _say(f"{node.node} swapped in {version} too, {stage} ({took:.0f} ms)")
+            return
+        self.shown[version] = asyncio.Event()
         manifest = (await registry.get_adapter(db, MODEL, version)).manifest
         m, window = manifest.get("metrics") or {}, manifest.get("window") or {}
         _say(
             f"RELEASE {MODEL} {version}: {window.get('samples')} samples, loss {m.get('eval_loss_before', 0):.3f} -> "
-            f"{m.get('eval_loss_after', 0):.3f}; serving node swapped it in "
-            f"({(self.swapper.last_swap_s or 0) * 1000:.0f} ms), {time.monotonic() - self.started:.0f}s after start"
+            f"{m.get('eval_loss_after', 0):.3f}; {node.node} swapped it in, {stage} ({took:.0f} ms), "
+            f"{time.monotonic() - self.started:.0f}s after start"
         )
-        for line in self.quiz.lines(await asyncio.to_thread(self.quiz.ask, self.swapper)):
+        for line in self.quiz.lines(await asyncio.to_thread(self.quiz.ask, self.swappers[node.node])):
             _say(line)
+        self.shown[version].set()
 
 
-async def _run_loop(settings: Settings, options: UpOptions, node: _Node, stop: asyncio.Event) -> None:
+async def _run_loop(settings: Settings, options: UpOptions, demo: _Demo, stop: asyncio.Event) -> None:
     engine = await _start_engine(settings, stop)
     db = await Database.connect(settings.database, migrate=False)
     worker = Worker(settings, db, ObjectStore.from_settings(settings.storage), owner="up-worker")
+    nodes: dict[str, Subscriber] = {}
 
-    async def on_swap(version: str) -> None:
-        await node.on_swap(db, version)
-        if options.exit_after and node.releases >= options.exit_after:
+    async def on_swap(node_id: str, version: str) -> None:
+        await demo.on_swap(db, nodes[node_id], version)
+        if options.exit_after and demo.releases >= options.exit_after:
             stop.set()
 
-    tasks = [asyncio.create_task(worker.run(stop), name="worker")]
+    for node_id, swapper in demo.swappers.items():
+        nodes[node_id] = Subscriber(
+            node_settings(settings, node_id), swapper, MODEL, on_swap=functools.partial(on_swap, node_id)
+        )
+    tasks = [
+        asyncio.create_task(worker.run(stop), name="worker"),
+        asyncio.create_task(_watch_canaries(db, settings, stop), name="canaries"),
+    ]
     if options.view is not None:
         tasks.append(asyncio.create_task(options.view(settings, stop), name="view"))
     try:
         if options.events:
-            await _produce(settings, options.events, node.quiz)
-        async with Subscriber(settings, node.swapper, MODEL, on_swap=on_swap):
+            await _produce(settings, options.events, demo.quiz)
+        async with contextlib.AsyncExitStack() as stack:
+            for node in nodes.values():
+                await stack.enter_async_context(node)
+            trial = ", ".join(canary_nodes(list(nodes), MODEL, CANARY_FRACTION))
+            _say(
+                f"demo fleet: nodes {', '.join(nodes)}; each new version goes on trial on {trial} first and is judged"
+                f" on the feedback naming it, sized for the demo: {DEMO_ROLLOUT['min_events']} events a side, margin "
+                f"{DEMO_ROLLOUT['max_regression']}, {LIVE_USERS} users asking each node {LIVE_EVENTS_PER_S}/s"
+            )
+            tasks.append(asyncio.create_task(_live_users(settings, demo, stop), name="users"))
             await stop.wait()
     finally:
         stop.set()
@@ -186,7 +252,7 @@ async def _run_loop(settings: Settings, options: UpOptions, node: _Node, stop: a
         with contextlib.suppress(Exception):
             await engine
         await db.close()
-    _say(f"stopped after {node.releases} releases")
+    _say(f"stopped after {demo.releases} releases")
 
 
 async def _produce(settings: Settings, events: int, quiz: Quiz) -> None:
@@ -196,3 +262,62 @@ async def _produce(settings: Settings, events: int, quiz: Quiz) -> None:
         f"demo producer sent {sent} feedback events ({len(prepared.invalid)} malformed, for the DLQ); its corrections "
         f"teach the {len(quiz.world.moved)} capitals that moved, which the base gets wrong"
     )
+
+
+async def _live_users(settings: Settings, demo: _Demo, stop: asyncio.Event) -> None:
+    """Users asking each node every second and sending feedback naming the version that answered them."""
+    users = LiveUsers(demo.quiz.world, MODEL, LIVE_USERS)
+    while not stop.is_set():
+        records: list[bytes] = []
+        for node_id, swapper in demo.swappers.items():
+            served = await asyncio.to_thread(users.ask, node_id, swapper)
+            if served is not None:
+                records += users.events(node_id, *served, LIVE_EVENTS_PER_S)
+        if records:
+            prepared = prepare(iter(records), settings.kafka.max_record_bytes, keep_invalid=False)
+            await send(settings, settings.kafka.feedback_topic, prepared.records)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+async def _watch_canaries(db: Database, settings: Settings, stop: asyncio.Event) -> None:
+    """Say each trial's progress as the judge records it (when its numbers change), and its decision."""
+    watching: str | None = None
+    said = ""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        if watching is None:
+            trial = await rollouts.running(db, MODEL)
+            watching = trial.version if trial else None
+        rollout = await rollouts.of_version(db, MODEL, watching) if watching else None
+        if rollout is None:
+            continue
+        line = canary_progress(rollout, settings.rollout.min_events)
+        if line != said:
+            _say(line)
+            said = line
+        if rollout.state != "running":
+            watching = None
+
+
+def canary_progress(rollout: rollouts.Rollout, min_events: int) -> str:
+    """One line on a trial: its version, nodes, events and negative share on each side, and how it ended."""
+    nodes = ", ".join(rollout.canary_nodes)
+    head = f"canary {rollout.version} on trial on {nodes} against {rollout.production_version}"
+    record = rollout.decision
+    if record is None:
+        return f"{head}: waiting for feedback naming it"
+    canary, production = record["canary"], record["production"]
+
+    def share(side: dict[str, Any]) -> str:
+        return "n/a" if side["negative_share"] is None else f"{side['negative_share']:.0%}"
+
+    numbers = (
+        f"{canary['effective_events']:.0f}/{min_events} events, negative {share(canary)} vs {share(production)} "
+        f"({production['effective_events']:.0f} events on production)"
+    )
+    if rollout.state == "running":
+        return f"{head}: {numbers}"
+    why = record["reason"].split(";")[0]
+    return f"{head}: {numbers} -> {rollout.state.upper().replace('_', ' ')} ({record['rule']}: {why})"
