@@ -108,3 +108,16 @@ def test_settings_reference_lists_models(monkeypatch: pytest.MonkeyPatch, tmp_pa
     (row,) = [r for r in describe(load_settings()) if r.path == "models"]
     assert (row.env, row.type, row.default) == ("STREAMENGINE_MODELS", "list of mappings (JSON)", "[]")
     assert json.loads(row.value)[0]["window"] == {"max_samples": 5}
+
+
+def test_settings_show_each_entrys_effective_settings(tmp_path: Path) -> None:
+    path = tmp_path / "lines.yaml"
+    path.write_text(LINES_YAML)
+    rows = {r.path: r.value for r in describe(load_settings(path)) if r.path.startswith("models(")}
+    assert rows["models(support).model.base"] == "/models/small"
+    assert rows["models(support).window.max_samples"] == "5"
+    assert rows["models(search).model.base"] == "/models/shared"  # the base always; nothing else differs
+    assert rows["models(tenant-*).lora.r"] == "4" and rows["models(tenant-*).learning.self_anchor.samples"] == "8"
+    assert rows["models(*).training.epochs"] == "1"
+    assert "models(search).window.max_samples" not in rows and "models(tenant-*).lora.alpha" not in rows
+    assert not [r for r in describe() if r.path.startswith("models(")]  # the reference lists no lines
