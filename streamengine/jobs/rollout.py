@@ -1,5 +1,6 @@
-"""The engine's canary judge: every few seconds, judge the model line's running canary, apply the decision and
-refresh the canary gauges (from PostgreSQL, so every replica reports the same values: aggregate with ``max``)."""
+"""The engine's canary judge: every few seconds, judge each model line's running canary (with the line's
+``rollout`` settings), apply the decision and refresh the canary gauges (from PostgreSQL, so every replica
+reports the same values: aggregate with ``max``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 
 from streamengine import metrics
 from streamengine.config.keys import release_signer
+from streamengine.config.lines import Lines
 from streamengine.config.settings import RolloutSettings, Settings
 from streamengine.core.manifest import Signer
 from streamengine.core.rollout import Action, Decision, RolloutPolicy
@@ -55,13 +57,19 @@ _GAUGES = (
 )
 
 
-async def refresh_gauges(db: Database, model: str) -> None:
-    """The canary gauges of ``model``: trials ended by state and rule; the running trial's age and latest numbers."""
+async def refresh_gauges(db: Database, *models: str) -> None:
+    """The canary gauges of each of ``models``: trials ended by state and rule; the running trial's age and latest
+    numbers."""
+    for gauge in _GAUGES:
+        gauge.clear()
+    for model in dict.fromkeys(models):
+        await _line_gauges(db, model)
+
+
+async def _line_gauges(db: Database, model: str) -> None:
     ended = await rollouts.ended_counts(db, model)
     trial = await rollouts.running(db, model)
     now = await db.fetchval("SELECT now()")
-    for gauge in _GAUGES:
-        gauge.clear()
     for (state, rule), count in ended.items():
         metrics.CANARY_TRIALS_ENDED.labels(model, state, rule).set(count)
     if trial is None:
@@ -81,11 +89,13 @@ async def run_judge(
     settings: Settings, db: Database, stop: asyncio.Event, interval_s: float = JUDGE_INTERVAL_S
 ) -> None:
     """Judge and refresh the gauges every ``interval_s`` until ``stop`` is set; failures are logged and retried."""
-    signer = release_signer(settings)
+    signer, lines = release_signer(settings), Lines(settings)
     while not stop.is_set():
         try:
-            await judge_once(settings, db, signer)
-            await refresh_gauges(db, settings.model.name)
+            trials = [model for model in await rollouts.running_lines(db) if lines.matches(model)]
+            for model in trials:  # each line's trial with its line's rollout settings
+                await judge_once(lines.for_line(model), db, signer)
+            await refresh_gauges(db, *lines.names(), *trials)
         except Exception as exc:
             log.warning("canary judge: %s: %s", type(exc).__name__, exc)
         with contextlib.suppress(TimeoutError):

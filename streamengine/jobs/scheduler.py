@@ -48,7 +48,8 @@ def _schedule(cron: str, timezone: str) -> Schedule:
 async def tick_lines(db: Database, lines: Lines, now: datetime | None = None) -> list[ClosedWindow]:
     """The tick of every line, each on its own schedule and ``window.min_samples``: every line named in the
     settings, and every line a pattern matches that has an open window. Only the lines whose schedule is due
-    since their last tick (read for all lines at once) take a transaction."""
+    since their last tick (read for all lines at once) take a transaction; each line's tick gauges are set from
+    what was read."""
     if now is None:
         now = await windows.database_now(db)
     named = lines.names()
@@ -58,8 +59,12 @@ async def tick_lines(db: Database, lines: Lines, now: datetime | None = None) ->
     for model in [*named, *filter(lines.matches, opened)]:
         line = lines.for_line(model)
         schedule = schedule_of(line)
-        if model in last and not schedule.is_due(last[model], now):
-            continue
+        if (previous := last.get(model)) is not None:
+            following = schedule.next_after(previous)
+            metrics.LAST_TICK.labels(model).set(previous.timestamp())
+            metrics.NEXT_TICK.labels(model).set(following.timestamp())
+            if following > now:  # not due (Schedule.is_due, with the next fire time kept for the gauge)
+                continue
         if (window := await tick_once(db, model, schedule, line.window.min_samples, now)) is not None:
             closed.append(window)
     return closed

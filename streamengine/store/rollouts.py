@@ -173,6 +173,12 @@ async def unjudged_counts(db: Database, model: str) -> dict[str, int]:
     return {r["version"]: int(r["n"]) for r in rows}
 
 
+async def running_lines(db: Database) -> list[str]:
+    """The model lines with a canary on trial."""
+    rows = await db.fetch("SELECT DISTINCT model FROM rollouts WHERE state = 'running' ORDER BY model")
+    return [r["model"] for r in rows]
+
+
 async def running(db: Database, model: str) -> Rollout | None:
     """The trial of ``model`` still running, if any."""
     row = await db.fetchrow("SELECT * FROM rollouts WHERE model = $1 AND state = 'running'", model)
