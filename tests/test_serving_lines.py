@@ -152,3 +152,13 @@ async def test_subscribe_follows_each_model_given(make_settings, adapters: list[
     finally:
         code = await asyncio.to_thread(process_tools.stop, subscriber)
     assert code == 0 and gamma not in log.read_text(), log.read_text()[-3000:]
+
+
+async def test_without_models_the_node_follows_the_lines_the_settings_name(make_settings, adapters: list[Path]) -> None:
+    alpha, beta, gamma = _names()
+    settings = make_settings(models=[{"name": alpha}, {"name": beta}, {"pattern": f"{gamma}*"}])
+    fleet = Fleet(settings, beta)
+    await fleet.produce(fleet.release(adapters[0], "v1.0"))
+    async with Subscribers(settings, lambda line: CallbackSwapper(lambda *args: None)) as node:
+        assert list(node.lines) == [alpha, beta]  # a pattern names no line to follow
+        assert (node[alpha].current, node[beta].current) == (None, "v1.0")

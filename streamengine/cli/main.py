@@ -138,7 +138,10 @@ def up(
 
 @cli.command()
 @click.option(
-    "--model", "models", multiple=True, help="Model line to follow; repeat for several (default: model.name)."
+    "--model",
+    "models",
+    multiple=True,
+    help="Model line to follow; repeat for several (default: the lines the settings name: model.name or models:).",
 )
 @click.option("--base", default=None, help="Base model folder to hot-swap into (default: model.base).")
 @click.option(

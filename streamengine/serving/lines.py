@@ -6,7 +6,8 @@ Each line's subscriber keeps what :mod:`streamengine.serving.subscriber` describ
 inference server's adapters named ``<line>@<version>``). So one line's release, refusal or rollback never moves
 another line. The lines are named (``models``), or, with ``base``, every line whose releases carry that base
 model: the node reads ``adapter.released`` from the beginning, follows each such line it finds, and keeps
-watching the topic for lines released later.
+watching the topic for lines released later. Neither given: the lines the settings name (``model.name``, or
+the named ``models:`` entries; patterns are not expanded).
 
 Cost: each line's subscriber has its own consumer and, when it starts, reads the release (and canary) topic to
 its end, skipping the other lines' records; a node of N lines holds N consumers (N + 1 with ``base``).
@@ -26,6 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from streamengine.config.lines import line_names
 from streamengine.config.settings import Settings
 from streamengine.core.versions import base_changed
 from streamengine.errors import ConfigError
@@ -55,7 +57,7 @@ class Subscribers:
         if base is not None and not base.strip():
             raise ConfigError("--base: the base model whose lines to follow is empty")
         if not self.models and base is None:
-            self.models = [settings.model.name]
+            self.models = line_names(settings)
         self.base = base
         self.options = options
         self.lines: dict[str, Subscriber] = {}

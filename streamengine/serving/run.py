@@ -83,8 +83,8 @@ async def serve_subscriber(
     swapper_kind: str | None = None,
     every_line: bool = False,
 ) -> None:
-    """Follow ``models`` (model.name when none), or with ``every_line`` every line released on ``base`` (default
-    model.base), each hot-swapped by the swapper ``swapper_kind`` (default serving.swapper) names."""
+    """Follow ``models`` (the lines the settings name when none), or with ``every_line`` every line released on
+    ``base`` (default model.base), each hot-swapped by the swapper ``swapper_kind`` (default serving.swapper) names."""
     lines_of = (base or settings.model.base) if every_line else None
     if every_line and not lines_of:
         raise ConfigError("--every-line: name the base model whose lines to follow (--base or model.base)")
