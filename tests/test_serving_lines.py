@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from streamengine.contract.events import status_key
 from streamengine.serving import CallbackSwapper, PeftSwapper, Subscribers, Swapper
+from tests.kafka_tools import read_all
 from tests.polling import wait_for
 from tests.serving_tools import Fleet, make_adapter
 
@@ -39,6 +41,11 @@ def reference_logits(tiny_model: Path, adapters: list[Path]) -> list[Any]:
     ]
     with torch.no_grad():
         return [model.eval()(**inputs).logits[0, -1].float() for model in models]
+
+
+async def _reported_matches(reported: Any, want: dict[str, str]) -> bool:
+    latest = await reported()
+    return all(latest.get(key) == version for key, version in want.items())
 
 
 def _names() -> tuple[str, str, str]:
@@ -83,6 +90,15 @@ async def test_two_lines_swap_independently_on_one_model(
         assert (states[alpha]["model"], states[alpha]["version"], states[alpha]["previous"]) == (alpha, "v1.0", None)
         assert (states[beta]["model"], states[beta]["version"], states[beta]["previous"]) == (beta, "v1.1", "v1.0")
         assert node[alpha].download_dir != node[beta].download_dir
+
+        # The node reports each line on adapter.status under its own key, with that line's version.
+        async def reported() -> dict[str, str | None]:
+            records = await read_all(settings.kafka.bootstrap_servers, settings.kafka.status_topic, 3.0)
+            return {r.key.decode(): json.loads(r.value)["version"] for r in records if r.value and r.key}
+
+        keys = {line: status_key(line, settings.serving.node) for line in (alpha, beta, gamma)}
+        want = {keys[alpha]: "v1.0", keys[beta]: "v1.1", keys[gamma]: "v1.0"}
+        await wait_for(lambda: _reported_matches(reported, want), 30)
 
 
 async def test_every_line_of_a_base_is_followed_also_one_released_later(make_settings, adapters: list[Path]) -> None:
