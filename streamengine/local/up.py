@@ -2,9 +2,12 @@
 
 Starts a tansu broker, an S3 server (SeaweedFS), PostgreSQL (the machine's, else an embedded one)
 and a tiny model pretrained in process on the demo's language (:mod:`streamengine.local.language`), then
-the engine, a trainer worker, a serving-node subscriber and a demo producer whose corrections teach facts
-the base gets wrong. After each release it prints the release and the serving node's answers to the demo's
-questions, before (the base) and now. The full log goes to the log folder; the terminal shows only the
+the engine, a trainer worker, a demo fleet of two serving nodes (:data:`NODES`) and a demo producer whose
+corrections teach facts the base gets wrong. After the first release, each new version goes on trial on one
+node while demo users (:class:`~streamengine.local.demo.LiveUsers`) ask both and send feedback naming the
+version that answered; the engine judges the trial on it. `up` prints each version as a node swaps it in,
+with its answers to the demo's questions, before (the base) and now, and each trial's progress and decision.
+The full log goes to the log folder; the terminal shows only the
 ``[up]`` lines and warnings unless a log level was asked for.
 """
 
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import logging
 import os
 import time
 import uuid
@@ -39,6 +43,7 @@ from streamengine.store.objects import ObjectStore
 from streamengine.stream.produce import prepare, send
 
 MODEL = "tiny-llama"
+log = logging.getLogger(__name__)
 
 
 def _say(message: str) -> None:
@@ -275,7 +280,10 @@ async def _live_users(settings: Settings, demo: _Demo, stop: asyncio.Event) -> N
                 records += users.events(node_id, *served, LIVE_EVENTS_PER_S)
         if records:
             prepared = prepare(iter(records), settings.kafka.max_record_bytes, keep_invalid=False)
-            await send(settings, settings.kafka.feedback_topic, prepared.records)
+            try:
+                await send(settings, settings.kafka.feedback_topic, prepared.records)
+            except Exception as exc:  # the demo's users keep asking; the engine's own retries are not theirs
+                log.warning("demo users: %d feedback events not sent: %s: %s", len(records), type(exc).__name__, exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
 
