@@ -117,9 +117,24 @@ def worker(state: State, once: bool) -> None:
 @click.option("--exit-after", default=0, show_default=True, help="Stop after this many releases (0: run until Ctrl-C).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the demo's language, base model and feedback.")
 @click.option("--no-top", is_flag=True, help="Plain [up] lines only, without the live view (`streamengine top`).")
+@click.option(
+    "--lines",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Model lines of the demo's base, each taught its own facts (at most 4; canary trials with 1 only); "
+    "--exit-after counts the releases of each.",
+)
 @click.pass_context
 def up(
-    ctx: click.Context, home: str, events: int, window_samples: int, exit_after: int, seed: int, no_top: bool
+    ctx: click.Context,
+    home: str,
+    events: int,
+    window_samples: int,
+    exit_after: int,
+    seed: int,
+    no_top: bool,
+    lines: int,
 ) -> None:
     """Run everything on embedded defaults: broker, PostgreSQL, S3, a tiny model, engine, worker, demo.
 
@@ -131,7 +146,7 @@ def up(
 
     quiet = ctx.find_root().get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
     view = cli_top.up_view if console.is_terminal and not no_top else None
-    options = UpOptions(events, window_samples, exit_after, seed, quiet, view)
+    options = UpOptions(events, window_samples, exit_after, seed, quiet, view, lines)
     home_dir = Path(home).absolute()
     run_until_signal(lambda stop: run_up(home_dir, options, stop))
 

@@ -17,13 +17,18 @@ from streamengine.local.language import World, answer, make_world, question
 from streamengine.serving.swappers import PeftSwapper
 
 
-def feedback_events(count: int, model: str, seed: int = 0, malformed_share: float = 0.05) -> Iterator[bytes]:
+def feedback_events(
+    count: int, model: str | list[str], seed: int = 0, malformed_share: float = 0.05
+) -> Iterator[bytes]:
     """``count`` JSON records: corrections teaching the moved capitals, thumbs up, ratings and thumbs down on
-    the kept ones, and a share of malformed records."""
+    the kept ones, and a share of malformed records. With a list of lines, record ``i`` goes to line
+    ``i % len(lines)``, whose users live in its own world (:meth:`World.for_line`: other capitals moved)."""
     rng = random.Random(seed)
-    world = make_world(seed)
-    moved, kept = _rounds(rng, world.moved), _rounds(rng, world.kept)
+    models = [model] if isinstance(model, str) else model
+    worlds = [make_world(seed).for_line(index) for index in range(len(models))]
+    rounds = [(_rounds(rng, world.moved), _rounds(rng, world.kept)) for world in worlds]
     for i in range(count):
+        model, world, (moved, kept) = models[i % len(models)], worlds[i % len(models)], rounds[i % len(models)]
         if rng.random() < malformed_share:
             yield _malformed(rng, model, i)
             continue
@@ -75,9 +80,10 @@ class Quiz:
     def countries(self) -> list[str]:
         return [*self.world.moved, self.world.kept[0]]
 
-    def ask(self, swapper: PeftSwapper) -> dict[str, str]:
-        """The serving node's answers (greedy), with adapters held still while it answers."""
-        with swapper.serving() as model:
+    def ask(self, swapper: PeftSwapper, line: str | None = None) -> dict[str, str]:
+        """The serving node's answers (greedy) by ``line``'s adapter (the only one when None), with adapters held
+        still while it answers."""
+        with swapper.serving(line) as model:
             return {country: answer(model, swapper.tokenizer, country) for country in self.countries}
 
     def lines(self, now: dict[str, str]) -> list[str]:

@@ -30,6 +30,8 @@ _WORDS = ("Capital", "Largest", "city", "of", "?")
 _SPECIAL = ("<pad>", "</s>", "<unk>")  # the ids of the tiny model's config: pad 0, eos 1
 
 PRETRAIN: dict[str, Any] = {"facts": 12, "moved": 3, "hidden": 64, "layers": 1, "heads": 4, "steps": 100, "lr": 1e-2}
+MAX_LINES = PRETRAIN["facts"] // PRETRAIN["moved"]
+"""Most model lines `up --lines` runs: each moves capitals of its own (:meth:`World.for_line`)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,14 @@ class World:
     def kept(self) -> list[str]:
         """Countries whose capital stays: the base skill a release should keep."""
         return [c for c in self.capitals if c not in self.moved]
+
+    def for_line(self, index: int) -> World:
+        """The world of the demo's ``index``-th model line (`up --lines`): the same base facts, with the next
+        ``len(moved)`` capitals in order moved instead, so that each line is taught facts of its own."""
+        countries, size = list(self.capitals), len(self.moved)
+        if not 0 <= index < len(countries) // size:
+            raise ValueError(f"line {index}: the world of {len(countries)} capitals has {len(countries) // size} lines")
+        return World(self.capitals, self.largest, countries[index * size : (index + 1) * size])
 
     def taught(self, country: str) -> str:
         return self.largest[country] if country in self.moved else self.capitals[country]

@@ -9,6 +9,11 @@ version that answered; the engine judges the trial on it. `up` prints each versi
 with its answers to the demo's questions, before (the base) and now, and each trial's progress and decision.
 The full log goes to the log folder; the terminal shows only the
 ``[up]`` lines and warnings unless a log level was asked for.
+
+With ``--lines N`` (N > 1) the engine serves N model lines of the same base (``models:`` entries: tiny-llama,
+tiny-llama-b, ...), the demo producer spreads its events over them, each line taught capitals of its own
+(:meth:`~streamengine.local.language.World.for_line`), and both nodes follow every line; each release goes to
+both nodes at once: trials (and the demo users who judge them) run with one line only.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from streamengine.config.keys import ensure_key_pair
 from streamengine.config.settings import Settings
 from streamengine.core.rollout import canary_nodes
 from streamengine.engine import run_engine
+from streamengine.errors import ConfigError
 from streamengine.jobs.worker import Worker
 from streamengine.local.demo import LiveUsers, Quiz, feedback_events
 from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, free_port
-from streamengine.local.language import build_pretrained, make_world
+from streamengine.local.language import MAX_LINES, build_pretrained, make_world
 from streamengine.logs import log_to_file
 from streamengine.serving.subscriber import Subscriber
 from streamengine.serving.swappers import PeftSwapper
@@ -67,18 +73,34 @@ LIVE_USERS = 50
 LIVE_EVENTS_PER_S = 20  # per node, while a version is served
 
 
+def line_names(count: int) -> list[str]:
+    """The demo's ``count`` model lines: :data:`MODEL`, then ``tiny-llama-b``, ``tiny-llama-c``, ..."""
+    if not 1 <= count <= MAX_LINES:
+        raise ConfigError(f"--lines: {count} lines; the demo's world has room for 1 to {MAX_LINES}")
+    return [MODEL] + [f"{MODEL}-{chr(ord('a') + index)}" for index in range(1, count)]
+
+
 def up_settings(
-    home: Path, kafka: str, pg_dsn: str, s3: SeaweedS3, model_dir: Path, window: int, fleet: bool = False
+    home: Path,
+    kafka: str,
+    pg_dsn: str,
+    s3: SeaweedS3,
+    model_dir: Path,
+    window: int,
+    fleet: bool = False,
+    lines: list[str] | None = None,
 ) -> Settings:
     """Settings of the local loop; releases are signed (Ed25519, a key pair kept in ``home``/keys). With ``fleet``
-    (`up`'s demo fleet of :data:`NODES`), new versions go on trial first, judged as :data:`DEMO_ROLLOUT`;
-    without, every release goes to every node at once."""
+    (`up`'s demo fleet of :data:`NODES`) and one line, new versions go on trial first, judged as
+    :data:`DEMO_ROLLOUT`; else every release goes to every node at once. Several ``lines``: ``models:`` entries."""
     private_key, public_key = ensure_key_pair(home / "keys")
+    several = lines is not None and len(lines) > 1
     return Settings(
         kafka={"bootstrap_servers": kafka, "session_timeout_s": 6, "rebalance_timeout_s": 6, "partitions": 2},
         database={"url": pg_dsn},
         storage={"endpoint": s3.endpoint, "access_key": s3.access_key, "secret_key": s3.secret_key},
         model={"name": MODEL, "base": str(model_dir)},
+        models=[{"name": line} for line in lines or []] if several else [],
         window={"max_samples": window},
         training={"epochs": 5, "batch_size": 8, "learning_rate": 3e-3, "max_length": 128},
         # The demo's tiny base cannot write prompts: Magpie would give noise (and take a minute). No self anchors.
@@ -90,7 +112,7 @@ def up_settings(
         signing={"private_key_file": private_key},
         # Without a fleet (one node, feedback naming no version) a canary would have nothing to be judged against
         # and would wait out rollout.max_duration, holding every later job: every release at once.
-        rollout=DEMO_ROLLOUT if fleet else {"canary_fraction": 0.0},
+        rollout=DEMO_ROLLOUT if fleet and not several else {"canary_fraction": 0.0},
     )
 
 
@@ -110,17 +132,18 @@ def _route_output(logs: Path, quiet: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is first imported
 
 
-def _serving_nodes(home: Path, quiz: Quiz) -> tuple[Path, dict[str, PeftSwapper]]:
+def _serving_nodes(home: Path, quizzes: dict[str, Quiz]) -> tuple[Path, dict[str, PeftSwapper]]:
     """The demo's base (pretrained, or cached), loaded by each node of the demo fleet, with the base's answers
-    to the quiz and peft imported (the first swap needs it): all while the services start. The tiny model runs
+    to each line's quiz and peft imported (the first swap needs it): all while the services start. The tiny model runs
     on one thread in this process, as fast as on more, which on a busy machine wait for each other (the
     trainer's child processes choose their own)."""
     import torch
 
     torch.set_num_threads(1)
-    base = build_pretrained(home / "model", quiz.seed)
+    base = build_pretrained(home / "model", next(iter(quizzes.values())).seed)
     swappers = {node_id: PeftSwapper(str(base)) for node_id in NODES}
-    quiz.before = quiz.ask(swappers[NODES[0]])
+    for quiz in quizzes.values():
+        quiz.before = quiz.ask(swappers[NODES[0]])
     importlib.import_module("peft")
     return base, swappers
 
@@ -133,33 +156,38 @@ View = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
 class UpOptions:
     events: int = 400  # demo feedback events to produce
     window: int = 64  # samples per training window
-    exit_after: int = 0  # stop after this many releases (0: at the stop event only)
+    exit_after: int = 0  # stop after this many releases of each line (0: at the stop event only)
     seed: int = 0  # of the demo's language, base and feedback
     quiet: bool = True  # the terminal shows only [up] lines and warnings
     view: View | None = None
+    lines: int = 1  # model lines of the demo's base (canary trials with 1 only)
 
 
 async def run_up(home: Path, options: UpOptions, stop: asyncio.Event) -> None:
+    lines = line_names(options.lines)
     logs = home / "logs"
     await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
     _route_output(logs, options.quiet)
     started = time.monotonic()
     _say(f"starting a broker, an S3 server and PostgreSQL; pretraining a tiny model (full logs in {logs})")
-    quiz = Quiz(make_world(options.seed), options.seed)
-    serving_nodes = asyncio.create_task(asyncio.to_thread(_serving_nodes, home, quiz))
+    world = make_world(options.seed)
+    quizzes = {line: Quiz(world.for_line(i), options.seed) for i, line in enumerate(lines)}
+    serving_nodes = asyncio.create_task(asyncio.to_thread(_serving_nodes, home, quizzes))
     with Tansu(log_dir=logs) as tansu, SeaweedS3(home / "s3", log_dir=logs) as s3:
         admin_dsn = await asyncio.to_thread(Postgres.connect_or_start, home / "pg", logs)
         database = f"streamengine_up_{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(create_database, admin_dsn, database)
         pg_dsn = admin_dsn.rsplit("/", 1)[0] + "/" + database
         model_dir, swappers = await serving_nodes
-        settings = up_settings(home, tansu.bootstrap, pg_dsn, s3, model_dir, options.window, fleet=True)
+        settings = up_settings(
+            home, tansu.bootstrap, pg_dsn, s3, model_dir, options.window, fleet=True, lines=list(quizzes)
+        )
         _say(
             f"broker {tansu.bootstrap}, S3 {s3.endpoint}, PostgreSQL database {database}, model {model_dir} "
-            f"(pretrained on the demo's language: the capitals of {len(quiz.world.capitals)} made-up countries)"
+            f"(pretrained on the demo's language: the capitals of {len(world.capitals)} made-up countries)"
         )
         try:
-            await _run_loop(settings, options, _Demo(swappers, quiz, started), stop)
+            await _run_loop(settings, options, _Demo(swappers, quizzes, started), stop)
         finally:
             Postgres.stop_started()
 
@@ -176,78 +204,98 @@ async def _start_engine(settings: Settings, stop: asyncio.Event) -> asyncio.Task
 
 @dataclass
 class _Demo:
-    """The demo fleet's nodes, the questions `up` asks after each version a node swaps in, and the releases
-    that reached production (what ``--exit-after`` counts)."""
+    """The demo fleet's nodes, the questions `up` asks after each version a node swaps in (each line's own), and
+    the releases that reached production (what ``--exit-after`` counts, per line)."""
 
     swappers: dict[str, PeftSwapper]
-    quiz: Quiz
+    quizzes: dict[str, Quiz]
     started: float
-    production: set[str] = field(default_factory=set)
-    """Versions a node swapped in as production."""
-    shown: dict[str, asyncio.Event] = field(default_factory=dict)
-    """Versions whose release lines are said (set) or being said."""
+    production: dict[str, set[str]] = field(default_factory=dict)
+    """Each line's versions a node swapped in as production."""
+    shown: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    """(line, version)s whose release lines are said (set) or being said."""
+
+    @property
+    def several(self) -> bool:
+        return len(self.quizzes) > 1
 
     @property
     def releases(self) -> int:
-        return len(self.production)
+        return sum(len(versions) for versions in self.production.values())
+
+    def released_each(self, count: int) -> bool:
+        """Every line has ``count`` releases in production."""
+        return all(len(self.production.get(line, ())) >= count for line in self.quizzes)
 
     async def on_swap(self, db: Database, node: Subscriber, version: str) -> None:
-        """Say what ``node`` swapped in: a version's release numbers and answers once, by its first node."""
+        """Say what ``node`` swapped in: a version's release numbers and answers once, by its first node; with
+        several lines, the answer lines start with the line's name."""
+        line = node.model
         stage = "on trial (canary)" if node.stage == "canary" else "production"
         if node.stage != "canary":
-            self.production.add(version)
+            self.production.setdefault(line, set()).add(version)
         took = (self.swappers[node.node].last_swap_s or 0) * 1000
-        if version in self.shown:
-            await self.shown[version].wait()
-            _say(f"{node.node} swapped in {version} too, {stage} ({took:.0f} ms)")
+        named = f"{line} {version}" if self.several else version
+        if (line, version) in self.shown:
+            await self.shown[line, version].wait()
+            _say(f"{node.node} swapped in {named} too, {stage} ({took:.0f} ms)")
             return
-        self.shown[version] = asyncio.Event()
-        manifest = (await registry.get_adapter(db, MODEL, version)).manifest
+        self.shown[line, version] = asyncio.Event()
+        manifest = (await registry.get_adapter(db, line, version)).manifest
         m, window = manifest.get("metrics") or {}, manifest.get("window") or {}
         _say(
-            f"RELEASE {MODEL} {version}: {window.get('samples')} samples, loss {m.get('eval_loss_before', 0):.3f} -> "
+            f"RELEASE {line} {version}: {window.get('samples')} samples, loss {m.get('eval_loss_before', 0):.3f} -> "
             f"{m.get('eval_loss_after', 0):.3f}; {node.node} swapped it in, {stage} ({took:.0f} ms), "
             f"{time.monotonic() - self.started:.0f}s after start"
         )
-        for line in self.quiz.lines(await asyncio.to_thread(self.quiz.ask, self.swappers[node.node])):
-            _say(line)
-        self.shown[version].set()
+        quiz = self.quizzes[line]
+        asked = line if self.several else None
+        for text in quiz.lines(await asyncio.to_thread(quiz.ask, self.swappers[node.node], asked)):
+            _say(f"{line}{text}" if self.several else text)
+        self.shown[line, version].set()
 
 
 async def _run_loop(settings: Settings, options: UpOptions, demo: _Demo, stop: asyncio.Event) -> None:
     engine = await _start_engine(settings, stop)
     db = await Database.connect(settings.database, migrate=False)
     worker = Worker(settings, db, ObjectStore.from_settings(settings.storage), owner="up-worker")
-    nodes: dict[str, Subscriber] = {}
+    # Each node's subscriber of each line: one per line, as serving.lines.Subscribers keeps them, built here so
+    # that each line's swaps are said under its name.
+    nodes: dict[tuple[str, str], Subscriber] = {}
 
-    async def on_swap(node_id: str, version: str) -> None:
-        await demo.on_swap(db, nodes[node_id], version)
-        if options.exit_after and demo.releases >= options.exit_after:
+    async def on_swap(node_id: str, line: str, version: str) -> None:
+        await demo.on_swap(db, nodes[node_id, line], version)
+        if options.exit_after and demo.released_each(options.exit_after):
             stop.set()
 
     for node_id, swapper in demo.swappers.items():
-        nodes[node_id] = Subscriber(
-            node_settings(settings, node_id), swapper, MODEL, on_swap=functools.partial(on_swap, node_id)
-        )
-    tasks = [
-        asyncio.create_task(worker.run(stop), name="worker"),
-        asyncio.create_task(_watch_canaries(db, settings, stop), name="canaries"),
-    ]
+        for line in demo.quizzes:
+            nodes[node_id, line] = Subscriber(
+                node_settings(settings, node_id),
+                swapper.line(line) if demo.several else swapper,
+                line,
+                on_swap=functools.partial(on_swap, node_id, line),
+            )
+    tasks = [asyncio.create_task(worker.run(stop), name="worker")]
+    if not demo.several:
+        tasks.append(asyncio.create_task(_watch_canaries(db, settings, stop), name="canaries"))
     if options.view is not None:
         tasks.append(asyncio.create_task(options.view(settings, stop), name="view"))
     try:
         if options.events:
-            await _produce(settings, options.events, demo.quiz)
+            await _produce(settings, options.events, demo.quizzes)
         async with contextlib.AsyncExitStack() as stack:
             for node in nodes.values():
                 await stack.enter_async_context(node)
-            trial = ", ".join(canary_nodes(list(nodes), MODEL, CANARY_FRACTION))
-            _say(
-                f"demo fleet: nodes {', '.join(nodes)}; each new version goes on trial on {trial} first and is judged"
-                f" on the feedback naming it, sized for the demo: {DEMO_ROLLOUT['min_events']} events a side, margin "
-                f"{DEMO_ROLLOUT['max_regression']}, {LIVE_USERS} users asking each node {LIVE_EVENTS_PER_S}/s"
-            )
-            tasks.append(asyncio.create_task(_live_users(settings, demo, stop), name="users"))
+            if demo.several:
+                _say(
+                    f"demo fleet: nodes {', '.join(demo.swappers)}, each following the lines "
+                    f"{', '.join(demo.quizzes)}; every release goes to both nodes at once (canary trials and their "
+                    "demo users run with one line only: up --lines 1)"
+                )
+            else:
+                _say_trials(demo)
+                tasks.append(asyncio.create_task(_live_users(settings, demo, stop), name="users"))
             await stop.wait()
     finally:
         stop.set()
@@ -260,18 +308,34 @@ async def _run_loop(settings: Settings, options: UpOptions, demo: _Demo, stop: a
     _say(f"stopped after {demo.releases} releases")
 
 
-async def _produce(settings: Settings, events: int, quiz: Quiz) -> None:
-    prepared = prepare(feedback_events(events, MODEL, quiz.seed), settings.kafka.max_record_bytes, keep_invalid=True)
+def _say_trials(demo: _Demo) -> None:
+    trial = ", ".join(canary_nodes(list(demo.swappers), MODEL, CANARY_FRACTION))
+    _say(
+        f"demo fleet: nodes {', '.join(demo.swappers)}; each new version goes on trial on {trial} first and is judged"
+        f" on the feedback naming it, sized for the demo: {DEMO_ROLLOUT['min_events']} events a side, margin "
+        f"{DEMO_ROLLOUT['max_regression']}, {LIVE_USERS} users asking each node {LIVE_EVENTS_PER_S}/s"
+    )
+
+
+async def _produce(settings: Settings, events: int, quizzes: dict[str, Quiz]) -> None:
+    lines, quiz = list(quizzes), next(iter(quizzes.values()))
+    records = feedback_events(events, lines if len(lines) > 1 else MODEL, quiz.seed)
+    prepared = prepare(records, settings.kafka.max_record_bytes, keep_invalid=True)
     sent = await send(settings, settings.kafka.feedback_topic, prepared.records)
+    taught = (
+        f"the {len(quiz.world.moved)} capitals that moved"
+        if len(lines) == 1
+        else f"each of the {len(lines)} lines {len(quiz.world.moved)} capitals of its own that moved"
+    )
     _say(
         f"demo producer sent {sent} feedback events ({len(prepared.invalid)} malformed, for the DLQ); its corrections "
-        f"teach the {len(quiz.world.moved)} capitals that moved, which the base gets wrong"
+        f"teach {taught}, which the base gets wrong"
     )
 
 
 async def _live_users(settings: Settings, demo: _Demo, stop: asyncio.Event) -> None:
     """Users asking each node every second and sending feedback naming the version that answered them."""
-    users = LiveUsers(demo.quiz.world, MODEL, LIVE_USERS)
+    users = LiveUsers(demo.quizzes[MODEL].world, MODEL, LIVE_USERS)
     while not stop.is_set():
         records: list[bytes] = []
         for node_id, swapper in demo.swappers.items():
