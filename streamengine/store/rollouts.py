@@ -11,7 +11,6 @@ finds the trial ended.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
+import msgspec
 
 from streamengine.contract.events import AdapterReleased
 from streamengine.core.manifest import Signer
@@ -149,7 +149,7 @@ async def count_outcomes(
     """Count the outcomes of new events that name a version, of every line, in one statement (in the caller's
     transaction)."""
     if tallies := _tallies(samples, outcomes):
-        await conn.execute(_COUNT, json.dumps(tallies))
+        await conn.execute(_COUNT, msgspec.json.encode(tallies).decode())  # in C: json.dumps costs ~1 us a row
 
 
 async def forget(conn: asyncpg.Connection, user_id: str) -> None:
