@@ -67,8 +67,12 @@ async def test_a_warm_trainer_killed_mid_job_the_job_is_retried_and_released_onc
     make_settings: Any, tiny_model: Path
 ) -> None:
     settings = worker_settings(
-        make_settings, tiny_model, worker={"poll_s": 0.2, "heartbeat_s": 0.5}, training={**TRAINING, "epochs": 20}
-    )
+        make_settings,
+        tiny_model,
+        worker={"poll_s": 0.2, "heartbeat_s": 0.5},
+        training={**TRAINING, "epochs": 400},  # 800 steps: seconds even on a quiet machine, so the kill lands
+        learning={"gate": False},  # mid-training (20 epochs ended within a heartbeat); so long a run overfits the
+    )  # 16 samples, which the gate would rightly refuse: this test is about the kill, not the gate
     db = await Database.connect(settings.database)
     try:
         async with _worker(settings, db) as (worker, _):

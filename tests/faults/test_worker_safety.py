@@ -111,7 +111,9 @@ async def test_heartbeats_survive_terminated_connections(
     """The worker's database connection is terminated under a heartbeat, three times, mid-training: the
     heartbeats retry, the lease never lapses, and a second worker waiting for work never takes the job over.
     (The heartbeat task used to die on the first error, silently.)"""
-    settings = worker_settings(make_settings, tiny_model, worker=LEASE, training={**TRAINING, "epochs": 60})
+    # 1200 steps: the job trains for seconds even on a quiet machine with a warm trainer (60 epochs ended before
+    # the three terminations did)
+    settings = worker_settings(make_settings, tiny_model, worker=LEASE, training={**TRAINING, "epochs": 600})
     url = settings.database.url.get_secret_value()
     victim_db = settings.database.model_copy(update={"url": SecretStr(url + "?application_name=se-victim")})
     db = await Database.connect(settings.database)
