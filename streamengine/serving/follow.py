@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -98,3 +99,18 @@ async def sleep_or(event: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less when ``event`` is set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+async def start_until_ready(
+    run: Coroutine[Any, Any, None], ready: asyncio.Event, name: str
+) -> asyncio.Task[None] | None:
+    """``run`` as a background task, once ``ready`` is set; when it ends first, what stopped it is raised (None
+    when it ended quietly). A subscriber's (or several's) ``async with``."""
+    task = asyncio.create_task(run, name=name)
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.is_set():
+        return task
+    waiting.cancel()
+    await task  # raises what stopped it
+    return None

@@ -152,13 +152,7 @@ class Subscribers:
 
     async def __aenter__(self) -> Subscribers:
         """Run in the background; returns once every line is bootstrapped (raises if starting failed)."""
-        self._task = asyncio.create_task(self.run(), name="subscribers")
-        ready = asyncio.create_task(self.ready.wait())
-        await asyncio.wait({self._task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if not self.ready.is_set():
-            ready.cancel()
-            task, self._task = self._task, None
-            await task  # raises what stopped it
+        self._task = await follow.start_until_ready(self.run(), self.ready, "subscribers")
         return self
 
     async def __aexit__(

@@ -648,13 +648,7 @@ class Subscriber:
 
     async def __aenter__(self) -> Subscriber:
         """Run in the background; returns once bootstrapped (raises if starting failed)."""
-        self._task = asyncio.create_task(self.run(), name=f"subscriber-{self.model}")
-        ready = asyncio.create_task(self.ready.wait())
-        await asyncio.wait({self._task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if not self.ready.is_set():
-            ready.cancel()
-            task, self._task = self._task, None
-            await task  # raises what stopped it
+        self._task = await follow.start_until_ready(self.run(), self.ready, f"subscriber-{self.model}")
         return self
 
     async def __aexit__(
