@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.forgetting.base import MAX_LENGTH, score
 from bench.forgetting.tasks import Item, Window, write_jsonl
 from streamengine.config.settings import EwcSettings, LearningSettings
+from streamengine.core.replay import CANDIDATES_PER_SAMPLE, ReplayScaling, ReplaySelection, pick_balanced, replay_share
 from streamengine.jobs.dataset import job_mix
 from streamengine.training.recipe import train
 from streamengine.training.spec import TrainSpec
@@ -29,7 +30,10 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_p
 @dataclass(frozen=True)
 class Method:
     lam: float = 0.0  # EWC lambda (sum units)
-    replay: float = 0.0  # replay share of each job's samples
+    replay: float = 0.0  # replay share of each job's samples (per earlier window with scaling "windows")
+    scaling: ReplayScaling = "fixed"
+    replay_max: float = 0.5  # the largest replay share with scaling "windows"
+    selection: ReplaySelection = "uniform"
     anchor: float = 0.0  # anchor share of each job's samples
     anchor_min: int = 0  # fewest anchor samples per job
     anchors: str = "none"  # none | true (a curated set) | prompts | stream | magpie | self (the shipped sources)
@@ -42,8 +46,10 @@ def shipped() -> Method:
     """The shipped configuration (no user anchor set, no prompt file): the settings' defaults."""
     learning, ewc = LearningSettings(), EwcSettings()
     anchors = "self" if learning.self_anchor.enabled else "none"
-    return Method(ewc.lambda_, learning.replay_fraction, learning.anchor_fraction, learning.anchor_min_samples, anchors,
-                  learning.distill.weight)  # fmt: skip
+    extra = {"parent_average": learning.parent_average, "orthogonal_weight": learning.orthogonal_weight}
+    return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
+                  learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
+                  learning.distill.weight, extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,18 +71,36 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="forgetting-") as scratch:
         work = Path(scratch)
         for k, window in enumerate(run.windows):
-            pool = [item for earlier in run.windows[:k] for item in earlier.train]
-            n_replay, n_anchor = job_mix(len(window.train), method.replay if pool else 0.0,
-                                         method.anchor if anchors else 0.0, method.anchor_min)  # fmt: skip
-            rows = [(item, "window") for item in window.train]
-            rows += [(item, "replay") for item in rng.sample(pool, min(len(pool), n_replay))]
+            share = replay_share(method.replay, k, method.scaling, method.replay_max)
+            n_replay, n_anchor = job_mix(len(window.train), share, method.anchor if anchors else 0.0,
+                                         method.anchor_min)  # fmt: skip
+            replay, keep = _replay(rng, run.windows[:k], n_replay, method.selection)
+            rows = [(item, "window") for item in window.train] + [(item, "replay") for item in replay]
             rows += [(item, "anchor") for item in rng.sample(anchors, min(len(anchors), n_anchor))]
             out = work / f"v{k + 1}"
-            jobs.append(_job(run, method, rows, out, parent, work / f"train{k + 1}.jsonl"))
+            keep_spec = replace(method, extra={**method.extra, "replay_keep": keep}) if keep is not None else method
+            jobs.append(_job(run, keep_spec, rows, out, parent, work / f"train{k + 1}.jsonl"))
             parent = out
         assert parent is not None
         final = evaluate(run, parent)
     return {"final": final, "jobs": jobs}
+
+
+def _replay(
+    rng: random.Random, earlier: list[Window], n: int, selection: ReplaySelection
+) -> tuple[list[Item], int | None]:
+    """The replay rows as the worker picks them (:func:`streamengine.jobs.dataset.prepare`): a pseudo-random
+    order of the earlier windows' training samples, then uniform, balanced or loss (candidates, ``n`` kept)."""
+    pool = [(w, item) for w, window in enumerate(earlier) for item in window.train]
+    if not pool or n <= 0:
+        return [], None
+    if selection == "uniform":
+        return rng.sample([item for _, item in pool], min(len(pool), n)), None
+    ordered = rng.sample(pool, len(pool))
+    candidates = ordered[: n * CANDIDATES_PER_SAMPLE]
+    if selection == "balanced":
+        return [item for _, item in pick_balanced(candidates, n, lambda c: c[0], lambda c: c[1][0])], None
+    return [item for _, item in candidates], min(n, len(candidates))
 
 
 def run_joint(run: Run, epochs: int, learning_rate: float) -> dict[str, Any]:

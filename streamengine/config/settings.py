@@ -40,6 +40,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from streamengine.core.replay import ReplayScaling, ReplaySelection
 from streamengine.errors import ConfigError
 
 ENV_PREFIX = "STREAMENGINE_"
@@ -383,6 +384,26 @@ class LearningSettings(_Section):
     replay_fraction: float = Field(
         0.25, ge=0, lt=1, description="Share of each job's samples replayed from earlier windows."
     )
+    replay_scaling: ReplayScaling = Field(
+        "fixed",
+        description="fixed: replay_fraction of every job; windows: replay_fraction per earlier window, at most "
+        "max_replay_fraction (see docs/learning.md).",
+    )
+    max_replay_fraction: float = Field(
+        0.5, ge=0, lt=1, description="Largest replay share of a job when replay_scaling is windows."
+    )
+    replay_selection: ReplaySelection = Field(
+        "uniform",
+        description="Which earlier samples are replayed: uniform (a pseudo-random pick), balanced (the earlier "
+        "windows in turn, every prompt once before any twice), loss (the ones the parent adapter now gets most "
+        "wrong, of a pseudo-random pool four times as large).",
+    )
+    parent_average: float = Field(
+        0.0, ge=0, lt=1, description="Average the trained adapter with its parent: this share of the parent (0: off)."
+    )
+    orthogonal_weight: float = Field(
+        0.0, ge=0, description="O-LoRA-style penalty keeping the LoRA A update orthogonal to the parent's (0: off)."
+    )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of samples held out for evaluation.")
     min_holdout_samples: int = Field(
         20, ge=0, description="Fewest holdout samples per window: topped up from its training samples (at most half)."
@@ -409,6 +430,8 @@ class LearningSettings(_Section):
     def _fractions(self) -> LearningSettings:
         if self.replay_fraction + self.anchor_fraction >= 1:
             raise ValueError("replay_fraction + anchor_fraction must stay below 1")
+        if self.replay_scaling == "windows" and self.max_replay_fraction + self.anchor_fraction >= 1:
+            raise ValueError("max_replay_fraction + anchor_fraction must stay below 1")
         return self
 
 

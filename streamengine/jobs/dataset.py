@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from streamengine import metrics
-from streamengine.config.settings import Settings
+from streamengine.config.settings import LearningSettings, Settings
+from streamengine.core.replay import CANDIDATES_PER_SAMPLE, pick_balanced, replay_share
 from streamengine.core.samples import Sample, is_holdout, split_holdout, user_share_factors
 from streamengine.errors import ConfigError, TrainingError
 from streamengine.store import samples as sample_store
@@ -27,6 +28,7 @@ class JobData:
     eval_sets: dict[str, Path]
     counts: dict[str, int] = field(default_factory=dict)
     capped_weight: float = 0.0
+    replay_keep: int | None = None  # replay_selection loss: the replay lines are candidates, this many kept
 
 
 def _line(event_id: str, prompt: str, completion: str, weight: float, label: int, source: str) -> str:
@@ -117,10 +119,10 @@ async def prepare(
     anchor_eval = [a for a in anchors if is_holdout(a["event_id"], 0.5)]
     anchor_pool = [a for a in anchors if not is_holdout(a["event_id"], 0.5)]
     anchor_share = learning.anchor_fraction if anchor_pool else 0.0
-    n_replay, n_anchor = job_mix(len(train), learning.replay_fraction, anchor_share, learning.anchor_min_samples)
-    replay = await sample_store.earlier_samples(
-        db, model, window_id, holdout=False, limit=n_replay, seed=f"replay-{job_id}"
-    )
+    earlier = await sample_store.earlier_windows(db, model, window_id)
+    share = replay_share(learning.replay_fraction, earlier, learning.replay_scaling, learning.max_replay_fraction)
+    n_replay, n_anchor = job_mix(len(train), share, anchor_share, learning.anchor_min_samples)
+    replay, replay_keep = await _replay(db, learning, model, window_id, n_replay, f"replay-{job_id}")
     picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), n_anchor))
 
     lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
@@ -146,4 +148,16 @@ async def prepare(
     await asyncio.to_thread(write)
     counts = {"window": len(train), "replay": len(replay), "anchor": len(picked)}
     counts.update({f"eval_{name}": len(rows) for name, rows in eval_sets.items()})
-    return JobData(samples_path, paths, counts, capped)
+    return JobData(samples_path, paths, counts, capped, replay_keep)
+
+
+async def _replay(db: Database, learning: LearningSettings, model: str, window_id: int, n: int,
+                  seed: str) -> tuple[list[Sample], int | None]:  # fmt: skip
+    """The replay lines of the samples file, and how many of them the trainer keeps (``loss``: it scores
+    these candidates with the parent adapter and keeps the ``n`` it gets most wrong; else all)."""
+    if learning.replay_selection == "uniform":
+        return [s for _, s in await sample_store.replay_pool(db, model, window_id, n, seed)], None
+    pool = await sample_store.replay_pool(db, model, window_id, n * CANDIDATES_PER_SAMPLE, seed)
+    if learning.replay_selection == "balanced":
+        return [s for _, s in pick_balanced(pool, n, lambda c: c[0], lambda c: c[1].prompt)], None
+    return [s for _, s in pool], min(n, len(pool))

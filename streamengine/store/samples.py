@@ -60,6 +60,33 @@ async def earlier_samples(
     return [_sample(r) for r in rows]
 
 
+async def earlier_windows(db: Database, model: str, before_window: int) -> int:
+    """How many of the line's earlier windows hold replay material."""
+    count: int = await db.fetchval(
+        "SELECT count(DISTINCT window_id) FROM samples"
+        " WHERE model = $1 AND window_id < $2 AND label > 0 AND weight > 0 AND NOT holdout",
+        model,
+        before_window,
+    )
+    return count
+
+
+async def replay_pool(db: Database, model: str, before_window: int, limit: int, seed: str) -> list[tuple[int, Sample]]:
+    """Up to ``limit`` desirable training samples of the line's earlier windows, each with its window, in the
+    deterministic pseudo-random order of :func:`earlier_samples` (the same seed, the same pick)."""
+    if limit <= 0:
+        return []
+    rows = await db.fetch(
+        "SELECT * FROM samples WHERE model = $1 AND window_id < $2 AND label > 0 AND weight > 0 AND NOT holdout"
+        " ORDER BY md5(event_id || $3) LIMIT $4",
+        model,
+        before_window,
+        seed,
+        limit,
+    )
+    return [(r["window_id"], _sample(r)) for r in rows]
+
+
 async def stream_prompts(db: Database, limit: int, seed: str) -> list[str | list[dict[str, str]]]:
     """A deterministic pseudo-random pick of distinct prompts from every stored sample: every model line,
     kind, label and weight (what users ask, whatever their feedback was)."""
