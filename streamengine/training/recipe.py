@@ -4,16 +4,19 @@
 
 1. :func:`set_up`: join the processes (one, or several under torchrun: :mod:`dist`), seed everything, read
    the samples (every line: window, replay and anchor) and the eval sets, load the model (fresh LoRA or the
-   parent adapter, trainable; a quantized base must first pass :func:`quant.check_quantized_gradients`).
+   parent adapter, trainable; a quantized base must first pass :func:`quant.check_quantized_gradients`);
+   with ``replay_keep``, the replay lines the parent knows best are dropped (:mod:`replay_pick`).
 2. :func:`measure_before`: the weighted NLL on the training samples and on every eval set (eval mode, no
    dropout), at the parent adapter or the base, and on the ``base_sets`` at the base itself (adapter off);
    for KTO also the reference log-probabilities.
 3. :func:`train_loop`: AdamW for ``epochs``. Task loss: SFT (each desirable sample's mean token NLL over
    its completion tokens times its weight, over the batch's weight sum) or KTO (:mod:`kto`, against the
    model as it was at step 0), plus the distillation term on anchor samples (:mod:`distill`). Plus the EWC
-   penalty from the parent's Fisher (:mod:`ewc`) and any extra ``penalty``. Each step reports task loss and
-   penalty separately. A NaN or infinite objective stops the job with a :class:`TrainingError` naming the step.
-4. :func:`finish`: measure again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`),
+   penalty from the parent's Fisher (:mod:`ewc`), the orthogonality penalty (:mod:`orthogonal`) and any
+   extra ``penalty``. Each step reports task loss and penalty separately. A NaN or infinite objective stops
+   the job with a :class:`TrainingError` naming the step.
+4. :func:`finish`: with ``parent_average``, average the adapter with the parent (:mod:`average`); measure
+   again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`),
    save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors`` only, never pickle),
    compute the exact Fisher of the window's samples at the trained adapter and write ``fisher.safetensors``
    (online EWC: the parent's importances decayed by gamma plus this window's, and the anchor), then
@@ -46,6 +49,7 @@ from transformers.utils import logging as hf_logging
 
 from streamengine.errors import TrainingError
 from streamengine.files import write_text_atomic
+from streamengine.training.average import average_with_parent, snapshot
 from streamengine.training.data import Encoded, Example, collate, encode, pad_id, read_samples
 from streamengine.training.dist import Dist
 from streamengine.training.distill import kl_to_base
@@ -62,7 +66,9 @@ from streamengine.training.fisher import (
 from streamengine.training.kto import KtoReference, kto_step_loss, mismatched_examples, sequence_logps
 from streamengine.training.losses import batch_losses, batches, evaluate, forward_logits, sample_losses, weighted_loss
 from streamengine.training.model import BaseCache, dtype_for, load_for_training
+from streamengine.training.orthogonal import OrthogonalPenalty
 from streamengine.training.quant import check_quantized_gradients
+from streamengine.training.replay_pick import ReplayPick, pick_replay
 from streamengine.training.spec import Progress, TrainResult, TrainSpec, event_line
 
 __all__ = [
@@ -107,7 +113,9 @@ class Setup:
     scored: list[Encoded]  # what the training loss before and after is measured on: the desirable ones
     eval_sets: dict[str, list[Encoded]]
     parent_fisher: FisherState | None
+    parent: dict[str, torch.Tensor] | None  # the parent's LoRA values at step 0, kept for orthogonality/averaging
     penalties: list[Penalty]
+    replay: ReplayPick
     reduce: Any  # Dist.reduce(): the sum over processes for the loss and Fisher helpers, None in one process
 
     def measure(self, items: list[Encoded]) -> float:
@@ -174,10 +182,12 @@ def set_up(spec: TrainSpec, penalty: Penalty | None = None, bases: BaseCache | N
     if spec.quantization != "none":
         check_quantized_gradients(model, spec.quantization, device, dtype_for(device))
     encoded = [encode(tokenizer, e, cfg.max_length) for e in examples]
+    rows, replay = pick_replay(model, examples, encoded, spec.replay_keep, dist, cfg.batch_size, pad)
+    examples, encoded = [examples[i] for i in rows], [encoded[i] for i in rows]
     eval_sets = {n: [encode(tokenizer, e, cfg.max_length) for e in exs] for n, exs in eval_examples.items() if exs}
-    penalties: list[Penalty] = [penalty] if penalty is not None else []
-    if parent_fisher is not None and spec.ewc.lambda_ > 0:
-        penalties.append(EwcPenalty(lora_parameters(model), parent_fisher, spec.ewc.lambda_))
+    params = lora_parameters(model)
+    keeps_parent = spec.parent_adapter is not None and (spec.parent_average > 0 or spec.orthogonal_weight > 0)
+    parent = snapshot(params) if keeps_parent else None
     return Setup(
         spec=spec,
         dist=dist,
@@ -190,9 +200,27 @@ def set_up(spec: TrainSpec, penalty: Penalty | None = None, bases: BaseCache | N
         scored=[e for e in encoded if e.label > 0] or encoded,
         eval_sets=eval_sets,
         parent_fisher=parent_fisher,
-        penalties=penalties,
+        parent=parent,
+        penalties=_penalties(spec, params, parent_fisher, parent, penalty),
+        replay=replay,
         reduce=dist.reduce(),
     )
+
+
+def _penalties(
+    spec: TrainSpec,
+    params: dict[str, torch.nn.Parameter],
+    parent_fisher: FisherState | None,
+    parent: dict[str, torch.Tensor] | None,
+    extra: Penalty | None,
+) -> list[Penalty]:
+    """The terms added to each step's loss: ``extra``, EWC (with a parent Fisher), orthogonality (with a parent)."""
+    penalties: list[Penalty] = [extra] if extra is not None else []
+    if parent_fisher is not None and spec.ewc.lambda_ > 0:
+        penalties.append(EwcPenalty(params, parent_fisher, spec.ewc.lambda_))
+    if parent is not None and spec.orthogonal_weight > 0:
+        penalties.append(OrthogonalPenalty(params, parent, spec.orthogonal_weight))
+    return penalties
 
 
 def _read_training_samples(spec: TrainSpec) -> list[Example]:
@@ -334,6 +362,8 @@ def finish(
 ) -> TrainResult:
     """Phase 4: measure after, then the adapter, the Fisher and ``result.json`` (last: it marks a complete output)."""
     spec, dist = setup.spec, setup.dist
+    if setup.parent is not None and spec.parent_average > 0:
+        average_with_parent(lora_parameters(setup.model), setup.parent, spec.parent_average)
     eval_loss_after, evals = _measure_after(setup, before)
     output_dir = Path(spec.output_dir)
     if dist.is_main:
@@ -354,6 +384,9 @@ def finish(
         ewc_penalty=trained.penalty,
         objective=spec.training.objective,
         processes=dist.world,
+        replay_candidates=setup.replay.candidates,
+        replay_kept=setup.replay.kept,
+        replay_pick_seconds=setup.replay.seconds,
     )
     if dist.is_main:
         write_text_atomic(output_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")

@@ -83,6 +83,28 @@ class TrainSpec(_SpecFile):
     )
     quantization: Quantization = Field("none", description="Load the base in 8 or 4 bits (bitsandbytes).")
     compute_fisher: bool = Field(True, description="Write fisher.safetensors (online EWC) beside the adapter.")
+    parent_average: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Average with the parent (WiSE-FT): after the last step every LoRA parameter becomes "
+        "(1 - a) * trained + a * parent (the parent adapter as loaded), before the after-evaluation, the saved "
+        "adapter and the Fisher. 0: off. Does nothing without a parent adapter.",
+    )
+    orthogonal_weight: float = Field(
+        0.0,
+        ge=0,
+        description="O-LoRA-style penalty added to each step's loss: weight * sum over LoRA layers of "
+        "||A0 (A - A0)^T||_F^2, A0 the parent's LoRA A (r x d); keeps the update of A orthogonal to the "
+        "parent's row space. 0: off. Does nothing without a parent adapter.",
+    )
+    replay_keep: int | None = Field(
+        None,
+        ge=0,
+        description="Replay chosen by loss: of the desirable `replay` lines, keep the replay_keep with the "
+        "highest loss (mean completion NLL at the parent adapter, eval mode; ties: the earlier line) and drop "
+        "the others before training. None: keep every line.",
+    )
 
 
 class Progress(BaseModel):
@@ -93,7 +115,10 @@ class Progress(BaseModel):
     epoch: int
     loss: float = Field(description="This step's objective: task_loss + penalty.")
     task_loss: float = Field(description="Weighted SFT (or KTO) loss of this step's batch.")
-    penalty: float = Field(description="EWC penalty lambda/2 * sum F (theta - theta*)^2 (0 without a parent Fisher).")
+    penalty: float = Field(
+        description="The penalties: EWC lambda/2 * sum F (theta - theta*)^2 (0 without a parent Fisher) "
+        "plus the orthogonality penalty (orthogonal_weight)."
+    )
     tokens_per_s: float
     eta_s: float
 
@@ -118,7 +143,12 @@ class TrainResult(BaseModel):
     samples: int = Field(description="Samples trained on (those with a positive weight).")
     eval: dict[str, dict[str, float]] = Field({}, description="{set: {before, after, samples[, base]}}.")
     fisher_seconds: float = Field(0.0, description="Wall time of the Fisher computation (0 when not computed).")
-    ewc_penalty: float = Field(0.0, description="The last step's EWC penalty (0 without a parent Fisher).")
+    ewc_penalty: float = Field(
+        0.0, description="The last step's penalty: EWC (0 without a parent Fisher) plus orthogonality (if set)."
+    )
+    replay_candidates: int = Field(0, description="Desirable `replay` lines in the samples file.")
+    replay_kept: int = Field(0, description="Of those, the ones trained on (all unless replay_keep drops some).")
+    replay_pick_seconds: float = Field(0.0, description="Wall time of scoring the replay candidates (replay_keep).")
     objective: Objective = "sft"
     processes: int = Field(1, description="Training processes (DDP world size).")
 

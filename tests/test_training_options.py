@@ -1,0 +1,176 @@
+"""Issue 13's training options on a real tiny Llama: replay chosen by loss, orthogonality to the parent's
+LoRA A (O-LoRA style) and averaging with the parent (each off by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
+from streamengine.training.fisher import FISHER_FILE, load_fisher  # noqa: E402
+from streamengine.training.orthogonal import OrthogonalPenalty  # noqa: E402
+from streamengine.training.recipe import set_up, train  # noqa: E402
+from streamengine.training.replay_pick import highest  # noqa: E402
+from streamengine.training.spec import Progress, TrainResult, TrainSpec  # noqa: E402
+from tests.training_tools import make_spec, write_samples  # noqa: E402
+
+# The parent learns to answer "ok" to "q <word>" (10 steps of batch 8 at lr 0.05: loss 6.0 -> 5.3).
+KNOWN: list[tuple[Any, ...]] = [
+    (f"q {w}", "ok") for w in ("alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "nu")
+]
+NEW: list[tuple[Any, ...]] = [("What is 3+3?", "six"), ("Capital of Italy?", "Rome"), ("Opposite of up", "down")]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def parent_spec(base: Path, folder: Path, out: Path) -> TrainSpec:
+    samples = write_samples(folder / "known.jsonl", KNOWN)
+    return make_spec(base, samples, out, epochs=10, batch_size=8, learning_rate=5e-2)
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("parent")
+    train(parent_spec(tiny_base, folder, folder / "v1"))
+    return folder / "v1"
+
+
+def child(base: Path, parent: Path, out: Path, rows: list[tuple[Any, ...]] = NEW, **options: Any) -> TrainSpec:
+    spec = make_spec(base, write_samples(out.parent / f"{out.name}.jsonl", rows), out)
+    spec.parent_adapter = str(parent)
+    for name, value in options.items():
+        setattr(spec, name, value)
+    return spec
+
+
+def run(spec: TrainSpec) -> tuple[TrainResult, list[Progress]]:
+    records: list[Progress] = []
+    return train(spec, progress=records.append), records
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_base: Path, parent: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Progress]]:
+    """The child with every option off."""
+    out = tmp_path_factory.mktemp("plain") / "v2"
+    _, records = run(child(tiny_base, parent, out))
+    return out, records
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def overlap(folder: Path, parent: Path) -> float:
+    """sum over LoRA layers ||A0 (A - A0)^T||_F^2 of a saved adapter against its parent."""
+    a, a0 = tensors(folder), tensors(parent)
+    return sum(float((a0[k] @ (a[k] - a0[k]).T).square().sum()) for k in a if "lora_A" in k)
+
+
+# --- averaging with the parent ------------------------------------------------------------------------
+
+
+def test_parent_average_saves_the_midpoint_and_measures_it(
+    tiny_base: Path, parent: Path, plain: tuple[Path, list[Progress]], tmp_path: Path
+) -> None:
+    half, _ = run(child(tiny_base, parent, tmp_path / "half", parent_average=0.5))
+    trained, before, averaged = tensors(plain[0]), tensors(parent), tensors(tmp_path / "half")
+    assert set(averaged) == set(trained) == set(before)
+    for name, value in averaged.items():
+        assert torch.allclose(value, 0.5 * (before[name] + trained[name]), atol=1e-6, rtol=0), name
+    assert max(float((trained[n] - before[n]).abs().max()) for n in trained) > 1e-3  # a real move to halve
+    # The Fisher's anchor and the losses after are those of the averaged adapter.
+    anchor = load_fisher(tmp_path / "half" / FISHER_FILE).anchor
+    assert all(torch.equal(anchor[n], averaged[n]) for n in averaged)
+    plain_result = TrainResult.model_validate_json((plain[0] / "result.json").read_text())
+    assert half.eval_loss_before == plain_result.eval_loss_before
+    assert half.eval_loss_after != plain_result.eval_loss_after
+    assert half.train_loss == plain_result.train_loss  # the steps themselves are untouched
+
+
+def test_without_a_parent_averaging_and_orthogonality_do_nothing(tiny_base: Path, parent: Path, tmp_path: Path) -> None:
+    spec = parent_spec(tiny_base, tmp_path, tmp_path / "fresh")
+    spec.parent_average, spec.orthogonal_weight = 0.5, 100.0
+    _, records = run(spec)
+    assert all(r.penalty == 0.0 for r in records)
+    fresh, same = tensors(tmp_path / "fresh"), tensors(parent)  # the parent is this spec without the options
+    assert all(torch.equal(fresh[n], same[n]) for n in same)
+
+
+# --- orthogonality to the parent's A ---------------------------------------------------------------------
+
+
+def test_orthogonal_penalty_value() -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "x.lora_A.weight": (3, 8),
+        "y.lora_A.weight": (3, 8),
+        "z.lora_A.weight": (2, 5),
+        "x.lora_B.weight": (8, 3),
+    }
+    parent = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    params = {n: torch.nn.Parameter(v + 0.1 * torch.randn(v.shape, generator=g)) for n, v in parent.items()}
+    penalty = OrthogonalPenalty(params, parent, weight=3.0)
+    expected = sum(
+        float((parent[n] @ (p.detach() - parent[n]).T).square().sum()) for n, p in params.items() if "lora_A" in n
+    )
+    value = penalty()
+    assert float(value.detach()) == pytest.approx(3.0 * expected, rel=1e-5)
+    value.backward()
+    assert params["x.lora_B.weight"].grad is None  # B is free
+    a, a0 = params["z.lora_A.weight"], parent["z.lora_A.weight"]
+    assert torch.allclose(a.grad, 6.0 * (a.detach() - a0) @ a0.T @ a0, atol=1e-5)  # d/dA = 2w (A - A0) A0^T A0
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(parent[name])
+        assert float(penalty()) == 0.0
+
+
+def test_orthogonal_weight_keeps_the_update_of_a_out_of_the_parents_subspace(
+    tiny_base: Path, parent: Path, plain: tuple[Path, list[Progress]], tmp_path: Path
+) -> None:
+    held, records = run(child(tiny_base, parent, tmp_path / "held", orthogonal_weight=100.0))
+    assert all(r.penalty == 0.0 for r in plain[1])
+    assert records[0].penalty == 0.0  # step 1 starts at the parent
+    assert all(r.penalty > 0 for r in records[1:]) and held.ewc_penalty == records[-1].penalty
+    assert all(r.loss == pytest.approx(r.task_loss + r.penalty) for r in records)
+    # Measured: 0.22 of the unpenalised overlap on this model (3 steps; Adam bounds how far a step goes back).
+    assert overlap(tmp_path / "held", parent) < 0.5 * overlap(plain[0], parent)
+
+
+# --- replay chosen by loss ------------------------------------------------------------------------------
+
+
+def test_highest_breaks_ties_by_file_order() -> None:
+    assert highest([1.0, 3.0, 3.0, 2.0], 2) == [1, 2]
+    assert highest([2.0, 2.0, 2.0], 1) == [0]
+    assert highest([0.5, 4.0, 1.0], 0) == []
+
+
+def test_replay_keep_trains_on_the_candidates_the_parent_knows_worst(
+    tiny_base: Path, parent: Path, tmp_path: Path
+) -> None:
+    known = [("q one", "ok"), ("q three", "ok"), ("q five", "ok")]  # the parent's loss: about 5.3
+    unknown = [("q two", "banana split"), ("q four", "purple rain"), ("q six", "seven")]  # about 6
+    replay = [(*row, 1.0, 1, "replay") for pair in zip(known, unknown, strict=True) for row in pair]
+    rows = [*NEW[:2], *replay, ("q rude", "no", 1.0, -1, "replay")]  # e0 e1 window, e2..e7 replay, e8 undesirable
+    spec = child(tiny_base, parent, tmp_path / "picked", rows, replay_keep=3)
+    setup = set_up(spec)
+    assert [e.event_id for e in setup.examples] == ["e0", "e1", "e3", "e5", "e7"]
+    assert (setup.replay.candidates, setup.replay.kept) == (6, 3)
+    result = train(spec)
+    assert (result.replay_candidates, result.replay_kept, result.samples) == (6, 3, 5)
+    assert result.replay_pick_seconds > 0
+    every = train(child(tiny_base, parent, tmp_path / "every", rows))  # replay_keep None: all stay, none scored
+    assert (every.replay_candidates, every.replay_kept, every.samples, every.replay_pick_seconds) == (6, 6, 8, 0.0)
+    spec.replay_keep = 0
+    assert [e.event_id for e in set_up(spec).examples] == ["e0", "e1"]
