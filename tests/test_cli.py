@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -406,3 +407,17 @@ def test_up_runs_the_whole_loop_to_a_release(tmp_path: Path) -> None:
     assert others == [], "\n".join(others[:20])
     log = (home / "logs" / "streamengine.log").read_text()
     assert "job 1: step 1/" in log and "job 1 released tiny-llama v1.0" in log, log[-3000:]
+    database = re.search(r"PostgreSQL database (streamengine_up_\w+)", result.stdout)
+    assert database and not asyncio.run(_machine_has_database(database[1]))  # dropped at exit (no --keep-db)
+
+
+async def _machine_has_database(name: str) -> bool:
+    """Whether the machine's PostgreSQL (where `up` makes its database when one answers) holds ``name``."""
+    try:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+    except OSError:
+        return False  # no server of the machine's: `up` started its own and stopped it
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()

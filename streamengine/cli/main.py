@@ -125,6 +125,7 @@ def worker(state: State, once: bool) -> None:
     help="Model lines of the demo's base, each taught its own facts (at most 4; canary trials with 1 only); "
     "--exit-after counts the releases of each.",
 )
+@click.option("--keep-db", is_flag=True, help="Keep the demo's PostgreSQL database at exit (dropped by default).")
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -135,6 +136,7 @@ def up(
     seed: int,
     no_top: bool,
     lines: int,
+    keep_db: bool,
 ) -> None:
     """Run everything on embedded defaults: broker, PostgreSQL, S3, a tiny model, engine, worker, demo.
 
@@ -146,7 +148,7 @@ def up(
 
     quiet = ctx.find_root().get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
     view = cli_top.up_view if console.is_terminal and not no_top else None
-    options = UpOptions(events, window_samples, exit_after, seed, quiet, view, lines)
+    options = UpOptions(events, window_samples, exit_after, seed, quiet, view, lines, keep_db)
     home_dir = Path(home).absolute()
     run_until_signal(lambda stop: run_up(home_dir, options, stop))
 

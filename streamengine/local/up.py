@@ -38,7 +38,7 @@ from streamengine.engine import run_engine
 from streamengine.errors import ConfigError
 from streamengine.jobs.worker import Worker
 from streamengine.local.demo import LiveUsers, Quiz, feedback_events
-from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, free_port
+from streamengine.local.embedded import Postgres, SeaweedS3, Tansu, create_database, drop_database, free_port
 from streamengine.local.language import MAX_LINES, build_pretrained, make_world
 from streamengine.logs import log_to_file
 from streamengine.serving.subscriber import Subscriber
@@ -161,6 +161,7 @@ class UpOptions:
     quiet: bool = True  # the terminal shows only [up] lines and warnings
     view: View | None = None
     lines: int = 1  # model lines of the demo's base (canary trials with 1 only)
+    keep_database: bool = False  # keep the demo's PostgreSQL database at exit (else dropped)
 
 
 async def run_up(home: Path, options: UpOptions, stop: asyncio.Event) -> None:
@@ -189,6 +190,10 @@ async def run_up(home: Path, options: UpOptions, stop: asyncio.Event) -> None:
         try:
             await _run_loop(settings, options, _Demo(swappers, quizzes, started), stop)
         finally:
+            if options.keep_database:
+                _say(f"kept PostgreSQL database {database} ({pg_dsn})")
+            else:  # each run makes a fresh one: on the machine's server they would pile up
+                await asyncio.to_thread(drop_database, admin_dsn, database)
             Postgres.stop_started()
 
 
