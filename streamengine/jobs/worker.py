@@ -206,12 +206,18 @@ class Worker:
             distill=line.learning.distill,
             base_sets=["anchor"],
             quantization=line.model.quantization,
+            parent_average=line.learning.parent_average,
+            orthogonal_weight=line.learning.orthogonal_weight,
+            replay_keep=data.replay_keep,
         )
         spec_path = folder / "spec.json"
         await asyncio.to_thread(spec.write, spec_path)
         started = time.monotonic()
         result = await self._train(job, lease, spec, spec_path, folder / "train.log")
         record_training_metrics(job.model, result)
+        if spec.replay_keep is not None:
+            log.info("job %d replay by loss: kept %d of %d candidates (%.1f s)", job.id, result.replay_kept,
+                     result.replay_candidates, result.replay_pick_seconds)  # fmt: skip
         metrics.TRAINING_SECONDS.observe(time.monotonic() - started)
         decision = decide(result.eval, gate_of(line))
         numbers = release_metrics(result, decision)
