@@ -131,3 +131,26 @@ async def test_a_stopping_worker_gives_its_job_back(make_settings, tiny_model) -
         assert await db.fetchval("SELECT count(*) FROM adapters") == 0
     finally:
         await db.close()
+
+
+async def test_the_learning_options_reach_the_second_job(make_settings, tiny_model, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Replay picked by the parent's loss, averaging with the parent and the orthogonality penalty run in a real
+    job continuing a parent (the trainer's side of each is tested in test_training_options.py)."""
+    learning = {"replay_selection": "loss", "parent_average": 0.25, "orthogonal_weight": 1.0, "gate": False,
+                "min_holdout_samples": 0, "anchor_fraction": 0.0}  # fmt: skip
+    settings = worker_settings(make_settings, tiny_model, learning=learning)
+    db = await Database.connect(settings.database)
+    store = ObjectStore.from_settings(settings.storage)
+    try:
+        worker = Worker(settings, db, store, owner="w1")
+        await fill_window(db, 0)
+        await worker.run_once()  # no parent: no replay, nothing to average with
+        await fill_window(db, 100)  # its replay candidates: all 16 samples of the first window
+        with caplog.at_level("INFO", logger="streamengine"):
+            await worker.run_once()
+        second = await registry.get_adapter(db, "tiny-llama", "production")
+        assert second.version == "v1.1"
+        picked = [r.getMessage() for r in caplog.records if "replay by loss" in r.getMessage()]
+        assert len(picked) == 1 and picked[0].startswith("job 2 replay by loss: kept 5 of 16 candidates"), picked
+    finally:
+        await db.close()
