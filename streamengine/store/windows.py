@@ -9,11 +9,11 @@ the forget, which then deletes its samples, or reads the user's tombstone after 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import attrgetter, itemgetter
-from typing import Any
 
 import asyncpg
 import msgspec
@@ -262,83 +262,53 @@ async def write_batch(
         first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
         copies = len(ids) - len(first)
         batch = batch.take(sorted(first.values()))
-    groups = _by_model(batch)
+    policy_of = policy if callable(policy) else lambda _: policy
     if not look_first:
         try:
-            return await _write(db, groups, policy, BatchOutcome(duplicates=copies), look_first=False)
+            return await _write(db, batch, policy_of, BatchOutcome(duplicates=copies), look_first=False)
         except ConcurrentInsert:
             pass  # some were stored before: again, looking first
-    return await _write(db, groups, policy, BatchOutcome(duplicates=copies), look_first=True)
+    return await _write(db, batch, policy_of, BatchOutcome(duplicates=copies), look_first=True)
 
 
 async def _write(
-    db: Database,
-    groups: dict[str, _Rows],
-    policy: WindowPolicy | Callable[[str], WindowPolicy],
-    outcome: BatchOutcome,
-    look_first: bool,
+    db: Database, batch: _Rows, policy: Callable[[str], WindowPolicy], outcome: BatchOutcome, look_first: bool
 ) -> BatchOutcome:
     async with db.pool.acquire() as conn, conn.transaction():
-        models = sorted(groups)
-        opened = await _lock_open_windows(conn, models)
-        fresh = await _unstored(conn, groups, outcome, look_first)
-        kept = [fresh[model] for model in models]
-        samples = [_sample_of(row) for group in kept for row in group.rows]
-        await rollouts.count_outcomes(conn, samples, [result for group in kept for result in group.outcomes])
-        staying: list[tuple[asyncpg.Record, _Rows, _Plan]] = []
-        for model in models:
-            rows = fresh[model]
-            if not rows.rows:
-                continue
-            plan = _plan(opened[model], rows, policy if isinstance(policy, WindowPolicy) else policy(model))
-            if plan.cuts:
-                await _store(conn, opened[model], rows, plan, outcome)
-            else:
-                staying.append((opened[model], rows, plan))
-        if staying:
-            await _store_open(conn, staying, outcome)
+        opened = await _lock_open_windows(conn, sorted(set(map(_model, map(_sample_of, batch.rows)))))
+        fresh = await _unstored(conn, batch, outcome, look_first)
+        samples = list(map(_sample_of, fresh.rows))
+        await rollouts.count_outcomes(conn, samples, fresh.outcomes)
+        models = list(map(_model, samples))
+        if len(set(models)) == 1:  # the common case: one line, its rows as they are
+            window = opened[models[0]]
+            await _store(conn, window, fresh, _plan(window, fresh, policy(models[0])), outcome)
+        elif models:
+            await _store_lines(conn, opened, fresh, samples, models, policy, outcome)
     return outcome
 
 
-def _by_model(batch: _Rows) -> dict[str, _Rows]:
-    models = list(map(_model, map(_sample_of, batch.rows)))
-    if len(set(models)) <= 1:  # the common case: one model line per batch
-        return {models[0]: batch} if models else {}
-    indexes: dict[str, list[int]] = {}
-    for index, model in enumerate(models):
-        indexes.setdefault(model, []).append(index)
-    return {model: batch.take(group) for model, group in indexes.items()}
-
-
-async def _unstored(
-    conn: asyncpg.Connection, groups: dict[str, _Rows], outcome: BatchOutcome, look_first: bool
-) -> dict[str, _Rows]:
-    """The rows of each group that are neither stored already (unless not ``look_first``) nor of a user forgotten
-    since their event: one lookup for the whole batch."""
-    samples = {model: list(map(_sample_of, group.rows)) for model, group in groups.items()}
-    everything = list(itertools.chain.from_iterable(samples.values()))
-    users = set(map(_user, everything))
+async def _unstored(conn: asyncpg.Connection, batch: _Rows, outcome: BatchOutcome, look_first: bool) -> _Rows:
+    """The rows that are neither stored already (unless not ``look_first``) nor of a user forgotten since their
+    event: one lookup for the whole batch."""
+    samples = list(map(_sample_of, batch.rows))
+    users = set(map(_user, samples))
     users.discard(None)
-    ids = _json(list(map(_event_id, everything))).decode() if look_first else "[]"
+    ids = _json(list(map(_event_id, samples))).decode() if look_first else "[]"
     found = await conn.fetch(_CHECK, ids, _json(list(users)).decode())
     if not found:
-        return groups
+        return batch
     stored = {r["id"] for r in found if r["forgotten_at"] is None}
     forgotten = {r["id"]: r["forgotten_at"] for r in found if r["forgotten_at"] is not None}
-    kept: dict[str, _Rows] = {}
-    for model, group in groups.items():
-        keep = []
-        for index, sample in enumerate(samples[model]):
-            if sample.event_id in stored:
-                outcome.duplicates += 1
-            elif sample.user_id in forgotten and _made_before(
-                sample, group.produced_ms[index], forgotten[sample.user_id]
-            ):
-                outcome.forgotten += 1
-            else:
-                keep.append(index)
-        kept[model] = group.take(keep)
-    return kept
+    keep = []
+    for index, sample in enumerate(samples):
+        if sample.event_id in stored:
+            outcome.duplicates += 1
+        elif sample.user_id in forgotten and _made_before(sample, batch.produced_ms[index], forgotten[sample.user_id]):
+            outcome.forgotten += 1
+        else:
+            keep.append(index)
+    return batch.take(keep)
 
 
 async def _insert(conn: asyncpg.Connection, segments: Sequence[tuple[int, list[str]]]) -> None:
@@ -351,8 +321,12 @@ async def _insert(conn: asyncpg.Connection, segments: Sequence[tuple[int, list[s
         if len(framed) == 1:
             framed[0] = prefix + lines[0] + "\n"
         parts.append(f"\n{prefix}".join(framed))
-    data = (parts[0] if len(parts) == 1 else "".join(parts)).encode()
-    count = sum(len(lines) for _, lines in segments)
+    await _copy(conn, parts[0] if len(parts) == 1 else "".join(parts), sum(len(lines) for _, lines in segments))
+
+
+async def _copy(conn: asyncpg.Connection, text: str, count: int) -> None:
+    """COPY ``count`` samples (``COPY_COLUMNS`` lines, in PostgreSQL's text format) into their windows."""
+    data = text.encode()
     try:
         # A memoryview: asyncpg would take bytes for a file name.
         status = await conn.copy_to_table("samples", source=memoryview(data), columns=COPY_COLUMNS, format="text")
@@ -449,44 +423,97 @@ async def _store(
     outcome.open_samples[window["model"]] = window["samples"]
 
 
-# Segments of several lines, none closing its window: every window's counters and offsets in one statement.
-_ACCOUNT_MANY = """
+# The lines of a batch whose windows stay open: every window's counters and offsets in one statement. The offsets
+# travel as one JSON object per kind ({line: {partition: offset}}), parsed once.
+_ACCOUNT_LINES = """
 UPDATE windows AS w SET samples = w.samples + u.samples, weight = w.weight + u.weight, stored = w.stored + u.stored,
     first_offsets = {first}, last_offsets = {last}
-FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[], $5::text[], $6::text[])
-    AS u (id, samples, weight, stored, first_offsets, last_offsets)
+FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[]) AS u (id, samples, weight, stored),
+    (SELECT $5::text::jsonb AS first, $6::text::jsonb AS last) AS o
 WHERE w.id = u.id RETURNING w.model, w.samples
 """.format(
-    first=_merge("w.first_offsets", "u.first_offsets", "least"),
-    last=_merge("w.last_offsets", "u.last_offsets", "greatest"),
+    first=_merge("w.first_offsets", "(o.first -> w.model)", "least"),
+    last=_merge("w.last_offsets", "(o.last -> w.model)", "greatest"),
 )
 
 
-async def _store_open(
-    conn: asyncpg.Connection, staying: list[tuple[asyncpg.Record, _Rows, _Plan]], outcome: BatchOutcome
+def _totals(samples: list[Sample]) -> dict[str, tuple[int, float]]:
+    """Trainable samples and their summed weight (in batch order, as ``_plan`` sums them), by line."""
+    counts: dict[str, int] = {}
+    weights: dict[str, float] = {}
+    for sample in samples:
+        if sample.label > 0 and sample.weight > 0:  # Sample.trainable, without a call per sample
+            model = sample.model
+            counts[model] = counts.get(model, 0) + 1
+            weights[model] = weights.get(model, 0) + sample.weight
+    return {model: (count, weights[model]) for model, count in counts.items()}
+
+
+def _may_close(window: asyncpg.Record, trainable: int, weight: float, policy: WindowPolicy) -> bool:
+    """The line's new samples may reach its threshold: only then are its cut points needed. Counts and weights only
+    grow, so when the totals stay below the threshold no sample closes the window (a float margin on the weight)."""
+    total = window["weight"] + weight
+    return (
+        trainable > 0
+        and policy.close_reason(window["samples"] + trainable, total + 1e-9 * (1 + abs(total))) is not None
+    )
+
+
+def _line_offsets(models: list[str], rows: list[SampleAt]) -> tuple[str, str]:
+    """The first and last offset per partition of each line, as JSON text ({line: {partition: offset}})."""
+    keys = list(zip(models, map(_partition_of, rows), strict=True))
+    offsets = list(map(_offset_of, rows))
+    texts = []
+    for seen in (dict(zip(reversed(keys), reversed(offsets), strict=True)), dict(zip(keys, offsets, strict=True))):
+        by_line: dict[str, dict[int, int]] = {}
+        for (model, partition), offset in seen.items():
+            if partition is not None and offset is not None:
+                by_line.setdefault(model, {})[partition] = offset
+        texts.append(_json(by_line).decode())
+    return texts[0], texts[1]
+
+
+async def _store_lines(
+    conn: asyncpg.Connection,
+    opened: dict[str, asyncpg.Record],
+    fresh: _Rows,
+    samples: list[Sample],
+    models: list[str],
+    policy: Callable[[str], WindowPolicy],
+    outcome: BatchOutcome,
 ) -> None:
-    """Insert the new samples of lines whose windows they do not close: one COPY and one update for all lines."""
-    if len(staying) == 1:
-        window, fresh, plan = staying[0]
-        await _store(conn, window, fresh, plan, outcome)
+    """Insert the new samples of several lines: those of lines whose windows the batch may close line by line
+    (:func:`_store`), the others with one COPY and one update whatever their number."""
+    totals = _totals(samples)
+    closing = sorted(m for m, (n, weight) in totals.items() if _may_close(opened[m], n, weight, policy(m)))
+    if closing:
+        indexes: dict[str, list[int]] = {model: [] for model in closing}
+        staying: list[int] = []
+        for index, model in enumerate(models):
+            indexes.get(model, staying).append(index)
+        for model in closing:
+            group = fresh.take(indexes[model])
+            await _store(conn, opened[model], group, _plan(opened[model], group, policy(model)), outcome)
+        fresh = fresh.take(staying)
+        models = [models[i] for i in staying]
+    if not models:
         return
-    await _insert(conn, [(window["id"], fresh.lines) for window, fresh, _ in staying])
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
-    for window, fresh, plan in staying:
-        first, last = _offsets(fresh.rows)
-        values = (
-            window["id"],
-            sum(plan.trainable),
-            sum(itertools.compress(plan.weights, plan.trainable)),
-            len(fresh.rows),
-            first,
-            last,
-        )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-        _count(outcome, window["model"], len(fresh.rows))
-    for row in await conn.fetch(_ACCOUNT_MANY, *columns):
-        outcome.open_samples[row["model"]] = row["samples"]
+    ids = {model: opened[model]["id"] for model in set(models)}
+    await _copy(
+        conn, "".join([f"{ids[m]}\t{line}\n" for m, line in zip(models, fresh.lines, strict=True)]), len(models)
+    )
+    stored = Counter(models)
+    counts, weights = [], []
+    for model in ids:
+        count, weight = totals.get(model, (0, 0.0))
+        counts.append(count)
+        weights.append(weight)
+    first, last = _line_offsets(models, fresh.rows)
+    rows = await conn.fetch(_ACCOUNT_LINES, list(ids.values()), counts, weights, [stored[m] for m in ids], first, last)
+    outcome.open_samples.update(map(tuple, rows))
+    outcome.inserted += len(models)
+    for model, count in stored.items():
+        outcome.inserted_by_model[model] = outcome.inserted_by_model.get(model, 0) + count
 
 
 async def close_now(db: Database, model: str, reason: str, min_samples: int = 1) -> ClosedWindow | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from aiokafka.errors import MessageSizeTooLargeError
+from prometheus_client import Counter as CounterChild
 
 from streamengine import metrics
 from streamengine.config.lines import Lines
@@ -152,6 +153,8 @@ class IngestPipeline:
         self.sender = sender
         self.lines = Lines(settings)
         self._policies: dict[str, tuple[SamplePolicy, WindowPolicy] | None] = {}
+        self._stored: dict[str, CounterChild] = {}
+        """``samples_stored_total``'s child of each line (``labels`` costs more than the increment)."""
         self.redactor = build_redactor(settings.privacy)  # privacy.function is imported here, once
         self.retry = Backoff(first_s=0.1, max_s=5.0)
         self.look_first = True
@@ -188,6 +191,16 @@ class IngestPipeline:
             self._policies.clear()
         self._policies[model] = found
         return found
+
+    def _stored_counter(self, model: str) -> CounterChild:
+        try:
+            return self._stored[model]
+        except KeyError:
+            pass
+        if len(self._stored) >= POLICY_CACHE_MAX:
+            self._stored.clear()
+        child = self._stored[model] = metrics.SAMPLES_STORED.labels(model)
+        return child
 
     def window_policy(self, model: str) -> WindowPolicy:
         """The window policy of a configured line ``model``."""
@@ -249,7 +262,7 @@ class IngestPipeline:
             for cut in batch.truncated:
                 metrics.SAMPLES_TRUNCATED.labels(cut).inc()
             for model, inserted in outcome.inserted_by_model.items():
-                metrics.SAMPLES_STORED.labels(model).inc(inserted)
+                self._stored_counter(model).inc(inserted)
             for closed in outcome.closed:
                 metrics.WINDOWS_CLOSED.labels(closed.model, closed.reason).inc()
                 log.info(
