@@ -15,11 +15,12 @@ from safetensors.torch import load_file  # noqa: E402
 
 from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, load_fisher  # noqa: E402
+from streamengine.training.launch import training_command  # noqa: E402
 from streamengine.training.orthogonal import OrthogonalPenalty  # noqa: E402
 from streamengine.training.recipe import set_up, train  # noqa: E402
 from streamengine.training.replay_pick import highest  # noqa: E402
 from streamengine.training.spec import Progress, TrainResult, TrainSpec  # noqa: E402
-from tests.training_tools import make_spec, write_samples  # noqa: E402
+from tests.training_tools import make_spec, run_command, write_samples, write_spec  # noqa: E402
 
 # The parent learns to answer "ok" to "q <word>" (10 steps of batch 8 at lr 0.05: loss 6.0 -> 5.3).
 KNOWN: list[tuple[Any, ...]] = [
@@ -174,3 +175,32 @@ def test_replay_keep_trains_on_the_candidates_the_parent_knows_worst(
     assert (every.replay_candidates, every.replay_kept, every.samples, every.replay_pick_seconds) == (6, 6, 8, 0.0)
     spec.replay_keep = 0
     assert [e.event_id for e in set_up(spec).examples] == ["e0", "e1"]
+
+
+# --- several processes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_pick_the_same_replay_and_train_like_one(tiny_base: Path, parent: Path, tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    known, unknown = [("q one", "ok"), ("q three", "ok")], [("q two", "banana split"), ("q four", "purple rain")]
+    replay = [(*row, 1.0, 1, "replay") for pair in zip(known, unknown, strict=True) for row in pair]
+    options = {"replay_keep": 2, "orthogonal_weight": 100.0, "parent_average": 0.5}
+    results = {}
+    for processes in (1, 2):
+        spec = child(tiny_base, parent, tmp_path / f"p{processes}", [*NEW, *replay], **options)
+        code, events, stderr = run_command(
+            training_command(write_spec(spec, tmp_path / f"{processes}.json"), processes)
+        )
+        assert code == 0, stderr[-3000:]
+        results[processes] = events[-1]
+    one, two = results[1], results[2]
+    assert two["processes"] == 2
+    for key in ("replay_candidates", "replay_kept", "samples", "steps", "tokens"):
+        assert two[key] == one[key], key
+    assert (one["replay_candidates"], one["replay_kept"], one["samples"]) == (4, 2, 5)
+    assert two["eval_loss_after"] == pytest.approx(one["eval_loss_after"], abs=1e-4)
+    assert two["ewc_penalty"] == pytest.approx(one["ewc_penalty"], rel=1e-3) and one["ewc_penalty"] > 0
+    first, second = tensors(tmp_path / "p1"), tensors(tmp_path / "p2")
+    # Float summation order differs between the runs: 1.2e-4 apart at most (measured), the LoRA values up to 0.45.
+    assert all(torch.allclose(second[n], first[n], atol=1e-3) for n in first)
