@@ -102,8 +102,9 @@ class TrainSpec(_SpecFile):
         None,
         ge=0,
         description="Replay chosen by loss: of the desirable `replay` lines, keep the replay_keep with the "
-        "highest loss (mean completion NLL at the parent adapter, eval mode; ties: the earlier line) and drop "
-        "the others before training. None: keep every line.",
+        "highest loss (mean completion NLL at the model as loaded, the parent adapter or the base, eval mode; "
+        "ties: the earlier line) and drop the others before training. None, or no more candidates than "
+        "replay_keep: every line stays, none is scored.",
     )
 
 
