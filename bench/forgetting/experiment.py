@@ -23,6 +23,7 @@ LAMBDA, REPLAY = EwcSettings().lambda_, 0.25
 EWC_REPLAY = Method(lam=LAMBDA, replay=REPLAY)  # the configuration before self anchors
 ANCHORED = replace(EWC_REPLAY, anchor=0.1, anchor_min=16)
 MAGPIE = replace(ANCHORED, anchors="magpie")  # self anchors from the base's own prompts: the default before step 2
+SCALED = replace(MAGPIE, scaling="windows")
 ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
@@ -34,16 +35,17 @@ ROWS: dict[str, Method] = {
     "+magpie+distill": replace(ANCHORED, anchors="magpie", distill=1.0),
     "+magpie a0.2": replace(ANCHORED, anchor=0.2, anchors="magpie"),
     "+magpie r0.5": replace(ANCHORED, replay=0.5, anchors="magpie"),
-    # Replay: how much (per earlier window, at most half the job) and which (balanced, or by the parent's loss).
-    "+scaled": replace(MAGPIE, scaling="windows"),
+    # Replay: how much (per earlier window, at most half the job) and which (balanced, or by the parent's loss);
+    # then, on top of the scaled replay: more anchors, distillation, averaging with the parent (a quarter of the
+    # parent) and O-LoRA-style orthogonality of the A update.
+    "+scaled": SCALED,
     "+balanced": replace(MAGPIE, selection="balanced"),
-    "+scaled+balanced": replace(MAGPIE, scaling="windows", selection="balanced"),
-    "+scaled+balanced a0.2": replace(MAGPIE, scaling="windows", selection="balanced", anchor=0.2),
-    "+loss": replace(MAGPIE, selection="loss"),
-    "+scaled+loss": replace(MAGPIE, scaling="windows", selection="loss"),
-    # Averaging with the parent (a quarter of the parent) and O-LoRA-style orthogonality of the A update.
-    "+average": replace(MAGPIE, extra={"parent_average": 0.25}),
-    "+orthogonal": replace(MAGPIE, extra={"orthogonal_weight": 1.0}),
+    "+scaled+balanced": replace(SCALED, selection="balanced"),
+    "+scaled+loss": replace(SCALED, selection="loss"),
+    "+scaled a0.2": replace(SCALED, anchor=0.2),
+    "+scaled+distill": replace(SCALED, distill=1.0),
+    "+scaled+average": replace(SCALED, extra={"parent_average": 0.25}),
+    "+scaled+orthogonal": replace(SCALED, extra={"orthogonal_weight": 1.0}),
     "default": shipped(),
 }
 # One job on every window (the upper bound for the windows): epochs and learning rate as multiples of the case's.
