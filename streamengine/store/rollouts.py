@@ -127,18 +127,21 @@ def _rollout(row: asyncpg.Record) -> Rollout:
     return Rollout(**{name: row[name] for name in Rollout.__slots__})
 
 
+_NO_OUTCOMES: dict[str, int] = dict.fromkeys(Outcome, 0)
+
+
 def _tallies(samples: Sequence[Sample], outcomes: Sequence[Outcome | None]) -> list[dict[str, Any]]:
     """The outcomes of the samples naming a version, by (line, version, contributor), as ``_COUNT`` reads them."""
-    counts: Counter[tuple[str, str, str | None, Outcome]] = Counter()
-    for sample, result in zip(samples, outcomes, strict=True):
-        if sample.adapter_version is not None and result is not None:
-            counts[sample.model, sample.adapter_version, contributor(sample.user_id, sample.session_id), result] += 1
+    counts = Counter(
+        (sample.model, sample.adapter_version, contributor(sample.user_id, sample.session_id), result)
+        for sample, result in zip(samples, outcomes, strict=True)
+        if sample.adapter_version is not None and result is not None
+    )
     rows: dict[tuple[str, str, str | None], dict[str, Any]] = {}
     for (model, version, who, result), n in counts.items():
-        key = (model, version, who)
-        row = rows.setdefault(
-            key, {"model": model, "version": version, "contributor": who, **dict.fromkeys(Outcome, 0)}
-        )
+        row = rows.get((model, version, who))
+        if row is None:
+            row = rows[model, version, who] = {"model": model, "version": version, "contributor": who, **_NO_OUTCOMES}
         row[result] += n
     return list(rows.values())
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import attrgetter, itemgetter
+from typing import TypeVar
 
 import asyncpg
 import msgspec
@@ -26,6 +27,7 @@ from streamengine.errors import NotFound, StreamEngineError
 from streamengine.store import rollouts
 from streamengine.store.db import Database
 
+K = TypeVar("K")
 SampleAt = tuple[Sample, int | None, int | None]
 """A sample with the partition and offset of the record it came from."""
 
@@ -92,6 +94,7 @@ WHERE user_id = ANY (ARRAY(SELECT json_array_elements_text($2::json)))
 _NULL = "\\N"
 """NULL in COPY's text format."""
 _json = msgspec.json.encode
+_decode_offsets = msgspec.json.Decoder(dict[str, int]).decode
 _sample_of, _partition_of, _offset_of = itemgetter(0), itemgetter(1), itemgetter(2)
 _event_id, _model, _user, _weight = (attrgetter(name) for name in ("event_id", "model", "user_id", "weight"))
 
@@ -154,8 +157,8 @@ async def _lock_open_window(conn: asyncpg.Connection, model: str) -> asyncpg.Rec
 
 
 _LOCK_OPEN = (
-    "SELECT id, model, samples, weight FROM windows WHERE model = ANY ($1::text[]) AND state = 'open'"
-    " ORDER BY model FOR UPDATE"
+    "SELECT id, model, samples, weight, first_offsets::text AS held_first, last_offsets::text AS held_last"
+    " FROM windows WHERE model = ANY ($1::text[]) AND state = 'open' ORDER BY model FOR UPDATE"
 )
 
 
@@ -206,16 +209,6 @@ class _Rows:
     def take(self, indexes: list[int]) -> _Rows:
         return _Rows([self.rows[i] for i in indexes], [self.lines[i] for i in indexes],
                      [self.produced_ms[i] for i in indexes], [self.outcomes[i] for i in indexes])  # fmt: skip
-
-
-def _merge(column: str, value: str, pick: str) -> str:
-    """SQL: the offsets per partition of jsonb ``column`` with those of the JSON text ``value`` merged in, keeping
-    the ``least`` (first offsets) or ``greatest`` (last offsets) of each partition."""
-    return (
-        f"{column} || coalesce((SELECT jsonb_object_agg(e.key, CASE WHEN {column} ? e.key THEN "
-        f"{pick}(({column} ->> e.key)::bigint, e.value::bigint) ELSE e.value::bigint END) "
-        f"FROM jsonb_each_text({value}::jsonb) AS e), '{{}}'::jsonb)"
-    )
 
 
 def _made_before(sample: Sample, produced_ms: int | None, moment: datetime) -> bool:
@@ -341,11 +334,12 @@ async def _copy(conn: asyncpg.Connection, text: str, count: int) -> None:
 # reaches the threshold ($7), in one statement.
 _ACCOUNT = """
 UPDATE windows SET samples = samples + $2, weight = weight + $3, stored = stored + $4,
-    first_offsets = {first}, last_offsets = {last}, state = CASE WHEN $7 THEN 'closed' ELSE state END,
+    first_offsets = first_offsets || $5::text::jsonb, last_offsets = last_offsets || $6::text::jsonb,
+    state = CASE WHEN $7 THEN 'closed' ELSE state END,
     closed_at = CASE WHEN $7 THEN now() ELSE closed_at END,
     close_reason = CASE WHEN $7 THEN 'threshold' ELSE close_reason END
 WHERE id = $1 RETURNING *
-""".format(first=_merge("first_offsets", "$5::text", "least"), last=_merge("last_offsets", "$6::text", "greatest"))
+"""
 # The closed window's job and the model line's next window, in one statement (under the closed window's lock,
 # no other writer can open one meanwhile).
 _JOB_AND_NEXT = """
@@ -371,15 +365,29 @@ def _plan(window: asyncpg.Record, fresh: _Rows, policy: WindowPolicy) -> _Plan:
     return _Plan(trainable, weights, cuts)
 
 
-def _offsets(segment: list[SampleAt]) -> tuple[str, str]:
-    """A segment's first and last offset per partition, as JSON text (rows without either skipped)."""
-    last = dict(zip(map(_partition_of, segment), map(_offset_of, segment), strict=True))
-    first = dict(zip(map(_partition_of, reversed(segment)), map(_offset_of, reversed(segment)), strict=True))
-    return _offsets_text(first), _offsets_text(last)
+Seen = dict[int | None, int | None]
+"""Offsets by partition, as rows give them (either may be None)."""
 
 
-def _offsets_text(seen: dict[int | None, int | None]) -> str:
-    return _json({str(p): o for p, o in seen.items() if p is not None and o is not None}).decode()
+def _first_and_last(keys: list[K], offsets: list[int | None]) -> tuple[dict[K, int | None], dict[K, int | None]]:
+    """The first and the last offset of each key (a partition, or a line and a partition)."""
+    return dict(zip(reversed(keys), reversed(offsets), strict=True)), dict(zip(keys, offsets, strict=True))
+
+
+def _changes(held: tuple[str, str], first: Seen, last: Seen) -> tuple[dict[str, int], dict[str, int]]:
+    """The offsets that change what a window holds (``held``: its first and last offsets as JSON text): a first
+    offset earlier than the window's, a last one later, any of a new partition (rows without a partition or an
+    offset skipped). Merged with ``||``, they give the least first and the greatest last offset of each partition
+    (computed here: in SQL, per window, it cost several times more)."""
+    held_first, held_last = _decode_offsets(held[0]), _decode_offsets(held[1])
+    return (
+        {str(p): o for p, o in first.items() if p is not None and o is not None and o < held_first.get(str(p), o + 1)},
+        {str(p): o for p, o in last.items() if p is not None and o is not None and o > held_last.get(str(p), o - 1)},
+    )
+
+
+_NOTHING_HELD = ("{}", "{}")
+"""The offsets of a window just opened."""
 
 
 def _count(outcome: BatchOutcome, model: str, inserted: int) -> None:
@@ -392,20 +400,24 @@ async def _store(
 ) -> None:
     """Insert new samples into the open window, closing it (and opening the next) exactly at the threshold."""
     trainable, weights, cuts = plan.trainable, plan.weights, plan.cuts
+    held = (window["held_first"], window["held_last"])
     for start, end in itertools.pairwise([0, *cuts, len(fresh.rows)]):
         if start == end:  # the last cut is the batch's end: the next window opens with the next sample
             break
         await _insert(conn, [(window["id"], fresh.lines[start:end])])
         flags, closes = trainable[start:end], end in cuts
-        first, last = _offsets(fresh.rows[start:end])
+        segment = fresh.rows[start:end]
+        first, last = _changes(
+            held, *_first_and_last(list(map(_partition_of, segment)), list(map(_offset_of, segment)))
+        )
         window = await conn.fetchrow(
             _ACCOUNT,
             window["id"],
             sum(flags),
             sum(itertools.compress(weights[start:end], flags)),
             end - start,
-            first,
-            last,
+            _json(first).decode(),
+            _json(last).decode(),
             closes,
         )
         _count(outcome, window["model"], end - start)
@@ -419,22 +431,21 @@ async def _store(
         outcome.closed.append(
             ClosedWindow(window["model"], window["id"], job_id, "threshold", window["samples"], window["weight"])
         )
-        window = following
+        window, held = following, _NOTHING_HELD
     outcome.open_samples[window["model"]] = window["samples"]
 
 
 # The lines of a batch whose windows stay open: every window's counters and offsets in one statement. The offsets
-# travel as one JSON object per kind ({line: {partition: offset}}), parsed once.
+# that change (``_changes``) travel as one JSON object per kind ({line: {partition: offset}}), parsed once (a
+# materialized CTE: inlined, a generic plan would parse them again for every window).
 _ACCOUNT_LINES = """
+WITH o AS MATERIALIZED (SELECT $5::text::jsonb AS first, $6::text::jsonb AS last)
 UPDATE windows AS w SET samples = w.samples + u.samples, weight = w.weight + u.weight, stored = w.stored + u.stored,
-    first_offsets = {first}, last_offsets = {last}
-FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[]) AS u (id, samples, weight, stored),
-    (SELECT $5::text::jsonb AS first, $6::text::jsonb AS last) AS o
+    first_offsets = w.first_offsets || coalesce(o.first -> w.model, '{}'),
+    last_offsets = w.last_offsets || coalesce(o.last -> w.model, '{}')
+FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[]) AS u (id, samples, weight, stored), o
 WHERE w.id = u.id RETURNING w.model, w.samples
-""".format(
-    first=_merge("w.first_offsets", "(o.first -> w.model)", "least"),
-    last=_merge("w.last_offsets", "(o.last -> w.model)", "greatest"),
-)
+"""
 
 
 def _totals(samples: list[Sample]) -> dict[str, tuple[int, float]]:
@@ -459,18 +470,22 @@ def _may_close(window: asyncpg.Record, trainable: int, weight: float, policy: Wi
     )
 
 
-def _line_offsets(models: list[str], rows: list[SampleAt]) -> tuple[str, str]:
-    """The first and last offset per partition of each line, as JSON text ({line: {partition: offset}})."""
-    keys = list(zip(models, map(_partition_of, rows), strict=True))
-    offsets = list(map(_offset_of, rows))
-    texts = []
-    for seen in (dict(zip(reversed(keys), reversed(offsets), strict=True)), dict(zip(keys, offsets, strict=True))):
-        by_line: dict[str, dict[int, int]] = {}
+def _line_offsets(opened: dict[str, asyncpg.Record], models: list[str], rows: list[SampleAt]) -> tuple[str, str]:
+    """The offsets that change each line's window, as JSON text ({line: {partition: offset}}; lines without any
+    left out)."""
+    firsts: dict[str, Seen] = {}
+    lasts: dict[str, Seen] = {}
+    first, last = _first_and_last(list(zip(models, map(_partition_of, rows), strict=True)), list(map(_offset_of, rows)))
+    for by_line, seen in ((firsts, first), (lasts, last)):
         for (model, partition), offset in seen.items():
-            if partition is not None and offset is not None:
-                by_line.setdefault(model, {})[partition] = offset
-        texts.append(_json(by_line).decode())
-    return texts[0], texts[1]
+            by_line.setdefault(model, {})[partition] = offset
+    changed: tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]] = ({}, {})
+    for model, line_first in firsts.items():
+        held = (opened[model]["held_first"], opened[model]["held_last"])
+        for kind, offsets in zip(changed, _changes(held, line_first, lasts[model]), strict=True):
+            if offsets:
+                kind[model] = offsets
+    return _json(changed[0]).decode(), _json(changed[1]).decode()
 
 
 async def _store_lines(
@@ -508,7 +523,7 @@ async def _store_lines(
         count, weight = totals.get(model, (0, 0.0))
         counts.append(count)
         weights.append(weight)
-    first, last = _line_offsets(models, fresh.rows)
+    first, last = _line_offsets(opened, models, fresh.rows)
     rows = await conn.fetch(_ACCOUNT_LINES, list(ids.values()), counts, weights, [stored[m] for m in ids], first, last)
     outcome.open_samples.update(map(tuple, rows))
     outcome.inserted += len(models)
