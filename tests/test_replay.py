@@ -91,7 +91,7 @@ async def _replay_lines(settings: Settings, db: Database, window_id: int, folder
 @pytest.mark.integration
 async def test_job_replay_under_each_setting(make_settings, tmp_path) -> None:
     base = {"min_holdout_samples": 0, "anchor_fraction": 0.0, "anchor_min_samples": 0}
-    fixed = make_settings(learning=base)
+    fixed = make_settings(learning={**base, "replay_scaling": "fixed"})
     db = await Database.connect(fixed.database)
     try:
         ids = await _line_with_windows(db, fixed.model.name, 4)
@@ -109,7 +109,7 @@ async def test_job_replay_under_each_setting(make_settings, tmp_path) -> None:
         second, _ = await _replay_lines(scaled, db, ids[1], tmp_path / "second")  # one earlier window
         assert len(second) == round(0.25 * window / 0.75)
 
-        by_loss = make_settings(learning={**base, "replay_selection": "loss"})
+        by_loss = make_settings(learning={**base, "replay_scaling": "fixed", "replay_selection": "loss"})
         candidates, data = await _replay_lines(by_loss, db, ids[3], tmp_path / "loss")
         assert data.replay_keep == len(uniform)  # the trainer keeps as many as a uniform pick replays
         assert len(candidates) == min(CANDIDATES_PER_SAMPLE * len(uniform), 3 * window)
