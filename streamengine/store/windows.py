@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import attrgetter, itemgetter
-from typing import TypeVar
 
 import asyncpg
 import msgspec
@@ -27,7 +26,6 @@ from streamengine.errors import NotFound, StreamEngineError
 from streamengine.store import rollouts
 from streamengine.store.db import Database
 
-K = TypeVar("K")
 SampleAt = tuple[Sample, int | None, int | None]
 """A sample with the partition and offset of the record it came from."""
 
@@ -365,25 +363,42 @@ def _plan(window: asyncpg.Record, fresh: _Rows, policy: WindowPolicy) -> _Plan:
     return _Plan(trainable, weights, cuts)
 
 
-Seen = dict[int | None, int | None]
-"""Offsets by partition, as rows give them (either may be None)."""
+Changes = dict[str, dict[str, int]]
+"""Offsets by line, then by partition (as text, as jsonb keys them)."""
 
 
-def _first_and_last(keys: list[K], offsets: list[int | None]) -> tuple[dict[K, int | None], dict[K, int | None]]:
-    """The first and the last offset of each key (a partition, or a line and a partition)."""
-    return dict(zip(reversed(keys), reversed(offsets), strict=True)), dict(zip(keys, offsets, strict=True))
+def _offset_changes(
+    held: dict[str, tuple[str, str]], models: list[str], rows: list[SampleAt]
+) -> tuple[Changes, Changes]:
+    """The offsets of ``rows`` (of lines ``models``) that change what each line's window holds (``held``: its first
+    and last offsets as JSON text): a first offset earlier than the window's, a last one later, any of a new partition
+    (rows without a partition or an offset skipped). Merged with ``||``, they give the least first and the greatest
+    last offset of each partition (computed here: in SQL, per window, it cost several times more)."""
+    keys = list(zip(models, map(_partition_of, rows), strict=True))
+    offsets = list(map(_offset_of, rows))
+    first = dict(zip(reversed(keys), reversed(offsets), strict=True))
+    last = dict(zip(keys, offsets, strict=True))
+    decoded: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+    earlier: Changes = {}
+    later: Changes = {}
+    for seen, changes, kind in ((first, earlier, 0), (last, later, 1)):
+        for (model, partition), offset in seen.items():
+            if partition is None or offset is None:
+                continue
+            window = decoded.get(model)
+            if window is None:
+                first_text, last_text = held[model]
+                window = decoded[model] = (_decode_offsets(first_text), _decode_offsets(last_text))
+            key = str(partition)
+            known = window[kind].get(key)
+            if known is None or (offset < known if kind == 0 else offset > known):
+                changes.setdefault(model, {})[key] = offset
+    return earlier, later
 
 
-def _changes(held: tuple[str, str], first: Seen, last: Seen) -> tuple[dict[str, int], dict[str, int]]:
-    """The offsets that change what a window holds (``held``: its first and last offsets as JSON text): a first
-    offset earlier than the window's, a last one later, any of a new partition (rows without a partition or an
-    offset skipped). Merged with ``||``, they give the least first and the greatest last offset of each partition
-    (computed here: in SQL, per window, it cost several times more)."""
-    held_first, held_last = _decode_offsets(held[0]), _decode_offsets(held[1])
-    return (
-        {str(p): o for p, o in first.items() if p is not None and o is not None and o < held_first.get(str(p), o + 1)},
-        {str(p): o for p, o in last.items() if p is not None and o is not None and o > held_last.get(str(p), o - 1)},
-    )
+def _held(window: asyncpg.Record) -> tuple[str, str]:
+    """The offsets a locked window holds (``_LOCK_OPEN``), as JSON text."""
+    return window["held_first"], window["held_last"]
 
 
 _NOTHING_HELD = ("{}", "{}")
@@ -400,24 +415,23 @@ async def _store(
 ) -> None:
     """Insert new samples into the open window, closing it (and opening the next) exactly at the threshold."""
     trainable, weights, cuts = plan.trainable, plan.weights, plan.cuts
-    held = (window["held_first"], window["held_last"])
+    held = _held(window)
     for start, end in itertools.pairwise([0, *cuts, len(fresh.rows)]):
         if start == end:  # the last cut is the batch's end: the next window opens with the next sample
             break
         await _insert(conn, [(window["id"], fresh.lines[start:end])])
         flags, closes = trainable[start:end], end in cuts
         segment = fresh.rows[start:end]
-        first, last = _changes(
-            held, *_first_and_last(list(map(_partition_of, segment)), list(map(_offset_of, segment)))
-        )
+        model = window["model"]
+        first, last = _offset_changes({model: held}, [model] * len(segment), segment)
         window = await conn.fetchrow(
             _ACCOUNT,
             window["id"],
             sum(flags),
             sum(itertools.compress(weights[start:end], flags)),
             end - start,
-            _json(first).decode(),
-            _json(last).decode(),
+            _json(first.get(model, {})).decode(),
+            _json(last.get(model, {})).decode(),
             closes,
         )
         _count(outcome, window["model"], end - start)
@@ -436,7 +450,7 @@ async def _store(
 
 
 # The lines of a batch whose windows stay open: every window's counters and offsets in one statement. The offsets
-# that change (``_changes``) travel as one JSON object per kind ({line: {partition: offset}}), parsed once (a
+# that change (``_offset_changes``) travel as one JSON object per kind ({line: {partition: offset}}), parsed once (a
 # materialized CTE: inlined, a generic plan would parse them again for every window).
 _ACCOUNT_LINES = """
 WITH o AS MATERIALIZED (SELECT $5::text::jsonb AS first, $6::text::jsonb AS last)
@@ -444,7 +458,7 @@ UPDATE windows AS w SET samples = w.samples + u.samples, weight = w.weight + u.w
     first_offsets = w.first_offsets || coalesce(o.first -> w.model, '{}'),
     last_offsets = w.last_offsets || coalesce(o.last -> w.model, '{}')
 FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::integer[]) AS u (id, samples, weight, stored), o
-WHERE w.id = u.id RETURNING w.model, w.samples
+WHERE w.id = u.id
 """
 
 
@@ -468,24 +482,6 @@ def _may_close(window: asyncpg.Record, trainable: int, weight: float, policy: Wi
         trainable > 0
         and policy.close_reason(window["samples"] + trainable, total + 1e-9 * (1 + abs(total))) is not None
     )
-
-
-def _line_offsets(opened: dict[str, asyncpg.Record], models: list[str], rows: list[SampleAt]) -> tuple[str, str]:
-    """The offsets that change each line's window, as JSON text ({line: {partition: offset}}; lines without any
-    left out)."""
-    firsts: dict[str, Seen] = {}
-    lasts: dict[str, Seen] = {}
-    first, last = _first_and_last(list(zip(models, map(_partition_of, rows), strict=True)), list(map(_offset_of, rows)))
-    for by_line, seen in ((firsts, first), (lasts, last)):
-        for (model, partition), offset in seen.items():
-            by_line.setdefault(model, {})[partition] = offset
-    changed: tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]] = ({}, {})
-    for model, line_first in firsts.items():
-        held = (opened[model]["held_first"], opened[model]["held_last"])
-        for kind, offsets in zip(changed, _changes(held, line_first, lasts[model]), strict=True):
-            if offsets:
-                kind[model] = offsets
-    return _json(changed[0]).decode(), _json(changed[1]).decode()
 
 
 async def _store_lines(
@@ -523,9 +519,17 @@ async def _store_lines(
         count, weight = totals.get(model, (0, 0.0))
         counts.append(count)
         weights.append(weight)
-    first, last = _line_offsets(opened, models, fresh.rows)
-    rows = await conn.fetch(_ACCOUNT_LINES, list(ids.values()), counts, weights, [stored[m] for m in ids], first, last)
-    outcome.open_samples.update(map(tuple, rows))
+        outcome.open_samples[model] = opened[model]["samples"] + count  # under the window's lock: what it holds now
+    first, last = _offset_changes({model: _held(opened[model]) for model in ids}, models, fresh.rows)
+    await conn.execute(
+        _ACCOUNT_LINES,
+        list(ids.values()),
+        counts,
+        weights,
+        [stored[m] for m in ids],
+        _json(first).decode(),
+        _json(last).decode(),
+    )
     outcome.inserted += len(models)
     for model, count in stored.items():
         outcome.inserted_by_model[model] = outcome.inserted_by_model.get(model, 0) + count
