@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
 from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, load_fisher  # noqa: E402
@@ -204,3 +205,29 @@ def test_two_processes_pick_the_same_replay_and_train_like_one(tiny_base: Path, 
     first, second = tensors(tmp_path / "p1"), tensors(tmp_path / "p2")
     # Float summation order differs between the runs: 1.2e-4 apart at most (measured), the LoRA values up to 0.45.
     assert all(torch.allclose(second[n], first[n], atol=1e-3) for n in first)
+
+
+# --- gradient clipping (training.max_grad_norm) ------------------------------------------------------------
+def _step_norms(spec: TrainSpec) -> list[float]:
+    """The L2 norm of the gradient each optimizer step applies."""
+    norms: list[float] = []
+
+    def before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        train(spec)
+    finally:
+        handle.remove()
+    return norms
+
+
+def test_max_grad_norm_bounds_every_step_and_none_leaves_the_gradient_alone(tiny_base: Path, tmp_path: Path) -> None:
+    samples = write_samples(tmp_path / "new.jsonl", NEW)
+    free = _step_norms(make_spec(tiny_base, samples, tmp_path / "free", max_grad_norm=None))
+    clipped = _step_norms(make_spec(tiny_base, samples, tmp_path / "clipped", max_grad_norm=0.05))
+    assert len(free) == len(clipped) == 3
+    assert max(free) > 0.1  # the tiny model's raw gradients are larger than the bound
+    assert all(n <= 0.05 * (1 + 1e-5) for n in clipped), clipped

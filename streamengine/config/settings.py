@@ -299,6 +299,12 @@ class TrainingSettings(_Section):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
+    max_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Clip each step's gradient to this L2 norm (null: no clipping). A long job at a high learning "
+        "rate can diverge without it; it also caps the EWC penalty's pull (docs/learning.md).",
+    )
     max_length: int = Field(2048, ge=8)
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")

@@ -335,6 +335,9 @@ def _step(
         raise TrainingError(f"training diverged: loss became {task + penalty} at {where}")
     optimizer.zero_grad(set_to_none=True)
     dist.backward(share * dist.world + extra)
+    if setup.spec.training.max_grad_norm is not None:  # DDP has averaged the gradients: every rank clips alike
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, setup.spec.training.max_grad_norm)
     optimizer.step()
     return task, penalty, int(stats[1])
 
