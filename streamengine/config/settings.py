@@ -427,7 +427,7 @@ class LearningSettings(_Section):
     max_forgetting: float = Field(0.1, ge=0, description="Largest relative rise of retention loss released.")
     min_improvement: float = Field(0.0, description="Smallest relative fall of holdout loss released.")
     max_base_forgetting: float = Field(
-        0.1, ge=0, description="Largest rise of the anchor set's loss from the base model's released (see docs)."
+        0.5, ge=0, description="Largest rise of the anchor set's loss from the base model's released (see docs)."
     )
     self_anchor: SelfAnchorSettings = SelfAnchorSettings()
     distill: DistillSettings = DistillSettings()

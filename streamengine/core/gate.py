@@ -24,7 +24,7 @@ class GatePolicy:
     enabled: bool = True
     max_forgetting: float = 0.1
     min_improvement: float = 0.0
-    max_base_forgetting: float = 0.1
+    max_base_forgetting: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
