@@ -14,11 +14,13 @@ for given bases and seeds on one machine.
    - ``facts``: disjoint ``fact key`` -> ``value`` pairs per window (the shape of corrections), scored on
      the facts taught.
 3. Rows (``--rows``): ``naive`` sequential LoRA, ``replay``, ``ewc+replay`` (the configuration before self
-   anchors), anchor sources on top of it (``+true``: a curated set; ``+prompts``: a prompt-only file answered
-   by the base; ``+stream``: the stream's prompts answered by the base; ``+magpie``: prompts the base writes),
-   distillation, ``default`` (the shipped settings, no user anchor set or prompt file) and ``joint`` (one job
-   on all windows, the upper bound for the windows); ``joint-long`` (twice the epochs) and ``joint-slow`` (twice
-   the epochs at a third of the learning rate) check that joint is converged and stable.
+   anchors), ``+magpie`` (with anchors the base writes itself: the default before the replay share grew),
+   ``+scaled`` (the replay share per earlier window) and options on top of it (``balanced`` or ``loss`` replay,
+   more anchors, distillation, averaging with the parent, orthogonality; the anchor sources ``+scaled+true``: a
+   curated set, ``+scaled+prompts``: a prompt-only file answered by the base, ``+scaled+stream``: the stream's
+   prompts answered by the base), ``default`` (the shipped settings, no user anchor set or prompt file) and
+   ``joint`` (one job on all windows, the upper bound for the windows); ``joint-long`` (twice the epochs) and
+   ``joint-slow`` (twice the epochs at a third of the learning rate) check that joint is converged and stable.
 4. After the last window: exact match (every completion token the argmax, teacher-forced: the same as
    greedy decoding), token accuracy and NLL on each window's holdout and on the base skill.
 

@@ -28,9 +28,6 @@ ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
     "ewc+replay": EWC_REPLAY,
-    "+true": replace(ANCHORED, anchors="true"),
-    "+prompts": replace(ANCHORED, anchors="prompts"),
-    "+stream": replace(ANCHORED, anchors="stream"),
     "+magpie": MAGPIE,
     "+magpie+distill": replace(ANCHORED, anchors="magpie", distill=1.0),
     "+magpie a0.2": replace(ANCHORED, anchor=0.2, anchors="magpie"),
@@ -46,6 +43,10 @@ ROWS: dict[str, Method] = {
     "+scaled+distill": replace(SCALED, distill=1.0),
     "+scaled+average": replace(SCALED, extra={"parent_average": 0.25}),
     "+scaled+orthogonal": replace(SCALED, extra={"orthogonal_weight": 1.0}),
+    # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
+    "+scaled+true": replace(SCALED, anchors="true"),
+    "+scaled+prompts": replace(SCALED, anchors="prompts"),
+    "+scaled+stream": replace(SCALED, anchors="stream"),
     "default": shipped(),
 }
 # One job on every window (the upper bound for the windows): epochs and learning rate as multiples of the case's.
