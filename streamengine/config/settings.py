@@ -391,7 +391,7 @@ class LearningSettings(_Section):
         0.25, ge=0, lt=1, description="Share of each job's samples replayed from earlier windows."
     )
     replay_scaling: ReplayScaling = Field(
-        "windows",
+        "fixed",
         description="fixed: replay_fraction of every job; windows: replay_fraction per earlier window, at most "
         "max_replay_fraction (see docs/learning.md).",
     )
