@@ -43,6 +43,9 @@ ROWS: dict[str, Method] = {
     "+scaled+distill": replace(SCALED, distill=1.0),
     "+scaled+average": replace(SCALED, extra={"parent_average": 0.25}),
     "+scaled+orthogonal": replace(SCALED, extra={"orthogonal_weight": 1.0}),
+    # Both replay shares with every step's gradient clipped to norm 1 (training.max_grad_norm).
+    "+magpie clip": replace(MAGPIE, clip=1.0),
+    "+scaled clip": replace(SCALED, clip=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),
     "+scaled+prompts": replace(SCALED, anchors="prompts"),

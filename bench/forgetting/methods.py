@@ -39,6 +39,7 @@ class Method:
     anchors: str = "none"  # none | true (a curated set) | prompts | stream | magpie | self (the shipped sources)
     distill: float = 0.0  # weight of the KL to the base on anchor samples
     joint: bool = False
+    clip: float | None = None  # training.max_grad_norm of every job (None: the trainer's default, no clipping)
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
 
@@ -125,7 +126,7 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         samples_path=write_jsonl(samples, rows),
         output_dir=str(out),
         lora=LORA,
-        training={**run.training, "max_length": MAX_LENGTH, "device": "cpu"},
+        training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},
         ewc={"lambda": method.lam},
         distill={"weight": method.distill},
         compute_fisher=method.lam > 0,
