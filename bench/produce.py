@@ -179,7 +179,9 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarise(args: argparse.Namespace, phases: list[str], runs: list[list[Result]], load: dict[str, str]) -> dict[str, Any]:
+def summarise(
+    args: argparse.Namespace, phases: list[str], runs: list[list[Result]], load: dict[str, str]
+) -> dict[str, Any]:
     by_phase = {p: [r for run in runs for r in run if r.phase == p] for p in phases}
     rows = {
         phase: {
@@ -237,7 +239,11 @@ def table(summary: dict[str, Any]) -> str:
         if values["median"] is None:
             continue
         each = ", ".join(f"{r:.2f}" for r in values["runs"])
-        verdict = (" (target >= 0.5: " + ("met" if values["median"] >= 0.5 else "MISSED") + ")") if name == "sdk_vs_raw" else ""
+        verdict = (
+            (" (target >= 0.5: " + ("met" if values["median"] >= 0.5 else "MISSED") + ")")
+            if name == "sdk_vs_raw"
+            else ""
+        )
         lines.append(f"{name.replace('_vs_', ' / ')}: {values['median']:.2f}{verdict}; per repeat {each}")
     machine = summary["machine"]
     lines.append(f"uptime at start: {machine['uptime_at_start']}")

@@ -132,7 +132,7 @@ async def prepare(
         "holdout": [_sample_line(s, "window") for s in holdout if s.label > 0],
         "retention": [
             _sample_line(s, "replay")
-            for s in await sample_store.earlier_samples(
+            for _, s in await sample_store.earlier_samples(
                 db, model, window_id, holdout=True, limit=learning.retention_max_samples, seed="retention"
             )
         ],
@@ -156,8 +156,8 @@ async def _replay(db: Database, learning: LearningSettings, model: str, window_i
     """The replay lines of the samples file, and how many of them the trainer keeps (``loss``: it scores
     these candidates with the parent adapter and keeps the ``n`` it gets most wrong; else all)."""
     if learning.replay_selection == "uniform":
-        return [s for _, s in await sample_store.replay_pool(db, model, window_id, n, seed)], None
-    pool = await sample_store.replay_pool(db, model, window_id, n * CANDIDATES_PER_SAMPLE, seed)
+        return [s for _, s in await sample_store.earlier_samples(db, model, window_id, False, n, seed)], None
+    pool = await sample_store.earlier_samples(db, model, window_id, False, n * CANDIDATES_PER_SAMPLE, seed)
     if learning.replay_selection == "balanced":
         return [s for _, s in pick_balanced(pool, n, lambda c: c[0], lambda c: c[1].prompt)], None
     return [s for _, s in pool], min(n, len(pool))

@@ -40,11 +40,10 @@ async def window_samples(db: Database, window_id: int, with_negatives: bool = Fa
 
 async def earlier_samples(
     db: Database, model: str, before_window: int, holdout: bool, limit: int, seed: str
-) -> list[Sample]:
-    """A deterministic pseudo-random pick of desirable samples from the model line's earlier windows.
-
-    ``holdout=False`` gives replay material, ``holdout=True`` the retention evaluation set. The same
-    ``seed`` gives the same pick, so a retried job trains and evaluates on the same data.
+) -> list[tuple[int, Sample]]:
+    """Up to ``limit`` desirable samples of the model line's earlier windows, each with its window, in a
+    deterministic pseudo-random order: the same ``seed``, the same pick, so a retried job trains and evaluates
+    on the same data. ``holdout=False`` gives replay material, ``holdout=True`` the retention evaluation set.
     """
     if limit <= 0:
         return []
@@ -57,7 +56,7 @@ async def earlier_samples(
         seed,
         limit,
     )
-    return [_sample(r) for r in rows]
+    return [(r["window_id"], _sample(r)) for r in rows]
 
 
 async def earlier_windows(db: Database, model: str, before_window: int) -> int:
@@ -69,22 +68,6 @@ async def earlier_windows(db: Database, model: str, before_window: int) -> int:
         before_window,
     )
     return count
-
-
-async def replay_pool(db: Database, model: str, before_window: int, limit: int, seed: str) -> list[tuple[int, Sample]]:
-    """Up to ``limit`` desirable training samples of the line's earlier windows, each with its window, in the
-    deterministic pseudo-random order of :func:`earlier_samples` (the same seed, the same pick)."""
-    if limit <= 0:
-        return []
-    rows = await db.fetch(
-        "SELECT * FROM samples WHERE model = $1 AND window_id < $2 AND label > 0 AND weight > 0 AND NOT holdout"
-        " ORDER BY md5(event_id || $3) LIMIT $4",
-        model,
-        before_window,
-        seed,
-        limit,
-    )
-    return [(r["window_id"], _sample(r)) for r in rows]
 
 
 async def stream_prompts(db: Database, limit: int, seed: str) -> list[str | list[dict[str, str]]]:
