@@ -141,6 +141,30 @@ async def test_both_consumers_commit_what_they_stored_and_report_it(make_setting
     assert await _group_offsets(k.bootstrap_servers, k.group_id, k.feedback_topic) == committed
 
 
+async def test_a_partition_never_committed_is_read_from_offset_0_and_a_committed_one_from_its_commit(  # type: ignore[no-untyped-def]
+    make_settings, tmp_path
+) -> None:
+    """The ingest replica starts a partition its group never committed at offset 0 (not where the broker says
+    the log starts: tansu once said 1 and the first record was lost), and a committed one at its commit."""
+    settings: Settings = make_settings(kafka={"partitions": 2})
+    await ensure_topics(settings.kafka)
+    k = settings.kafka
+    await _produce_to_partitions(k.bootstrap_servers, k.feedback_topic, [feedback(i) for i in range(8)])
+    done = TopicPartition(k.feedback_topic, 1)
+    committer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, enable_auto_commit=False)
+    committer.assign([done])
+    await committer.start()
+    try:
+        await committer.commit({done: 3})  # partition 1: offsets 0-2 stored before
+    finally:
+        await committer.stop()
+    async with ingest_replica(settings, tmp_path) as db:
+        await wait_for(lambda: _equals(db, "SELECT count(*) FROM samples", 5), timeout_s=60)
+        await asyncio.sleep(1.0)  # nothing more comes
+        rows = await db.fetch("SELECT source_partition, source_offset FROM samples ORDER BY 1, 2")
+    assert [(r["source_partition"], r["source_offset"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 3)]
+
+
 async def _produce_to_partitions(bootstrap: str, topic: str, values: list[bytes]) -> None:
     """Half of ``values`` to partition 0, the other half to partition 1."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
