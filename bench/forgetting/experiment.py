@@ -46,6 +46,9 @@ ROWS: dict[str, Method] = {
     # Both replay shares with every step's gradient clipped to norm 1 (training.max_grad_norm).
     "+magpie clip": replace(MAGPIE, clip=1.0),
     "+scaled clip": replace(SCALED, clip=1.0),
+    # The scaled share, clipped, with more anchors (the most base skill kept in `facts` on the screen: a0.2).
+    "+scaled a0.2 clip": replace(SCALED, anchor=0.2, clip=1.0),
+    "+scaled a0.3 clip": replace(SCALED, anchor=0.3, clip=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),
     "+scaled+prompts": replace(SCALED, anchors="prompts"),
