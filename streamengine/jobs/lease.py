@@ -52,6 +52,7 @@ class Lease:
         self._renewed_at = claimed_at
         self._renewing = asyncio.Lock()
         self._ended = False
+        self._stopped = False
         self._new_phase = asyncio.Event()
 
     def phase(self, name: str) -> None:
@@ -81,6 +82,8 @@ class Lease:
                 await task
             raise lost
         finally:
+            self._stopped = True  # the keeper's loop ends on this too: a cancellation can be lost (see _pause)
+            self._new_phase.set()
             for running in (task, keeper):
                 running.cancel()
             await asyncio.gather(task, keeper, return_exceptions=True)
@@ -100,7 +103,7 @@ class Lease:
             wait = self.retry.delay(failures, random.random()) if failures else self.interval_s
             await self._pause(max(0.0, min(wait, self._left())), early=not failures)
             async with self._renewing:
-                if self._ended:
+                if self._ended or self._stopped:
                     return
                 if self._left() <= 0:
                     raise LeaseLost(f"job {self.job_id}: lease not renewed in {self.lease_s:g}s ({error}); abandoned")
@@ -110,10 +113,15 @@ class Lease:
             failures = failures + 1 if error else 0
 
     async def _pause(self, seconds: float, early: bool) -> None:
-        """Wait ``seconds``; ``early``: a new phase ends the wait."""
+        """Wait ``seconds``; ``early``: a new phase ends the wait.
+
+        ``asyncio.timeout``, not ``wait_for``: Python 3.11's ``wait_for`` returns, instead of raising, when it
+        is cancelled in the loop iteration its awaitable completes in (a phase set as the work ends), and the
+        renewals went on forever."""
         if early:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new_phase.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await self._new_phase.wait()
         else:
             await asyncio.sleep(seconds)
         self._new_phase.clear()
@@ -126,9 +134,8 @@ class Lease:
         """Renew once: "" when renewed, why not when it failed for a reason worth retrying."""
         started = time.monotonic()
         try:
-            held = await asyncio.wait_for(
-                job_queue.heartbeat(self.db, self.job_id, self.owner, self.lease_s, self.progress), self._left()
-            )
+            async with asyncio.timeout(self._left()):
+                held = await job_queue.heartbeat(self.db, self.job_id, self.owner, self.lease_s, self.progress)
         except Exception as exc:
             if not (isinstance(exc, StreamEngineError) or is_transient(exc)):
                 raise

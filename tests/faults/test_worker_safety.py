@@ -256,6 +256,36 @@ async def test_a_lease_ends_with_the_job_or_with_its_owner(make_settings: Any) -
         await db.close()
 
 
+async def test_work_that_fails_as_it_enters_a_phase_ends_its_lease(make_settings: Any) -> None:
+    """Work that enters a phase and fails at once (a diverged job: phase "evaluating", then the error) ends
+    ``hold`` with its error, and the renewals stop. The new phase woke the renewal loop in the same loop
+    iteration as its cancellation, and Python 3.11's ``asyncio.wait_for`` returned instead of raising: the
+    lease was renewed forever and the worker hung (CI, test_diverging_training_fails_the_job...)."""
+    settings = make_settings(worker=LEASE)
+    db = await Database.connect(settings.database)
+    try:
+        await fill_window(db, 0)
+        claimed = time.monotonic()
+        job = await job_queue.claim(db, "w", LEASE["lease_s"], 3)
+        assert job is not None
+        for _ in range(5):
+            lease = Lease(db, job.id, "w", settings.worker, claimed)
+
+            async def diverge(lease: Lease = lease) -> None:
+                await asyncio.sleep(0.1)
+                lease.phase("evaluating")
+                raise Conflict("training diverged")
+
+            with pytest.raises(Conflict, match="diverged"):
+                await asyncio.wait_for(lease.hold(diverge()), 5 * LEASE["heartbeat_s"])
+            claimed = time.monotonic()
+        renewed = await db.fetchval("SELECT lease_expires_at FROM jobs WHERE id = $1", job.id)
+        await asyncio.sleep(2 * LEASE["heartbeat_s"])
+        assert await db.fetchval("SELECT lease_expires_at FROM jobs WHERE id = $1", job.id) == renewed
+    finally:
+        await db.close()
+
+
 async def test_a_retried_fisher_job_accepts_its_stored_object(
     make_settings: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
