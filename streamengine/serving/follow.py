@@ -96,9 +96,11 @@ async def refresh_assignment(consumer: AIOKafkaConsumer, topics: list[str]) -> N
 
 
 async def sleep_or(event: asyncio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less when ``event`` is set."""
+    """Sleep ``seconds``, or less when ``event`` is set (``asyncio.timeout``: a cancellation is never lost, as
+    Python 3.11's ``wait_for`` loses one that comes as the event is set)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 async def start_until_ready(
