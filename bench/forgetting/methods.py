@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.forgetting.base import MAX_LENGTH, score
 from bench.forgetting.tasks import Item, Window, write_jsonl
-from streamengine.config.settings import EwcSettings, LearningSettings
+from streamengine.config.settings import EwcSettings, LearningSettings, TrainingSettings
 from streamengine.core.replay import CANDIDATES_PER_SAMPLE, ReplayScaling, ReplaySelection, pick_balanced, replay_share
 from streamengine.jobs.dataset import job_mix
 from streamengine.training.recipe import train
@@ -39,18 +39,19 @@ class Method:
     anchors: str = "none"  # none | true (a curated set) | prompts | stream | magpie | self (the shipped sources)
     distill: float = 0.0  # weight of the KL to the base on anchor samples
     joint: bool = False
-    clip: float | None = None  # training.max_grad_norm of every job (None: the trainer's default, no clipping)
+    clip: float | None = None  # training.max_grad_norm of every job (None: no clipping)
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
 
 def shipped() -> Method:
     """The shipped configuration (no user anchor set, no prompt file): the settings' defaults."""
-    learning, ewc = LearningSettings(), EwcSettings()
+    learning, ewc, training = LearningSettings(), EwcSettings(), TrainingSettings()
     anchors = "self" if learning.self_anchor.enabled else "none"
     extra = {"parent_average": learning.parent_average, "orthogonal_weight": learning.orthogonal_weight}
     return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
-                  learning.distill.weight, extra={k: v for k, v in extra.items() if v})  # fmt: skip
+                  learning.distill.weight, clip=training.max_grad_norm,
+                  extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -300,7 +300,7 @@ class TrainingSettings(_Section):
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     max_grad_norm: float | None = Field(
-        None,
+        1.0,
         gt=0,
         description="Clip each step's gradient to this L2 norm (null: no clipping). A long job at a high learning "
         "rate can diverge without it; it also caps the EWC penalty's pull (docs/learning.md).",
@@ -391,7 +391,7 @@ class LearningSettings(_Section):
         0.25, ge=0, lt=1, description="Share of each job's samples replayed from earlier windows."
     )
     replay_scaling: ReplayScaling = Field(
-        "fixed",
+        "windows",
         description="fixed: replay_fraction of every job; windows: replay_fraction per earlier window, at most "
         "max_replay_fraction (see docs/learning.md).",
     )
@@ -417,7 +417,7 @@ class LearningSettings(_Section):
     retention_max_samples: int = Field(256, ge=0, description="Most earlier-window holdout samples evaluated.")
     anchor_path: Path | None = Field(None, description="JSONL of base-capability samples (prompt, completion).")
     anchor_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of each job's samples drawn from the anchor set."
+        0.2, ge=0, lt=1, description="Share of each job's samples drawn from the anchor set."
     )
     anchor_min_samples: int = Field(
         16, ge=0, description="Fewest anchor samples in a job (a small window's share would be a handful)."
