@@ -388,7 +388,11 @@ class LearningSettings(_Section):
     """Replay, holdouts, the anchor set, the per-user cap and the release gate (see docs/learning.md)."""
 
     replay_fraction: float = Field(
-        0.25, ge=0, lt=1, description="Share of each job's samples replayed from earlier windows."
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of each job's samples replayed from earlier windows (per earlier window when "
+        "replay_scaling is windows).",
     )
     replay_scaling: ReplayScaling = Field(
         "windows",
