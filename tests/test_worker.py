@@ -69,8 +69,9 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
 async def test_killed_worker_job_is_retried_and_yields_one_version(make_settings, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     lease = {"lease_s": 4.0, "heartbeat_s": 1.0, "poll_s": 0.2}
     settings = worker_settings(
-        make_settings, tiny_model, worker=lease, training={**TRAINING, "epochs": 200}
-    )  # long enough to be killed mid-training
+        make_settings, tiny_model, worker=lease, training={**TRAINING, "epochs": 5000}
+    )  # long enough to be killed mid-training: 200 epochs (one step each) once took 0.9 s, less than one
+    # heartbeat, so no progress was ever stored (CI, Dec 2026)
     db = await Database.connect(settings.database)
     try:
         await fill_window(db, 0)

@@ -119,7 +119,8 @@ async def _seen_at_least(watcher: ReleaseWatcher, count: int) -> bool:
 async def test_workers_killed_during_training_another_finishes_one_version_per_window(
     make_settings: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
-    slow = worker_settings(make_settings, tiny_model, worker=LEASE, training={**TRAINING, "epochs": 200})
+    # Slow enough that a heartbeat (1 s) stores a step before training ends: 200 epochs took under 2 s.
+    slow = worker_settings(make_settings, tiny_model, worker=LEASE, training={**TRAINING, "epochs": 2000})
     fast = worker_settings(make_settings, tiny_model, worker=LEASE)
     slow_config = process_tools.write_config(slow, tmp_path / "slow.yaml")
     fast_config = process_tools.write_config(fast, tmp_path / "fast.yaml")
