@@ -24,6 +24,7 @@ EWC_REPLAY = Method(lam=LAMBDA, replay=REPLAY)  # the configuration before self 
 ANCHORED = replace(EWC_REPLAY, anchor=0.1, anchor_min=16)
 MAGPIE = replace(ANCHORED, anchors="magpie")  # self anchors from the base's own prompts: the default before step 2
 SCALED = replace(MAGPIE, scaling="windows")
+NEW_DEFAULT = replace(SCALED, anchor=0.2, clip=1.0)  # the scaled share, clipped, more anchors: the default of 5 Dec
 ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
@@ -47,8 +48,15 @@ ROWS: dict[str, Method] = {
     "+magpie clip": replace(MAGPIE, clip=1.0),
     "+scaled clip": replace(SCALED, clip=1.0),
     # The scaled share, clipped, with more anchors (the most base skill kept in `facts` on the screen: a0.2).
-    "+scaled a0.2 clip": replace(SCALED, anchor=0.2, clip=1.0),
+    "+scaled a0.2 clip": NEW_DEFAULT,
     "+scaled a0.3 clip": replace(SCALED, anchor=0.3, clip=1.0),
+    # On top of it: the Fisher also of the anchor lines (the penalty then holds what the base skill needs), of
+    # every line, a stronger penalty, distillation toward the base.
+    "+fisher anchor": replace(NEW_DEFAULT, fisher=("window", "anchor")),
+    "+fisher all": replace(NEW_DEFAULT, fisher=("window", "replay", "anchor")),
+    "+lambda 2000": replace(NEW_DEFAULT, lam=2000.0),
+    "+fisher anchor lambda 2000": replace(NEW_DEFAULT, lam=2000.0, fisher=("window", "anchor")),
+    "+clip distill": replace(NEW_DEFAULT, distill=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),
     "+scaled+prompts": replace(SCALED, anchors="prompts"),

@@ -40,6 +40,7 @@ class Method:
     distill: float = 0.0  # weight of the KL to the base on anchor samples
     joint: bool = False
     clip: float | None = None  # training.max_grad_norm of every job (None: no clipping)
+    fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
 
@@ -50,7 +51,7 @@ def shipped() -> Method:
     extra = {"parent_average": learning.parent_average, "orthogonal_weight": learning.orthogonal_weight}
     return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
-                  learning.distill.weight, clip=training.max_grad_norm,
+                  learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
                   extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
@@ -128,7 +129,7 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         output_dir=str(out),
         lora=LORA,
         training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},
-        ewc={"lambda": method.lam},
+        ewc={"lambda": method.lam, "fisher_sources": list(method.fisher)},
         distill={"weight": method.distill},
         compute_fisher=method.lam > 0,
         eval_sets={"anchor": gate},

@@ -293,6 +293,13 @@ class EwcSettings(_Section):
         "parameters (lambda then weighs an importance-weighted mean squared drift; see docs/learning.md), "
         "`mean` to mean 1, `none` keeps the raw Fisher.",
     )
+    fisher_sources: list[Literal["window", "replay", "anchor"]] = Field(
+        ["window"],
+        min_length=1,
+        description="Which of the job's sample lines the Fisher is computed on: `window` (the new feedback), "
+        "`replay` (earlier windows), `anchor` (the self or user anchor set: the penalty then also holds the "
+        "parameters the base skill needs).",
+    )
 
 
 class TrainingSettings(_Section):

@@ -25,6 +25,7 @@ parameter name without the adapter name (PEFT's saved-key form); metadata ``form
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from torch.func import functional_call, grad, vmap
 
 from streamengine.errors import TrainingError
 from streamengine.files import replacing
-from streamengine.training.data import Encoded, collate
+from streamengine.training.data import Encoded, Example, collate
 from streamengine.training.losses import Reduce, batch_losses, sample_losses
 
 FISHER_FILE = "fisher.safetensors"
@@ -263,6 +264,12 @@ def load_fisher(path: str | Path) -> FisherState:
     return FisherState(importance, anchor, dict(meta))
 
 
+def fisher_example(example: Example, sources: Collection[str]) -> bool:
+    """Whether the Fisher counts ``example``: a desirable line with a positive weight from one of ``sources``
+    (``ewc.fisher_sources``)."""
+    return example.source in sources and example.label > 0 and example.weight > 0
+
+
 def compute_fisher_file(
     base_model: str,
     adapter_dir: str | Path,
@@ -271,6 +278,7 @@ def compute_fisher_file(
     parent_fisher: str | Path | None = None,
     gamma: float = 1.0,
     normalize: str = "sum",
+    sources: Collection[str] = ("window",),
     chunk_size: int = 8,
     max_length: int = 2048,
     device: str = "auto",
@@ -279,17 +287,17 @@ def compute_fisher_file(
     """Compute and write the Fisher file of a trained adapter (``streamengine fisher``), in process.
 
     The same computation as the end of a training job: the exact Fisher of the adapter on the desirable,
-    positive-weight ``window`` lines of ``samples_path``, normalised, accumulated onto ``parent_fisher``
-    (the parent version's file) with ``gamma``, and the adapter's parameters as the anchor. Returns
-    ``out_path``. Raises :class:`TrainingError` for every input problem.
+    positive-weight lines of ``samples_path`` from ``sources`` (:func:`fisher_example`), normalised,
+    accumulated onto ``parent_fisher`` (the parent version's file) with ``gamma``, and the adapter's parameters
+    as the anchor. Returns ``out_path``. Raises :class:`TrainingError` for every input problem.
     """
     from streamengine.config.settings import LoraSettings
     from streamengine.training.data import encode, pad_id, read_samples
     from streamengine.training.model import load_for_training
 
-    examples = [e for e in read_samples(samples_path) if e.source == "window" and e.label > 0 and e.weight > 0]
+    examples = [e for e in read_samples(samples_path) if fisher_example(e, sources)]
     if not examples:
-        raise TrainingError(f"no desirable window sample with a positive weight in {samples_path}")
+        raise TrainingError(f"no desirable {'/'.join(sources)} sample with a positive weight in {samples_path}")
     parent = load_fisher(parent_fisher) if parent_fisher is not None else None
     loaded = load_for_training(base_model, LoraSettings(), str(adapter_dir), device, quantization)
     encoded = [encode(loaded.tokenizer, e, max_length) for e in examples]

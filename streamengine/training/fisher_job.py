@@ -26,6 +26,7 @@ def run(spec: FisherSpec) -> FisherResult:
         spec.parent_fisher,
         gamma=spec.ewc.gamma,
         normalize=spec.ewc.normalize,
+        sources=spec.ewc.fisher_sources,
         chunk_size=spec.training.fisher_chunk_size,
         max_length=spec.training.max_length,
         device=spec.training.device,

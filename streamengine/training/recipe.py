@@ -58,6 +58,7 @@ from streamengine.training.fisher import (
     FISHER_FILE,
     FisherState,
     accumulate,
+    fisher_example,
     fisher_sums,
     load_fisher,
     lora_parameters,
@@ -424,13 +425,13 @@ def _save_adapter(model: PeftModel, output_dir: Path) -> None:
 
 
 def _write_fisher(setup: Setup, path: Path) -> float:
-    """The online-EWC Fisher of the window's desirable samples at the trained adapter, written to ``path``;
-    returns the seconds it took."""
+    """The online-EWC Fisher at the trained adapter of the desirable samples from ``ewc.fisher_sources``,
+    written to ``path``; returns the seconds it took."""
     started = time.monotonic()
     spec, cfg = setup.spec, setup.spec.training
     pairs = zip(setup.encoded, setup.examples, strict=True)
-    window = setup.dist.shard([enc for enc, ex in pairs if ex.source == "window" and ex.label > 0])
-    sums = fisher_sums(setup.model, window, setup.pad, setup.device, cfg.fisher_chunk_size).reduce(setup.reduce)
+    counted = setup.dist.shard([enc for enc, ex in pairs if fisher_example(ex, spec.ewc.fisher_sources)])
+    sums = fisher_sums(setup.model, counted, setup.pad, setup.device, cfg.fisher_chunk_size).reduce(setup.reduce)
     anchor = {n: p.detach() for n, p in lora_parameters(setup.model).items()}
     state = accumulate(
         sums.mean(), anchor, setup.parent_fisher, spec.ewc.gamma, spec.ewc.normalize, sums.samples, sums.weight
