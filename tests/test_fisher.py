@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from safetensors import safe_open  # noqa: E402
 
-from streamengine.config.settings import LoraSettings  # noqa: E402
+from streamengine.config.settings import EwcSettings, LoraSettings  # noqa: E402
 from streamengine.errors import TrainingError  # noqa: E402
 from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.data import Example, collate, encode, pad_id  # noqa: E402
@@ -186,3 +186,35 @@ def test_recipe_writes_the_window_fisher_and_compute_fisher_file_agrees(tiny_bas
     only_replay = write_samples(tmp_path / "r.jsonl", [("q", "a", 1.0, 1, "replay")])
     with pytest.raises(TrainingError, match="no desirable window sample"):
         compute_fisher_file(str(tiny_base), tmp_path / "v1", only_replay, tmp_path / "x.safetensors", device="cpu")
+
+
+def test_fisher_sources_add_the_anchor_lines_to_the_fisher(tiny_base: Path, tmp_path: Path) -> None:
+    rows = [
+        ("What is 2+2?", "4", 1.0, 1, "window"),
+        ("Name a fruit", "apple", 1.0, 1, "replay"),
+        ("Opposite of hot", "cold", 2.0, 1, "anchor"),
+        ("Opposite of up", "down", 0.0, 1, "anchor"),  # no weight: not counted
+    ]
+    samples = write_samples(tmp_path / "s.jsonl", rows)
+    window_only = make_spec(tiny_base, samples, tmp_path / "w", epochs=2)
+    with_anchors = window_only.model_copy(
+        update={"output_dir": str(tmp_path / "wa"), "ewc": EwcSettings(fisher_sources=["window", "anchor"])}
+    )
+    train(window_only), train(with_anchors)
+    window, both = load_fisher(tmp_path / "w" / FISHER_FILE), load_fisher(tmp_path / "wa" / FISHER_FILE)
+    assert (window.meta["samples"], window.meta["weight"]) == ("1", "1.0")
+    assert (both.meta["samples"], float(both.meta["weight"])) == ("2", 3.0)
+    assert relative_error(both.importance, window.importance) > 0.05  # the anchor line moved the importances
+    again = compute_fisher_file(
+        str(tiny_base), tmp_path / "wa", samples, tmp_path / "again.safetensors", sources=("window", "anchor"),
+        device="cpu",
+    )  # fmt: skip
+    assert relative_error(load_fisher(again).importance, both.importance) < 1e-5
+    only_replay = write_samples(tmp_path / "r.jsonl", [("q", "a", 1.0, 1, "replay")])
+    with pytest.raises(TrainingError, match="no desirable window/anchor sample"):
+        compute_fisher_file(str(tiny_base), tmp_path / "wa", only_replay, tmp_path / "x.safetensors",
+                            sources=("window", "anchor"), device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="fisher_sources"):
+        EwcSettings(fisher_sources=["window", "everything"])
+    with pytest.raises(ValueError, match="fisher_sources"):
+        EwcSettings(fisher_sources=[])

@@ -55,7 +55,10 @@ ROWS: dict[str, Method] = {
     "+fisher anchor": replace(NEW_DEFAULT, fisher=("window", "anchor")),
     "+fisher all": replace(NEW_DEFAULT, fisher=("window", "replay", "anchor")),
     "+lambda 2000": replace(NEW_DEFAULT, lam=2000.0),
+    "+fisher anchor lambda 1000": replace(NEW_DEFAULT, lam=1000.0, fisher=("window", "anchor")),
     "+fisher anchor lambda 2000": replace(NEW_DEFAULT, lam=2000.0, fisher=("window", "anchor")),
+    "+fisher all lambda 2000": replace(NEW_DEFAULT, lam=2000.0, fisher=("window", "replay", "anchor")),
+    "+fisher anchor a0.3": replace(NEW_DEFAULT, anchor=0.3, fisher=("window", "anchor")),
     "+clip distill": replace(NEW_DEFAULT, distill=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),

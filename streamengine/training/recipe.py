@@ -18,8 +18,9 @@
 4. :func:`finish`: with ``parent_average``, average the adapter with the parent (:mod:`average`); measure
    again ("after"; a NaN or infinite loss on any set is a :class:`TrainingError`),
    save the adapter (PEFT ``adapter_config.json`` + ``adapter_model.safetensors`` only, never pickle),
-   compute the exact Fisher of the window's samples at the trained adapter and write ``fisher.safetensors``
-   (online EWC: the parent's importances decayed by gamma plus this window's, and the anchor), then
+   compute the exact Fisher of the window's samples (and of the anchor or replay lines, as ``ewc.fisher_sources``
+   says) at the trained adapter and write ``fisher.safetensors`` (online EWC: the parent's importances decayed
+   by gamma plus this window's, and the anchor), then
    ``result.json`` last, so its presence marks a complete output.
 
 Run by the worker as a process (the argv of :func:`launch.training_command`): rank 0 prints one JSON
