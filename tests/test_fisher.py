@@ -156,11 +156,13 @@ def test_normalise_and_online_accumulation(tmp_path: Path) -> None:
         load_fisher(tmp_path / "missing.safetensors")
 
 
-def test_recipe_writes_the_window_fisher_and_compute_fisher_file_agrees(tiny_base: Path, tmp_path: Path) -> None:
+def test_recipe_writes_the_window_and_anchor_fisher_and_compute_fisher_file_agrees(
+    tiny_base: Path, tmp_path: Path
+) -> None:
     rows = [
         ("What is 2+2?", "4", 1.0, 1, "window"),
         ("Capital of France?", "Paris", 2.0, 1, "window"),
-        ("Name a fruit", "apple", 1.0, 1, "replay"),  # trained on, not in this window's Fisher
+        ("Name a fruit", "apple", 1.0, 1, "replay"),  # trained on, not in the Fisher by default
         ("Opposite of hot", "cold", 1.0, 1, "anchor"),
         ("Say something rude", "no", 1.0, -1, "window"),  # undesirable: not trained by SFT, no Fisher
     ]
@@ -168,24 +170,29 @@ def test_recipe_writes_the_window_fisher_and_compute_fisher_file_agrees(tiny_bas
     result = train(make_spec(tiny_base, samples, tmp_path / "v1", epochs=2))
     assert result.samples == 4 and result.fisher_seconds > 0
     fisher = load_fisher(tmp_path / "v1" / FISHER_FILE)
-    assert fisher.meta["samples"] == "2" and float(fisher.meta["weight"]) == 3.0
+    assert fisher.meta["samples"] == "3" and float(fisher.meta["weight"]) == 4.0  # window and anchor: the default
     assert fisher.meta["normalize"] == "sum" and fisher.meta["windows"] == "1"  # the default
     assert sum(float(t.sum()) for t in fisher.importance.values()) == pytest.approx(1.0, rel=1e-5)
 
-    again = compute_fisher_file(str(tiny_base), tmp_path / "v1", samples, tmp_path / "again.safetensors", device="cpu")
+    sources = ("window", "anchor")
+    again = compute_fisher_file(
+        str(tiny_base), tmp_path / "v1", samples, tmp_path / "again.safetensors", sources=sources, device="cpu"
+    )
     recomputed = load_fisher(again)
     assert relative_error(recomputed.importance, fisher.importance) < 1e-5
     assert all(torch.equal(recomputed.anchor[n], fisher.anchor[n]) for n in fisher.anchor)
 
     chained = compute_fisher_file(
-        str(tiny_base), tmp_path / "v1", samples, tmp_path / "chained.safetensors", again, gamma=0.25, device="cpu"
-    )
+        str(tiny_base), tmp_path / "v1", samples, tmp_path / "chained.safetensors", again, gamma=0.25,
+        sources=sources, device="cpu",
+    )  # fmt: skip
     expected = {n: 1.25 * t for n, t in fisher.importance.items()}
     assert relative_error(load_fisher(chained).importance, expected) < 1e-5
     assert load_fisher(chained).meta["windows"] == "2"
     only_replay = write_samples(tmp_path / "r.jsonl", [("q", "a", 1.0, 1, "replay")])
-    with pytest.raises(TrainingError, match="no desirable window sample"):
-        compute_fisher_file(str(tiny_base), tmp_path / "v1", only_replay, tmp_path / "x.safetensors", device="cpu")
+    with pytest.raises(TrainingError, match="no desirable window/anchor sample"):
+        compute_fisher_file(str(tiny_base), tmp_path / "v1", only_replay, tmp_path / "x.safetensors",
+                            sources=sources, device="cpu")  # fmt: skip
 
 
 def test_fisher_sources_add_the_anchor_lines_to_the_fisher(tiny_base: Path, tmp_path: Path) -> None:
@@ -196,9 +203,9 @@ def test_fisher_sources_add_the_anchor_lines_to_the_fisher(tiny_base: Path, tmp_
         ("Opposite of up", "down", 0.0, 1, "anchor"),  # no weight: not counted
     ]
     samples = write_samples(tmp_path / "s.jsonl", rows)
-    window_only = make_spec(tiny_base, samples, tmp_path / "w", epochs=2)
-    with_anchors = window_only.model_copy(
-        update={"output_dir": str(tmp_path / "wa"), "ewc": EwcSettings(fisher_sources=["window", "anchor"])}
+    with_anchors = make_spec(tiny_base, samples, tmp_path / "wa", epochs=2)  # the default: window and anchor
+    window_only = with_anchors.model_copy(
+        update={"output_dir": str(tmp_path / "w"), "ewc": EwcSettings(fisher_sources=["window"])}
     )
     train(window_only), train(with_anchors)
     window, both = load_fisher(tmp_path / "w" / FISHER_FILE), load_fisher(tmp_path / "wa" / FISHER_FILE)
@@ -210,10 +217,9 @@ def test_fisher_sources_add_the_anchor_lines_to_the_fisher(tiny_base: Path, tmp_
         device="cpu",
     )  # fmt: skip
     assert relative_error(load_fisher(again).importance, both.importance) < 1e-5
-    only_replay = write_samples(tmp_path / "r.jsonl", [("q", "a", 1.0, 1, "replay")])
-    with pytest.raises(TrainingError, match="no desirable window/anchor sample"):
-        compute_fisher_file(str(tiny_base), tmp_path / "wa", only_replay, tmp_path / "x.safetensors",
-                            sources=("window", "anchor"), device="cpu")  # fmt: skip
+    with pytest.raises(TrainingError, match="no desirable window sample"):
+        compute_fisher_file(str(tiny_base), tmp_path / "w", write_samples(tmp_path / "a.jsonl", rows[2:]),
+                            tmp_path / "x.safetensors", sources=("window",), device="cpu")  # fmt: skip
     with pytest.raises(ValueError, match="fisher_sources"):
         EwcSettings(fisher_sources=["window", "everything"])
     with pytest.raises(ValueError, match="fisher_sources"):

@@ -294,11 +294,11 @@ class EwcSettings(_Section):
         "`mean` to mean 1, `none` keeps the raw Fisher.",
     )
     fisher_sources: list[Literal["window", "replay", "anchor"]] = Field(
-        ["window"],
+        ["window", "anchor"],
         min_length=1,
         description="Which of the job's sample lines the Fisher is computed on: `window` (the new feedback), "
         "`replay` (earlier windows), `anchor` (the self or user anchor set: the penalty then also holds the "
-        "parameters the base skill needs).",
+        "parameters the base skill needs; docs/learning.md).",
     )
 
 
