@@ -25,6 +25,7 @@ ANCHORED = replace(EWC_REPLAY, anchor=0.1, anchor_min=16)
 MAGPIE = replace(ANCHORED, anchors="magpie")  # self anchors from the base's own prompts: the default before step 2
 SCALED = replace(MAGPIE, scaling="windows")
 NEW_DEFAULT = replace(SCALED, anchor=0.2, clip=1.0)  # the scaled share, clipped, more anchors: the default of 5 Dec
+FISHER_ANCHOR = replace(NEW_DEFAULT, fisher=("window", "anchor"))  # and the Fisher of the anchor lines
 ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
@@ -52,7 +53,9 @@ ROWS: dict[str, Method] = {
     "+scaled a0.3 clip": replace(SCALED, anchor=0.3, clip=1.0),
     # On top of it: the Fisher also of the anchor lines (the penalty then holds what the base skill needs), of
     # every line, a stronger penalty, distillation toward the base.
-    "+fisher anchor": replace(NEW_DEFAULT, fisher=("window", "anchor")),
+    "+fisher anchor": FISHER_ANCHOR,
+    # On top of that: a self-anchor set four times as large (learning.self_anchor.samples 1024).
+    "+fisher anchor set x4": replace(FISHER_ANCHOR, anchor_scale=4),
     "+fisher all": replace(NEW_DEFAULT, fisher=("window", "replay", "anchor")),
     "+lambda 2000": replace(NEW_DEFAULT, lam=2000.0),
     "+fisher anchor lambda 1000": replace(NEW_DEFAULT, lam=1000.0, fisher=("window", "anchor")),
@@ -123,15 +126,16 @@ def one_run(base: Path, case: str, seed: int, rows: list[str], sizes: dict[str, 
     out: dict[str, Any] = {}
     sets: dict[str, tuple[list[Item], list[Item], dict[str, Any]]] = {}
 
-    def anchors_of(source: str) -> tuple[list[Item], list[Item], dict[str, Any]]:
-        if source not in sets:  # built once per run and source: the pool and the gate's half
-            pairs, info = anchor_set(source, base, windows, seed, 2 * sizes["anchor_set"])
-            sets[source] = pairs[::2], pairs[1::2], info
-        return sets[source]
+    def anchors_of(source: str, scale: int) -> tuple[list[Item], list[Item], dict[str, Any]]:
+        key = f"{source} x{scale}"
+        if key not in sets:  # built once per run, source and size: the pool and the gate's half
+            pairs, info = anchor_set(source, base, windows, seed, 2 * sizes["anchor_set"] * scale)
+            sets[key] = pairs[::2], pairs[1::2], info
+        return sets[key]
 
     for name in rows:
         method = ROWS.get(name, Method(joint=True))
-        pool, gate, built = anchors_of(method.anchors if method.anchors != "none" else "magpie")
+        pool, gate, built = anchors_of(method.anchors if method.anchors != "none" else "magpie", method.anchor_scale)
         run = Run(base, windows, base_holdout, training, gate)
         if method.joint:
             epochs, lr = JOINT[name]

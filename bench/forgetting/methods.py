@@ -41,6 +41,7 @@ class Method:
     joint: bool = False
     clip: float | None = None  # training.max_grad_norm of every job (None: no clipping)
     fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
+    anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
 
