@@ -155,9 +155,11 @@ async def _replay(db: Database, learning: LearningSettings, model: str, window_i
                   seed: str) -> tuple[list[Sample], int | None]:  # fmt: skip
     """The replay lines of the samples file, and how many of them the trainer keeps (``loss``: it scores
     these candidates with the parent adapter and keeps the ``n`` it gets most wrong; else all)."""
-    if learning.replay_selection == "uniform":
-        return [s for _, s in await sample_store.earlier_samples(db, model, window_id, False, n, seed)], None
-    pool = await sample_store.earlier_samples(db, model, window_id, False, n * CANDIDATES_PER_SAMPLE, seed)
+    uniform = learning.replay_selection == "uniform"
+    limit = n if uniform else n * CANDIDATES_PER_SAMPLE
+    pool = await sample_store.earlier_samples(db, model, window_id, holdout=False, limit=limit, seed=seed)
+    if uniform:
+        return [s for _, s in pool], None
     if learning.replay_selection == "balanced":
         return [s for _, s in pick_balanced(pool, n, lambda c: c[0], lambda c: c[1].prompt)], None
     return [s for _, s in pool], min(n, len(pool))
