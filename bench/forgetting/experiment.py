@@ -56,6 +56,9 @@ ROWS: dict[str, Method] = {
     "+fisher anchor": FISHER_ANCHOR,
     # On top of that: a self-anchor set four times as large (learning.self_anchor.samples 1024).
     "+fisher anchor set x4": replace(FISHER_ANCHOR, anchor_scale=4),
+    # More anchors in the same job size: the anchor share up, the most replay down (later jobs stay 3.3x the window).
+    "+fisher anchor a0.3 r0.4": replace(FISHER_ANCHOR, anchor=0.3, replay_max=0.4),
+    "+fisher anchor a0.25 r0.45": replace(FISHER_ANCHOR, anchor=0.25, replay_max=0.45),
     "+fisher all": replace(NEW_DEFAULT, fisher=("window", "replay", "anchor")),
     "+lambda 2000": replace(NEW_DEFAULT, lam=2000.0),
     "+fisher anchor lambda 1000": replace(NEW_DEFAULT, lam=1000.0, fisher=("window", "anchor")),
