@@ -2,13 +2,13 @@
 
 A sample is a prompt and a completion: one to learn (``label`` +1, desirable, the default) or, for the
 KTO objective, one to unlearn (``label`` -1, undesirable). ``source`` says where the worker drew it from:
-``window`` (the new window), ``replay`` (earlier windows) or ``anchor`` (the user's fixed anchor set);
-training uses every line, the Fisher only ``window`` lines. The prompt is rendered with the tokenizer's chat
-template when it has one (a string prompt becomes one user message; ``add_generation_prompt=True``),
-else with the plain fallback of :func:`render_prompt`. The completion follows, then the EOS token.
-Labels are ``-100`` (ignored by the loss) on prompt tokens and padding, so only the completion is
-learned. Sequences longer than ``max_length`` lose prompt tokens from the left first; the completion
-is cut (from the right) only if it alone does not fit.
+``window`` (the new window), ``replay`` (earlier windows) or ``anchor`` (the anchor set, the user's or the
+self-anchor set); training uses every line, the Fisher those of ``ewc.fisher_sources`` (window and anchor).
+The prompt is rendered with the tokenizer's chat template when it has one (a string prompt becomes one user
+message; ``add_generation_prompt=True``), else with the plain fallback of :func:`render_prompt`. The
+completion follows, then the EOS token. Labels are ``-100`` (ignored by the loss) on prompt tokens and
+padding, so only the completion is learned. Sequences longer than ``max_length`` lose prompt tokens from the
+left first; the completion is cut (from the right) only if it alone does not fit.
 """
 
 from __future__ import annotations
