@@ -18,7 +18,9 @@ for given bases and seeds on one machine.
    ``+scaled`` (the replay share per earlier window) and options on top of it (``balanced`` or ``loss`` replay,
    more anchors, distillation, averaging with the parent, orthogonality; the anchor sources ``+scaled+true``: a
    curated set, ``+scaled+prompts``: a prompt-only file answered by the base, ``+scaled+stream``: the stream's
-   prompts answered by the base), ``default`` (the shipped settings, no user anchor set or prompt file) and
+   prompts answered by the base), ``+scaled a0.2 clip`` (the second default) and ``+fisher ...`` on top of it
+   (the Fisher also of the anchor lines: the default now; with other strengths, shares and set sizes),
+   ``default`` (the shipped settings, no user anchor set or prompt file) and
    ``joint`` (one job on all windows, the upper bound for the windows); ``joint-long`` (twice the epochs) and
    ``joint-slow`` (twice the epochs at a third of the learning rate) check that joint is converged and stable.
 4. After the last window: exact match (every completion token the argmax, teacher-forced: the same as
