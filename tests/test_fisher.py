@@ -207,7 +207,8 @@ def test_fisher_sources_add_the_anchor_lines_to_the_fisher(tiny_base: Path, tmp_
     window_only = with_anchors.model_copy(
         update={"output_dir": str(tmp_path / "w"), "ewc": EwcSettings(fisher_sources=["window"])}
     )
-    train(window_only), train(with_anchors)
+    train(window_only)
+    train(with_anchors)
     window, both = load_fisher(tmp_path / "w" / FISHER_FILE), load_fisher(tmp_path / "wa" / FISHER_FILE)
     assert (window.meta["samples"], window.meta["weight"]) == ("1", "1.0")
     assert (both.meta["samples"], float(both.meta["weight"])) == ("2", 3.0)

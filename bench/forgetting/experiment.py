@@ -59,12 +59,12 @@ ROWS: dict[str, Method] = {
     # More anchors in the same job size: the anchor share up, the most replay down (later jobs stay 3.3x the window).
     "+fisher anchor a0.3 r0.4": replace(FISHER_ANCHOR, anchor=0.3, replay_max=0.4),
     "+fisher anchor a0.25 r0.45": replace(FISHER_ANCHOR, anchor=0.25, replay_max=0.45),
-    "+fisher all": replace(NEW_DEFAULT, fisher=("window", "replay", "anchor")),
+    "+fisher all": replace(FISHER_ANCHOR, fisher=("window", "replay", "anchor")),
     "+lambda 2000": replace(NEW_DEFAULT, lam=2000.0),
-    "+fisher anchor lambda 1000": replace(NEW_DEFAULT, lam=1000.0, fisher=("window", "anchor")),
-    "+fisher anchor lambda 2000": replace(NEW_DEFAULT, lam=2000.0, fisher=("window", "anchor")),
-    "+fisher all lambda 2000": replace(NEW_DEFAULT, lam=2000.0, fisher=("window", "replay", "anchor")),
-    "+fisher anchor a0.3": replace(NEW_DEFAULT, anchor=0.3, fisher=("window", "anchor")),
+    "+fisher anchor lambda 1000": replace(FISHER_ANCHOR, lam=1000.0),
+    "+fisher anchor lambda 2000": replace(FISHER_ANCHOR, lam=2000.0),
+    "+fisher all lambda 2000": replace(FISHER_ANCHOR, lam=2000.0, fisher=("window", "replay", "anchor")),
+    "+fisher anchor a0.3": replace(FISHER_ANCHOR, anchor=0.3),
     "+clip distill": replace(NEW_DEFAULT, distill=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),
