@@ -225,3 +225,38 @@ def test_fisher_sources_add_the_anchor_lines_to_the_fisher(tiny_base: Path, tmp_
         EwcSettings(fisher_sources=["window", "everything"])
     with pytest.raises(ValueError, match="fisher_sources"):
         EwcSettings(fisher_sources=[])
+
+
+def test_fisher_balance_gives_each_source_an_equal_share(tiny_base: Path, tmp_path: Path) -> None:
+    rows = [
+        ("What is 2+2?", "4", 1.0, 1, "window"),
+        ("Capital of France?", "Paris", 2.0, 1, "window"),
+        ("Opposite of hot", "cold", 1.0, 1, "anchor"),
+    ]
+    samples = write_samples(tmp_path / "s.jsonl", rows)
+    ewc = EwcSettings(fisher_balance="sources")
+    train(make_spec(tiny_base, samples, tmp_path / "v1", epochs=2).model_copy(update={"ewc": ewc}))
+
+    def raw(sources: tuple[str, ...], balance: str = "pooled") -> dict[str, Any]:
+        out = tmp_path / f"{'-'.join(sources)}-{balance}.safetensors"
+        compute_fisher_file(str(tiny_base), tmp_path / "v1", samples, out, normalize="none", sources=sources,
+                            balance=balance, device="cpu")  # fmt: skip
+        return load_fisher(out).importance
+
+    def total(fisher: dict[str, Any]) -> float:
+        return sum(float(t.sum()) for t in fisher.values())
+
+    window, anchor, both = raw(("window",)), raw(("anchor",)), raw(("window", "anchor"))
+    anchor_share = total(anchor) / (3.0 * total(window) + total(anchor))  # pooled: lines of weight 3 and 1
+    assert abs(anchor_share - 0.5) > 0.1, anchor_share  # the anchor line's share is not half
+    balanced = raw(("window", "anchor"), "sources")
+    expected = {n: total(both) / 2 * (window[n] / total(window) + anchor[n] / total(anchor)) for n in both}
+    assert relative_error(balanced, expected) < 1e-5
+    assert relative_error(raw(("window",), "sources"), window) < 1e-6  # one source: nothing to balance
+    written = load_fisher(tmp_path / "v1" / FISHER_FILE)  # the recipe's, normalised with `sum`
+    assert relative_error(written.importance, {n: t / total(expected) for n, t in expected.items()}) < 1e-5
+    assert (written.meta["samples"], float(written.meta["weight"])) == ("3", 4.0)
+    with pytest.raises(ValueError, match="fisher_balance"):
+        EwcSettings(fisher_balance="equal")
+    with pytest.raises(TrainingError, match="unknown Fisher balance 'equal'"):
+        raw(("window",), "equal")

@@ -65,6 +65,12 @@ ROWS: dict[str, Method] = {
     "+fisher anchor lambda 2000": replace(FISHER_ANCHOR, lam=2000.0),
     "+fisher all lambda 2000": replace(FISHER_ANCHOR, lam=2000.0, fisher=("window", "replay", "anchor")),
     "+fisher anchor a0.3": replace(FISHER_ANCHOR, anchor=0.3),
+    # The window's and the anchors' Fisher each half of the importance (ewc.fisher_balance: sources); with the
+    # replay lines, a third each; with a stronger or weaker penalty.
+    "+fisher balanced": replace(FISHER_ANCHOR, balance="sources"),
+    "+fisher all balanced": replace(FISHER_ANCHOR, fisher=("window", "replay", "anchor"), balance="sources"),
+    "+fisher balanced lambda 250": replace(FISHER_ANCHOR, balance="sources", lam=250.0),
+    "+fisher balanced lambda 1000": replace(FISHER_ANCHOR, balance="sources", lam=1000.0),
     "+clip distill": replace(NEW_DEFAULT, distill=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),

@@ -41,6 +41,7 @@ class Method:
     joint: bool = False
     clip: float | None = None  # training.max_grad_norm of every job (None: no clipping)
     fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
+    balance: str = "pooled"  # ewc.fisher_balance: pooled, or each source an equal share of the importance
     anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
@@ -53,6 +54,7 @@ def shipped() -> Method:
     return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
                   learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
+                  balance=ewc.fisher_balance,
                   extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
@@ -130,7 +132,7 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         output_dir=str(out),
         lora=LORA,
         training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},
-        ewc={"lambda": method.lam, "fisher_sources": list(method.fisher)},
+        ewc={"lambda": method.lam, "fisher_sources": list(method.fisher), "fisher_balance": method.balance},
         distill={"weight": method.distill},
         compute_fisher=method.lam > 0,
         eval_sets={"anchor": gate},

@@ -300,6 +300,12 @@ class EwcSettings(_Section):
         "`replay` (earlier windows), `anchor` (the self or user anchor set: the penalty then also holds the "
         "parameters the base skill needs; docs/learning.md).",
     )
+    fisher_balance: Literal["pooled", "sources"] = Field(
+        "pooled",
+        description="How the Fisher's sources share its importance: `pooled` (one mean over their lines: a "
+        "source weighs what its gradients weigh, and the anchors' are small where the base skill is kept) or "
+        "`sources` (each source an equal share of the total; docs/learning.md).",
+    )
 
 
 class TrainingSettings(_Section):

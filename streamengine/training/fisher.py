@@ -25,7 +25,7 @@ parameter name without the adapter name (PEFT's saved-key form); metadata ``form
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from streamengine.training.losses import Reduce, batch_losses, sample_losses
 FISHER_FILE = "fisher.safetensors"
 FORMAT = "streamengine.fisher/1"
 NORMALIZATIONS = ("none", "mean", "sum")
+BALANCES = ("pooled", "sources")
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -270,6 +271,42 @@ def fisher_example(example: Example, sources: Collection[str]) -> bool:
     return example.source in sources and example.label > 0 and example.weight > 0
 
 
+def lines_fisher(
+    pairs: list[tuple[Encoded, Example]],
+    sources: Collection[str],
+    balance: str,
+    sums_of: Callable[[list[Encoded]], FisherSums],
+) -> FisherSums:
+    """``F_new`` of the lines of ``sources`` (``sums_of`` computes one group's reduced sums).
+
+    ``pooled``: one weighted mean over every counted line, so a source's share of the importance follows its
+    lines' gradients (the anchors', whose loss is near zero at a well-kept base, are small). ``sources``: each
+    source's mean scaled to an equal share of the pooled total, so the normalisation and lambda keep their units.
+    """
+    if balance not in BALANCES:
+        raise TrainingError(f"unknown Fisher balance {balance!r} (choose {', '.join(BALANCES)})")
+    kinds = [sources] if balance == "pooled" else [(source,) for source in sources]
+    groups = [group for kind in kinds if (group := [e for e, x in pairs if fisher_example(x, kind)])]
+    return _balanced([sums_of(group) for group in groups or [[]]])
+
+
+def _balanced(parts: list[FisherSums]) -> FisherSums:
+    """One source's sums as they are; several, each source's mean scaled to an equal share of their pooled
+    total (returned as sums over the pooled weight, so that ``.mean()`` is the balanced Fisher)."""
+    weight, samples = sum(p.weight for p in parts), sum(p.samples for p in parts)
+    live = [(p.mean(), _total(p.mean())) for p in parts]
+    live = [(mean, total) for mean, total in live if total > 0]
+    if len(parts) == 1 or not live:
+        return parts[0] if len(parts) == 1 else FisherSums(parts[0].sums, weight, samples)
+    share = sum(_total(p.sums) for p in parts) / len(live)  # the pooled mean's total times the weight, shared out
+    sums = {n: torch.stack([mean[n] * (share / total) for mean, total in live]).sum(0) for n in parts[0].sums}
+    return FisherSums(sums, weight, samples)
+
+
+def _total(fisher: dict[str, torch.Tensor]) -> float:
+    return float(sum(float(t.double().sum()) for t in fisher.values()))
+
+
 def compute_fisher_file(
     base_model: str,
     adapter_dir: str | Path,
@@ -280,6 +317,7 @@ def compute_fisher_file(
     normalize: str = "sum",
     *,
     sources: Collection[str],
+    balance: str = "pooled",
     chunk_size: int = 8,
     max_length: int = 2048,
     device: str = "auto",
@@ -288,7 +326,8 @@ def compute_fisher_file(
     """Compute and write the Fisher file of a trained adapter (``streamengine fisher``), in process.
 
     The same computation as the end of a training job: the exact Fisher of the adapter on the desirable,
-    positive-weight lines of ``samples_path`` from ``sources`` (:func:`fisher_example`), normalised,
+    positive-weight lines of ``samples_path`` from ``sources`` (:func:`fisher_example`, shared out as ``balance``
+    says: :func:`lines_fisher`), normalised,
     accumulated onto ``parent_fisher`` (the parent version's file) with ``gamma``, and the adapter's parameters
     as the anchor. Returns ``out_path``. Raises :class:`TrainingError` for every input problem.
     """
@@ -301,8 +340,11 @@ def compute_fisher_file(
         raise TrainingError(f"no desirable {'/'.join(sources)} sample with a positive weight in {samples_path}")
     parent = load_fisher(parent_fisher) if parent_fisher is not None else None
     loaded = load_for_training(base_model, LoraSettings(), str(adapter_dir), device, quantization)
-    encoded = [encode(loaded.tokenizer, e, max_length) for e in examples]
-    sums = fisher_sums(loaded.model, encoded, pad_id(loaded.tokenizer), loaded.device, chunk_size)
+    pairs = [(encode(loaded.tokenizer, e, max_length), e) for e in examples]
+    pad = pad_id(loaded.tokenizer)
+    sums = lines_fisher(
+        pairs, sources, balance, lambda group: fisher_sums(loaded.model, group, pad, loaded.device, chunk_size)
+    )
     anchor = {n: p.detach() for n, p in lora_parameters(loaded.model).items()}
     state = accumulate(sums.mean(), anchor, parent, gamma, normalize, sums.samples, sums.weight)
     return save_fisher(state, out_path)

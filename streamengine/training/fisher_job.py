@@ -27,6 +27,7 @@ def run(spec: FisherSpec) -> FisherResult:
         gamma=spec.ewc.gamma,
         normalize=spec.ewc.normalize,
         sources=spec.ewc.fisher_sources,
+        balance=spec.ewc.fisher_balance,
         chunk_size=spec.training.fisher_chunk_size,
         max_length=spec.training.max_length,
         device=spec.training.device,

@@ -58,9 +58,10 @@ from streamengine.training.ewc import EwcPenalty
 from streamengine.training.fisher import (
     FISHER_FILE,
     FisherState,
+    FisherSums,
     accumulate,
-    fisher_example,
     fisher_sums,
+    lines_fisher,
     load_fisher,
     lora_parameters,
     save_fisher,
@@ -430,9 +431,13 @@ def _write_fisher(setup: Setup, path: Path) -> float:
     written to ``path``; returns the seconds it took."""
     started = time.monotonic()
     spec, cfg = setup.spec, setup.spec.training
-    pairs = zip(setup.encoded, setup.examples, strict=True)
-    counted = setup.dist.shard([enc for enc, ex in pairs if fisher_example(ex, spec.ewc.fisher_sources)])
-    sums = fisher_sums(setup.model, counted, setup.pad, setup.device, cfg.fisher_chunk_size).reduce(setup.reduce)
+    pairs = list(zip(setup.encoded, setup.examples, strict=True))
+
+    def sums_of(group: list[Encoded]) -> FisherSums:
+        shard = setup.dist.shard(group)
+        return fisher_sums(setup.model, shard, setup.pad, setup.device, cfg.fisher_chunk_size).reduce(setup.reduce)
+
+    sums = lines_fisher(pairs, spec.ewc.fisher_sources, spec.ewc.fisher_balance, sums_of)
     anchor = {n: p.detach() for n, p in lora_parameters(setup.model).items()}
     state = accumulate(
         sums.mean(), anchor, setup.parent_fisher, spec.ewc.gamma, spec.ewc.normalize, sums.samples, sums.weight
