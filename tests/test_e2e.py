@@ -17,6 +17,7 @@ from minio import Minio
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from streamengine.config.settings import LoraSettings
 from streamengine.engine import run_engine
 from streamengine.jobs.worker import Worker
 from streamengine.store.db import Database
@@ -112,7 +113,7 @@ async def test_feedback_to_released_adapter(make_settings, tiny_model, tmp_path)
     event = json.loads(record.value)
     assert (event["version"], event["reason"], event["window"]["samples"]) == ("v1.0", "threshold", window)
     assert event["uri"] == f"s3://{settings.storage.bucket}/tiny-llama/v1.0/"
-    assert event["lora"] == {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert event["lora"] == {"r": 16, "alpha": 32, "target_modules": sorted(LoraSettings().target_modules)}
 
     # download with a plain S3 client and verify every hash
     client = Minio(

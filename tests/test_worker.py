@@ -8,6 +8,7 @@ import json
 import pytest
 from minio import Minio
 
+from streamengine.config.settings import LoraSettings
 from streamengine.jobs.worker import Worker
 from streamengine.store import job_queue, registry
 from streamengine.store.db import Database
@@ -38,7 +39,9 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
         }
 
         assert len((await fill_window(db, 100)).closed) == 1
-        await worker.run_once()
+        # The LoRA settings changed meanwhile: the job continues its parent, and the release says what it is.
+        other_lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj"]}
+        await Worker(worker_settings(make_settings, tiny_model, lora=other_lora), db, store, owner="w1").run_once()
         second = await registry.get_adapter(db, "tiny-llama", "production")
         assert (second.version, second.parent_version) == ("v1.1", "v1.0")
         assert await registry.alias(db, "tiny-llama", "previous") == "v1.0"
@@ -48,6 +51,8 @@ async def test_two_windows_release_v1_0_then_v1_1(make_settings, tiny_model) -> 
         outbox = await db.fetch("SELECT key, value, headers FROM outbox ORDER BY id")
         assert [r["value"]["version"] for r in outbox] == ["v1.0", "v1.1"]
         assert outbox[0]["headers"]["ce_type"] == "io.streamengine.adapter.released.v1"
+        shape = {"r": 16, "alpha": 32, "target_modules": sorted(LoraSettings().target_modules)}
+        assert [r["value"]["lora"] for r in outbox] == [shape, shape]
         client = Minio(
             settings.storage.endpoint,
             settings.storage.access_key.get_secret_value(),

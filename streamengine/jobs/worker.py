@@ -355,6 +355,7 @@ class Worker:
         line = self.lines.for_line(job.model)
         window = await windows.get_window(self.db, job.window_id)
         files = await asyncio.to_thread(_hash_files, output)
+        lora = await asyncio.to_thread(adapter_lora, output)
         sizes = await asyncio.to_thread(lambda: {name: (output / name).stat().st_size for name in files})
         event = build_release(
             model=job.model,
@@ -365,7 +366,7 @@ class Worker:
             files=files,
             file_sizes=sizes,
             size_bytes=sum(sizes.values()),
-            lora=LoraSpec(r=line.lora.r, alpha=line.lora.alpha, target_modules=line.lora.target_modules),
+            lora=lora,
             ewc_lambda=line.ewc.lambda_,
             window=window,
             metrics=numbers,
@@ -477,6 +478,17 @@ def release_metrics(result: TrainResult, decision: GateDecision) -> dict[str, fl
 def _fresh_dir(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+
+
+def adapter_lora(folder: Path) -> LoraSpec:
+    """The trained adapter's shape, from its ``adapter_config.json``: a job continues its parent adapter, so a
+    line keeps the rank and targets of its first version whatever the LoRA settings say now."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        targets = config["target_modules"]
+        return LoraSpec(r=int(config["r"]), alpha=int(config["lora_alpha"]), target_modules=sorted(targets))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"the trained adapter's adapter_config.json is unreadable: {exc}") from None
 
 
 def _hash_files(folder: Path) -> dict[str, str]:
