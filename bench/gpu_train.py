@@ -42,7 +42,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,7 @@ class Run:
     chunk_size: int
     lam: float
     checkpointing: bool
+    lora: LoraSettings = field(default_factory=LoraSettings)  # the shipped LoRA unless --targets says otherwise
 
 
 def throughput(step: Callable[[], Any], run: Run, phase: Phase) -> None:
@@ -259,7 +260,7 @@ def plain_peft(base: Path, data: list[Batch], run: Run, counts: dict[str, int]) 
 
     phase = Phase()
     with guarded(phase, run.device):
-        lora = LoraSettings()
+        lora = run.lora
         model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype_for(run.device))
         model = model.to(run.device)
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -296,7 +297,7 @@ def project(
     on the project's model. The EWC phase reads the Fisher file of whichever Fisher finished."""
     phases = {name: Phase() for name in PROJECT_PHASES}
     try:
-        loaded = load_for_training(str(base), LoraSettings(), None, run.device)
+        loaded = load_for_training(str(base), run.lora, None, run.device)
     except Exception as exc:
         for phase in phases.values():
             phase.error = f"loading the model failed: {type(exc).__name__}: {exc}"[:300]
@@ -451,7 +452,7 @@ def report(run: Run, peak: float | None, peak_source: str, measured: dict[str, A
             **asdict(run.shape),
             "dtype": str(dtype_for(device)).removeprefix("torch."),
             "device": str(device),
-            "lora": LoraSettings().model_dump(),
+            "lora": run.lora.model_dump(),
             "ewc_lambda": run.lam,
             "gradient_checkpointing": run.checkpointing,
             "warmup": run.warmup,
@@ -506,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the best counts (default 3)")
     parser.add_argument("--ewc-lambda", type=float, default=500.0, help="EWC lambda (default 500)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint activations in training")
+    parser.add_argument(
+        "--targets",
+        default=",".join(LoraSettings().target_modules),
+        help="LoRA target modules, comma-separated (default: lora.target_modules' default)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak dense bf16 TFLOP/s (default: by name)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gpu_train.json"), help="where to write JSON")
     args = parser.parse_args(argv)
@@ -528,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
     run = Run(shape, device, args.warmup, args.steps, args.repeats, args.chunk_size, args.ewc_lambda,
-              args.gradient_checkpointing)  # fmt: skip
+              args.gradient_checkpointing, LoraSettings(target_modules=args.targets.split(",")))  # fmt: skip
     peak, peak_source = peak_tflops(device, args.peak_tflops)
     result = report(run, peak, peak_source, measure(run, peak))
     print()

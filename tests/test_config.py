@@ -27,7 +27,7 @@ def write_yaml(path: Path, text: str) -> Path:
 def test_defaults_follow_the_contract() -> None:
     s = load_settings()
     assert (s.lora.r, s.lora.alpha, s.lora.dropout) == (16, 32, 0.05)
-    assert s.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert s.lora.target_modules == ["q_proj", "v_proj", "up_proj", "down_proj"]
     assert s.ewc.lambda_ == 500.0
     assert 100 <= s.ewc.lambda_ <= 1000
     assert (s.training.batch_size, s.training.learning_rate, s.training.epochs) == (4, 2e-4, 3)
@@ -46,7 +46,7 @@ def test_defaults_follow_the_contract() -> None:
 def test_defaults_are_not_shared_between_instances() -> None:
     first = load_settings()
     first.lora.target_modules.append("gate_proj")
-    assert load_settings().lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert load_settings().lora.target_modules == ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def test_public_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:

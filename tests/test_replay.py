@@ -100,7 +100,9 @@ async def test_job_replay_under_each_setting(make_settings, tmp_path) -> None:
         assert len(uniform) == round(0.25 * window / 0.75) and data.replay_keep is None
         assert data.counts["replay"] == len(uniform)
 
-        scaled = make_settings(learning={**base, "replay_scaling": "windows", "replay_selection": "balanced"})
+        scaled = make_settings(
+            learning={**base, "replay_scaling": "windows", "max_replay_fraction": 0.5, "replay_selection": "balanced"}
+        )
         balanced, data = await _replay_lines(scaled, db, ids[3], tmp_path / "balanced")
         assert len(balanced) == window  # min(0.5, 0.25 x 3 earlier windows) of the job: as many as the window
         prompts = Counter(line["prompt"] for line in balanced)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.forgetting import report
 from bench.forgetting.base import score
-from bench.forgetting.methods import Method, Run, run_joint, run_method, shipped
+from bench.forgetting.methods import ATTENTION, MLP, Method, Run, run_joint, run_method, shipped
 from bench.forgetting.tasks import WINDOWS, Item, base_items, window_items
 from streamengine.config.settings import EwcSettings, LearningSettings
 from streamengine.training import self_anchor
@@ -26,6 +26,7 @@ MAGPIE = replace(ANCHORED, anchors="magpie")  # self anchors from the base's own
 SCALED = replace(MAGPIE, scaling="windows")
 NEW_DEFAULT = replace(SCALED, anchor=0.2, clip=1.0)  # the scaled share, clipped, more anchors: the default of 5 Dec
 FISHER_ANCHOR = replace(NEW_DEFAULT, fisher=("window", "anchor"))  # and the Fisher of the anchor lines
+QV_UPDOWN = ("q_proj", "v_proj", "up_proj", "down_proj")  # LoRA on attention and MLP, as many modules as q/k/v/o
 ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
@@ -71,6 +72,17 @@ ROWS: dict[str, Method] = {
     "+fisher all balanced": replace(FISHER_ANCHOR, fisher=("window", "replay", "anchor"), balance="sources"),
     "+fisher balanced lambda 250": replace(FISHER_ANCHOR, balance="sources", lam=250.0),
     "+fisher balanced lambda 1000": replace(FISHER_ANCHOR, balance="sources", lam=1000.0),
+    # LoRA on the MLP projections (lora.target_modules): room for facts outside the attention that copies. Every
+    # linear layer, the MLP only, q/v with up/down (the count of q/k/v/o), q/k/v/o with down; then with the most
+    # replay at 0.45 (the default of 5 Dec 2026, 14:00: QV_UPDOWN, r0.45) and r0.45 alone.
+    "+fisher anchor mlp": replace(FISHER_ANCHOR, targets=ATTENTION + MLP),
+    "+fisher anchor mlp only": replace(FISHER_ANCHOR, targets=MLP),
+    "+fisher anchor qv updown": replace(FISHER_ANCHOR, targets=QV_UPDOWN),
+    "+fisher anchor down": replace(FISHER_ANCHOR, targets=(*ATTENTION, "down_proj")),
+    "+fisher anchor r0.45": replace(FISHER_ANCHOR, replay_max=0.45),
+    "+fisher anchor qv updown r0.45": replace(FISHER_ANCHOR, targets=QV_UPDOWN, replay_max=0.45),
+    "naive mlp": Method(targets=ATTENTION + MLP),
+    "ewc+replay mlp": replace(EWC_REPLAY, targets=ATTENTION + MLP),
     "+clip distill": replace(NEW_DEFAULT, distill=1.0),
     # The other anchor sources in the default's place (Magpie): a curated set, a prompt-only file, the stream.
     "+scaled+true": replace(SCALED, anchors="true"),

@@ -18,13 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.forgetting.base import MAX_LENGTH, score
 from bench.forgetting.tasks import Item, Window, write_jsonl
-from streamengine.config.settings import EwcSettings, LearningSettings, TrainingSettings
+from streamengine.config.settings import EwcSettings, LearningSettings, LoraSettings, TrainingSettings
 from streamengine.core.replay import CANDIDATES_PER_SAMPLE, ReplayScaling, ReplaySelection, pick_balanced, replay_share
 from streamengine.jobs.dataset import job_mix
 from streamengine.training.recipe import train
 from streamengine.training.spec import TrainSpec
 
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -42,19 +44,20 @@ class Method:
     clip: float | None = None  # training.max_grad_norm of every job (None: no clipping)
     fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
     balance: str = "pooled"  # ewc.fisher_balance: pooled, or each source an equal share of the importance
+    targets: tuple[str, ...] = ATTENTION  # lora.target_modules
     anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
 
 def shipped() -> Method:
     """The shipped configuration (no user anchor set, no prompt file): the settings' defaults."""
-    learning, ewc, training = LearningSettings(), EwcSettings(), TrainingSettings()
+    learning, ewc, training, lora = LearningSettings(), EwcSettings(), TrainingSettings(), LoraSettings()
     anchors = "self" if learning.self_anchor.enabled else "none"
     extra = {"parent_average": learning.parent_average, "orthogonal_weight": learning.orthogonal_weight}
     return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
                   learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
-                  balance=ewc.fisher_balance,
+                  balance=ewc.fisher_balance, targets=tuple(lora.target_modules),
                   extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
@@ -130,7 +133,7 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         parent_fisher=str(parent / "fisher.safetensors") if parent and method.lam > 0 else None,
         samples_path=write_jsonl(samples, rows),
         output_dir=str(out),
-        lora=LORA,
+        lora={**LORA, "target_modules": list(method.targets)},
         training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},
         ewc={"lambda": method.lam, "fisher_sources": list(method.fisher), "fisher_balance": method.balance},
         distill={"weight": method.distill},

@@ -96,7 +96,7 @@ _NOTES = {
     "lora.r": "LoRA rank.",
     "lora.alpha": "LoRA alpha.",
     "lora.dropout": "LoRA dropout.",
-    "lora.target_modules": "Modules that get LoRA weights.",
+    "lora.target_modules": "Modules that get LoRA weights (a model line keeps those of its first version).",
     "training.epochs": "Epochs per job.",
     "training.batch_size": "Samples per optimizer step.",
     "training.learning_rate": "AdamW learning rate.",

@@ -281,7 +281,9 @@ class LoraSettings(_Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # Attention and MLP: the MLP holds new facts away from the attention that carries the base skill's copying
+    # (docs/learning.md, "LoRA on the MLP"). A line keeps the targets of its first version.
+    target_modules: list[str] = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 class EwcSettings(_Section):
@@ -413,7 +415,7 @@ class LearningSettings(_Section):
         "max_replay_fraction (see docs/learning.md).",
     )
     max_replay_fraction: float = Field(
-        0.5, ge=0, lt=1, description="Largest replay share of a job when replay_scaling is windows."
+        0.45, ge=0, lt=1, description="Largest replay share of a job when replay_scaling is windows."
     )
     replay_selection: ReplaySelection = Field(
         "uniform",
