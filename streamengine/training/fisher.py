@@ -172,7 +172,7 @@ def normalise(fisher: dict[str, torch.Tensor], mode: str) -> tuple[dict[str, tor
     if mode not in NORMALIZATIONS:
         raise TrainingError(f"unknown Fisher normalisation {mode!r} (choose {', '.join(NORMALIZATIONS)})")
     count = sum(t.numel() for t in fisher.values())
-    total = float(sum(float(t.double().sum()) for t in fisher.values()))
+    total = _total(fisher)
     raw_mean = total / max(count, 1)
     if mode == "none" or total <= 0:
         return fisher, raw_mean
@@ -293,17 +293,19 @@ def lines_fisher(
 def _balanced(parts: list[FisherSums]) -> FisherSums:
     """One source's sums as they are; several, each source's mean scaled to an equal share of their pooled
     total (returned as sums over the pooled weight, so that ``.mean()`` is the balanced Fisher)."""
+    if len(parts) == 1:
+        return parts[0]
     weight, samples = sum(p.weight for p in parts), sum(p.samples for p in parts)
-    live = [(p.mean(), _total(p.mean())) for p in parts]
-    live = [(mean, total) for mean, total in live if total > 0]
-    if len(parts) == 1 or not live:
-        return parts[0] if len(parts) == 1 else FisherSums(parts[0].sums, weight, samples)
-    share = sum(_total(p.sums) for p in parts) / len(live)  # the pooled mean's total times the weight, shared out
+    live = [(mean, total) for mean in (p.mean() for p in parts) if (total := _total(mean)) > 0]
+    if not live:  # nothing learned: all zeros
+        return FisherSums(parts[0].sums, weight, samples)
+    share = sum(_total(p.sums) for p in parts) / len(live)  # the pooled mean's total times its weight, shared
     sums = {n: torch.stack([mean[n] * (share / total) for mean, total in live]).sum(0) for n in parts[0].sums}
     return FisherSums(sums, weight, samples)
 
 
 def _total(fisher: dict[str, torch.Tensor]) -> float:
+    """The sum of every importance, in float64."""
     return float(sum(float(t.double().sum()) for t in fisher.values()))
 
 
