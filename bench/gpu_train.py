@@ -42,7 +42,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,7 @@ class Run:
     chunk_size: int
     lam: float
     checkpointing: bool
-    lora: LoraSettings = field(default_factory=LoraSettings)  # the shipped LoRA unless --targets says otherwise
+    lora: LoraSettings  # the shipped LoRA unless --targets says otherwise
 
 
 def throughput(step: Callable[[], Any], run: Run, phase: Phase) -> None:
