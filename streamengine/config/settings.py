@@ -2,8 +2,7 @@
 
 Sources, strongest first: explicit overrides, environment variables (prefix ``STREAMENGINE_``, ``__``
 between nested names), an optional YAML file (``--config`` or ``STREAMENGINE_CONFIG``), defaults.
-Defaults: LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, EWC lambda 500, batch 4, lr 2e-4, 3 epochs,
-max length 2048, weekly tick "0 2 * * 1", bucket ``lora-adapters``.
+Every setting with its default and description: ``streamengine settings`` (docs/operations.md, generated).
 """
 
 from __future__ import annotations
