@@ -52,7 +52,7 @@ def test_extras_split_serving_engine_and_training() -> None:
     assert any(d.startswith("peft") for d in extras["serve"]) and not any("faust" in d for d in extras["serve"])
     assert any(d.startswith("faust-streaming") for d in extras["engine"])
     assert project["scripts"]["streamengine"] == "streamengine.cli.main:main"
-    assert project["license"]["text"] == "Apache-2.0"
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]  # SPDX (PEP 639)
 
 
 # A serving node's program on the base install: one thumbs-up through the threaded producer; then which

@@ -101,7 +101,9 @@ def test_a_job_with_self_anchors_keeps_the_base_skill_one_without_loses_it(tmp_p
         spec = make_spec(base, write_samples(tmp_path / f"{name}.jsonl", rows), tmp_path / name, epochs=4)
         spec.eval_sets = {"base": str(held)}
         losses[name] = train(spec).eval["base"]
-    # pinned (CPU, float32): the base-skill loss from 0.028 to 3.93 without anchors, to 0.020 with them
-    assert losses["without"]["before"] == losses["with"]["before"] == pytest.approx(0.0275, abs=2e-3)
-    assert losses["without"]["after"] == pytest.approx(3.93, abs=0.2)
-    assert losses["with"]["after"] == pytest.approx(0.020, abs=5e-3)
+    # Deterministic on one machine; CPUs round differently (float32): before / without / with were 0.028 / 3.93 /
+    # 0.020 on the machines of earlier sessions, 0.037 / 4.68 / 0.032 on an AVX-512 one. The bounds hold for both.
+    before = losses["without"]["before"]
+    assert before == losses["with"]["before"] and before < 0.05
+    assert losses["without"]["after"] > 3.0  # the window overwrote the base skill: 100x the loss
+    assert losses["with"]["after"] < 1.2 * before  # the anchors kept it
