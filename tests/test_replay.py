@@ -117,3 +117,39 @@ async def test_job_replay_under_each_setting(make_settings, tmp_path) -> None:
         assert len(candidates) == min(CANDIDATES_PER_SAMPLE * len(uniform), 3 * window)
     finally:
         await db.close()
+
+
+@pytest.mark.integration
+async def test_job_anchor_lines_weigh_learning_anchor_weight_times_their_own(make_settings, tmp_path) -> None:
+    """``learning.anchor_weight`` scales the anchors' training lines only: the gate's anchor check keeps the
+    set's own weights (a weighted mean is the same under a common factor, but the file says what was given)."""
+    anchors = tmp_path / "anchors.jsonl"
+    items = [{"prompt": f"copy w{i}", "completion": f"w{i}", **({"weight": 0.5} if i % 2 else {})} for i in range(64)]
+    anchors.write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    base = {"min_holdout_samples": 0, "anchor_fraction": 0.2, "anchor_min_samples": 0, "anchor_path": str(anchors)}
+    plain, heavy = (make_settings(learning={**base, "anchor_weight": w}) for w in (1.0, 3.0))
+    db = await Database.connect(plain.database)
+    try:
+        window_id = (await _line_with_windows(db, plain.model.name, 1))[0]
+        data = {}
+        for name, settings in (("plain", plain), ("heavy", heavy)):
+            await asyncio.to_thread((tmp_path / name).mkdir)
+            data[name] = await dataset.prepare(db, settings, 7, settings.model.name, window_id, tmp_path / name,
+                                               anchor_path=anchors)  # fmt: skip
+    finally:
+        await db.close()
+
+    def lines(path: Path, source: str) -> list[dict[str, Any]]:
+        return [row for row in map(json.loads, path.read_text().splitlines()) if row["source"] == source]
+
+    own = {f"copy w{i}": item.get("weight", 1.0) for i, item in enumerate(items)}
+    trained = {name: lines(d.samples_path, "anchor") for name, d in data.items()}
+    assert len(trained["heavy"]) == data["heavy"].counts["anchor"] == round(0.2 * WINDOW_FACTS * COPIES / 0.8)
+    assert [r["event_id"] for r in trained["heavy"]] == [r["event_id"] for r in trained["plain"]]  # same pick
+    assert {r["weight"] for r in trained["heavy"]} == {1.5, 3.0}
+    assert all(r["weight"] == 3.0 * own[json.loads(r["prompt"])] for r in trained["heavy"])
+    assert all(r["weight"] == own[json.loads(r["prompt"])] for r in trained["plain"])
+    window = lines(data["heavy"].samples_path, "window")
+    assert window and {r["weight"] for r in window} == {1.0}  # the window's samples keep theirs
+    checked = lines(data["heavy"].eval_sets["anchor"], "anchor")
+    assert checked and all(r["weight"] == own[json.loads(r["prompt"])] for r in checked)

@@ -27,6 +27,7 @@ SCALED = replace(MAGPIE, scaling="windows")
 NEW_DEFAULT = replace(SCALED, anchor=0.2, clip=1.0)  # the scaled share, clipped, more anchors: the default of 5 Dec
 FISHER_ANCHOR = replace(NEW_DEFAULT, fisher=("window", "anchor"))  # and the Fisher of the anchor lines
 QV_UPDOWN = ("q_proj", "v_proj", "up_proj", "down_proj")  # LoRA on attention and MLP, as many modules as q/k/v/o
+QV_UPDOWN_R45 = replace(FISHER_ANCHOR, targets=QV_UPDOWN, replay_max=0.45)  # the default of 5 Dec 2026, 14:00
 ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
@@ -80,7 +81,19 @@ ROWS: dict[str, Method] = {
     "+fisher anchor qv updown": replace(FISHER_ANCHOR, targets=QV_UPDOWN),
     "+fisher anchor down": replace(FISHER_ANCHOR, targets=(*ATTENTION, "down_proj")),
     "+fisher anchor r0.45": replace(FISHER_ANCHOR, replay_max=0.45),
-    "+fisher anchor qv updown r0.45": replace(FISHER_ANCHOR, targets=QV_UPDOWN, replay_max=0.45),
+    "+fisher anchor qv updown r0.45": QV_UPDOWN_R45,
+    # On top of it: anchors weighing twice (the default of 5 Dec 2026, 17:00: learning.anchor_weight 2) or thrice
+    # in the loss and the Fisher (no more samples); more anchors in a job of that size or a little larger; a
+    # stronger penalty; distillation; the LoRA on v/o instead of q/v (q and k, where attention looks, untouched).
+    "+qv updown aw2": replace(QV_UPDOWN_R45, anchor_weight=2.0),
+    "+qv updown aw3": replace(QV_UPDOWN_R45, anchor_weight=3.0),
+    "+qv updown a0.3 r0.4": replace(QV_UPDOWN_R45, anchor=0.3, replay_max=0.4),
+    "+qv updown a0.3 r0.35": replace(QV_UPDOWN_R45, anchor=0.3, replay_max=0.35),
+    "+qv updown aw2 a0.25 r0.4": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor=0.25, replay_max=0.4),
+    "+qv updown aw2 spread": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_spread=True),
+    "+qv updown lambda 1000": replace(QV_UPDOWN_R45, lam=1000.0),
+    "+qv updown distill 0.5": replace(QV_UPDOWN_R45, distill=0.5),
+    "+fisher anchor vo updown r0.45": replace(QV_UPDOWN_R45, targets=("v_proj", "o_proj", "up_proj", "down_proj")),
     "naive mlp": Method(targets=ATTENTION + MLP),
     "ewc+replay mlp": replace(EWC_REPLAY, targets=ATTENTION + MLP),
     "+clip distill": replace(NEW_DEFAULT, distill=1.0),

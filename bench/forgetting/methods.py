@@ -45,6 +45,8 @@ class Method:
     fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
     balance: str = "pooled"  # ewc.fisher_balance: pooled, or each source an equal share of the importance
     targets: tuple[str, ...] = ATTENTION  # lora.target_modules
+    anchor_weight: float = 1.0  # each anchor sample's weight in the loss (the window's are 1)
+    anchor_spread: bool = False  # every pool anchor in every job, weighing as much in all as the job's share
     anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
@@ -57,7 +59,7 @@ def shipped() -> Method:
     return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
                   learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
-                  balance=ewc.fisher_balance, targets=tuple(lora.target_modules),
+                  balance=ewc.fisher_balance, targets=tuple(lora.target_modules), anchor_weight=learning.anchor_weight,
                   extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
@@ -85,9 +87,12 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
                                          method.anchor_min)  # fmt: skip
             replay, keep = _replay(rng, run.windows[:k], n_replay, method.selection)
             rows = [(item, "window") for item in window.train] + [(item, "replay") for item in replay]
-            rows += [(item, "anchor") for item in rng.sample(anchors, min(len(anchors), n_anchor))]
+            picked = rng.sample(anchors, min(len(anchors), n_anchor))
+            rows += [(item, "anchor") for item in (anchors if method.anchor_spread and picked else picked)]
             out = work / f"v{k + 1}"
             keep_spec = replace(method, extra={**method.extra, "replay_keep": keep}) if keep is not None else method
+            if method.anchor_spread and picked:
+                keep_spec = replace(keep_spec, anchor_weight=method.anchor_weight * len(picked) / len(anchors))
             jobs.append(_job(run, keep_spec, rows, out, parent, work / f"train{k + 1}.jsonl"))
             parent = out
         assert parent is not None
@@ -131,7 +136,7 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         base_model=str(run.base),
         parent_adapter=str(parent) if parent else None,
         parent_fisher=str(parent / "fisher.safetensors") if parent and method.lam > 0 else None,
-        samples_path=write_jsonl(samples, rows),
+        samples_path=write_jsonl(samples, rows, {"anchor": method.anchor_weight}),
         output_dir=str(out),
         lora={**LORA, "target_modules": list(method.targets)},
         training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},

@@ -68,10 +68,20 @@ def window_items(case: str, seed: int, train_n: int, holdout_n: int, facts_n: in
     return windows
 
 
-def write_jsonl(path: Path, rows: list[tuple[Item, str]]) -> str:
-    """A samples file (the trainer's format) of ``((prompt, completion), source)`` rows."""
+def write_jsonl(path: Path, rows: list[tuple[Item, str]], weights: dict[str, float] | None = None) -> str:
+    """A samples file (the trainer's format) of ``((prompt, completion), source)`` rows; ``weights`` by source
+    (1 where not given)."""
+    weight = weights or {}
     lines = [
-        json.dumps({"event_id": f"s{i}", "prompt": json.dumps(p), "completion": c, "weight": 1.0, "source": src})
+        json.dumps(
+            {
+                "event_id": f"s{i}",
+                "prompt": json.dumps(p),
+                "completion": c,
+                "weight": weight.get(src, 1.0),
+                "source": src,
+            }
+        )
         for i, ((p, c), src) in enumerate(rows)
     ]
     path.write_text("\n".join(lines) + "\n")

@@ -440,6 +440,12 @@ class LearningSettings(_Section):
     anchor_min_samples: int = Field(
         16, ge=0, description="Fewest anchor samples in a job (a small window's share would be a handful)."
     )
+    anchor_weight: float = Field(
+        2.0,
+        gt=0,
+        description="Factor on each anchor sample's weight in the job's loss and Fisher: the anchors pull harder "
+        "without more samples or time (see docs/learning.md).",
+    )
     max_user_share: float = Field(0.2, gt=0, le=1, description="Most of a window's weight one user may hold.")
     gate: bool = Field(True, description="Refuse candidates that do not improve or forget too much.")
     max_forgetting: float = Field(0.1, ge=0, description="Largest relative rise of retention loss released.")

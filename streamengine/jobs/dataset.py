@@ -87,8 +87,8 @@ def job_mix(window: int, replay_fraction: float, anchor_fraction: float, anchor_
     return round(replay_fraction * total), anchors
 
 
-def _anchor_lines(items: list[dict[str, Any]]) -> list[str]:
-    return [_line(i["event_id"], i["prompt"], i["completion"], i["weight"], 1, "anchor") for i in items]
+def _anchor_lines(items: list[dict[str, Any]], factor: float = 1.0) -> list[str]:
+    return [_line(i["event_id"], i["prompt"], i["completion"], i["weight"] * factor, 1, "anchor") for i in items]
 
 
 async def prepare(
@@ -126,7 +126,7 @@ async def prepare(
     picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), n_anchor))
 
     lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
-    lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked)
+    lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked, learning.anchor_weight)
     samples_path = folder / "samples.jsonl"
     eval_sets: dict[str, list[str]] = {
         "holdout": [_sample_line(s, "window") for s in holdout if s.label > 0],
