@@ -45,7 +45,7 @@ class Method:
     fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
     balance: str = "pooled"  # ewc.fisher_balance: pooled, or each source an equal share of the importance
     targets: tuple[str, ...] = ATTENTION  # lora.target_modules
-    anchor_weight: float = 1.0  # each anchor sample's weight in the loss (the window's are 1)
+    anchor_weight: float = 1.0  # each anchor sample's weight in the loss and Fisher (the window's are 1)
     anchor_spread: bool = False  # every pool anchor in every job, weighing as much in all as the job's share
     anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
@@ -87,12 +87,12 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
                                          method.anchor_min)  # fmt: skip
             replay, keep = _replay(rng, run.windows[:k], n_replay, method.selection)
             rows = [(item, "window") for item in window.train] + [(item, "replay") for item in replay]
-            picked = rng.sample(anchors, min(len(anchors), n_anchor))
-            rows += [(item, "anchor") for item in (anchors if method.anchor_spread and picked else picked)]
+            picked, spec = rng.sample(anchors, min(len(anchors), n_anchor)), method
+            if method.anchor_spread and picked:  # the whole pool, weighing in all what the picked anchors would
+                picked, spec = anchors, replace(method, anchor_weight=method.anchor_weight * len(picked) / len(anchors))
+            rows += [(item, "anchor") for item in picked]
             out = work / f"v{k + 1}"
-            keep_spec = replace(method, extra={**method.extra, "replay_keep": keep}) if keep is not None else method
-            if method.anchor_spread and picked:
-                keep_spec = replace(keep_spec, anchor_weight=method.anchor_weight * len(picked) / len(anchors))
+            keep_spec = replace(spec, extra={**spec.extra, "replay_keep": keep}) if keep is not None else spec
             jobs.append(_job(run, keep_spec, rows, out, parent, work / f"train{k + 1}.jsonl"))
             parent = out
         assert parent is not None
