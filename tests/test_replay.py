@@ -17,6 +17,7 @@ import pytest
 
 from streamengine.config.settings import LearningSettings, Settings
 from streamengine.core.replay import CANDIDATES_PER_SAMPLE, pick_balanced, replay_share
+from streamengine.core.samples import is_holdout
 from streamengine.jobs import dataset
 from streamengine.store.db import Database
 
@@ -153,3 +154,36 @@ async def test_job_anchor_lines_weigh_learning_anchor_weight_times_their_own(mak
     assert window and {r["weight"] for r in window} == {1.0}  # the window's samples keep theirs
     checked = lines(data["heavy"].eval_sets["anchor"], "anchor")
     assert checked and all(r["weight"] == own[json.loads(r["prompt"])] for r in checked)
+
+
+@pytest.mark.integration
+async def test_anchor_rotation_puts_the_whole_pool_in_the_job_and_the_picked_count_in_the_spec(
+    make_settings, tmp_path
+) -> None:
+    """``learning.anchor_rotation``: the samples file holds every pool anchor (the gate's half stays out) and
+    ``anchor_per_epoch`` is how many the share picks."""
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps({"prompt": f"copy w{i}", "completion": f"w{i}"}) + "\n" for i in range(64)))
+    base = {"min_holdout_samples": 0, "anchor_fraction": 0.2, "anchor_min_samples": 0, "anchor_path": str(anchors)}
+    picked, rotated = (make_settings(learning={**base, "anchor_rotation": on}) for on in (False, True))
+    db = await Database.connect(picked.database)
+    try:
+        window_id = (await _line_with_windows(db, picked.model.name, 1))[0]
+        data = {}
+        for name, settings in (("picked", picked), ("rotated", rotated)):
+            await asyncio.to_thread((tmp_path / name).mkdir)
+            data[name] = await dataset.prepare(db, settings, 7, settings.model.name, window_id, tmp_path / name,
+                                               anchor_path=anchors)  # fmt: skip
+    finally:
+        await db.close()
+
+    def anchor_ids(path: Path) -> list[str]:
+        return [row["event_id"] for row in map(json.loads, path.read_text().splitlines()) if row["source"] == "anchor"]
+
+    share = round(0.2 * WINDOW_FACTS * COPIES / 0.8)
+    pool = [f"anchor-{n}" for n in range(1, 65) if not is_holdout(f"anchor-{n}", 0.5)]
+    few, every = anchor_ids(data["picked"].samples_path), anchor_ids(data["rotated"].samples_path)
+    assert len(few) == share < len(pool) and data["picked"].anchor_per_epoch is None
+    assert sorted(every) == sorted(pool) and data["rotated"].anchor_per_epoch == share
+    assert data["rotated"].counts["anchor"] == len(pool)
+    assert set(anchor_ids(data["rotated"].eval_sets["anchor"])).isdisjoint(every)

@@ -1,5 +1,5 @@
 """Issue 13's training options on a real tiny Llama: replay chosen by loss, orthogonality to the parent's
-LoRA A (O-LoRA style) and averaging with the parent (each off by default)."""
+LoRA A (O-LoRA style), averaging with the parent and anchor rotation (each off by default)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from streamengine.training.launch import training_command  # noqa: E402
 from streamengine.training.orthogonal import OrthogonalPenalty  # noqa: E402
 from streamengine.training.recipe import set_up, train  # noqa: E402
 from streamengine.training.replay_pick import highest  # noqa: E402
+from streamengine.training.rotation import epoch_rows, lines_per_epoch  # noqa: E402
 from streamengine.training.spec import Progress, TrainResult, TrainSpec  # noqa: E402
 from tests.training_tools import make_spec, run_command, write_samples, write_spec  # noqa: E402
 
@@ -28,6 +29,8 @@ KNOWN: list[tuple[Any, ...]] = [
     (f"q {w}", "ok") for w in ("alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "nu")
 ]
 NEW: list[tuple[Any, ...]] = [("What is 3+3?", "six"), ("Capital of Italy?", "Rome"), ("Opposite of up", "down")]
+# The anchor lines four epochs of anchor_per_epoch 2 draw from a pool of 8 (torch.Generator seed 0).
+SEEN_IN_FOUR_EPOCHS = [3, 7, 8, 9, 10]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +179,41 @@ def test_replay_keep_trains_on_the_candidates_the_parent_knows_worst(
     assert (every.replay_candidates, every.replay_kept, every.samples, every.replay_pick_seconds) == (6, 6, 8, 0.0)
     spec.replay_keep = 0
     assert [e.event_id for e in set_up(spec).examples] == ["e0", "e1"]
+
+
+def test_epoch_rows_keep_every_other_line_and_draw_the_anchors_afresh_each_epoch() -> None:
+    anchors = [3, 4, 5, 6, 7, 8, 9, 10]  # lines 0-2 are window or replay lines
+    generator = torch.Generator().manual_seed(0)
+    epochs = [epoch_rows(11, anchors, 2, generator) for _ in range(4)]
+    for rows in epochs:
+        assert rows[:3] == [0, 1, 2] and len(rows) == 5 and set(rows[3:]) <= set(anchors)
+    assert sorted({i for rows in epochs for i in rows[3:]}) == SEEN_IN_FOUR_EPOCHS
+    again = torch.Generator().manual_seed(0)
+    assert [epoch_rows(11, anchors, 2, again) for _ in range(4)] == epochs
+    untouched = torch.Generator().manual_seed(0)
+    assert epoch_rows(11, anchors, None, untouched) == epoch_rows(11, anchors, 8, untouched) == list(range(11))
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert (lines_per_epoch(11, anchors, 2), lines_per_epoch(11, anchors, 8), lines_per_epoch(11, [], 2)) == (5, 11, 11)
+
+
+def test_anchor_rotation_trains_each_epoch_on_a_draw_of_the_pool_and_the_fisher_on_all_of_it(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    pool = [(f"copy {w}", w, 1.0, 1, "anchor") for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
+    rows = [*NEW, *pool]
+    results = {}
+    for per_epoch in (None, 2):
+        spec = make_spec(tiny_base, write_samples(tmp_path / "rows.jsonl", rows), tmp_path / f"{per_epoch}",
+                         epochs=4, batch_size=5)  # fmt: skip
+        spec.ewc.fisher_sources = ["window", "anchor"]
+        spec.anchor_per_epoch = per_epoch
+        results[per_epoch] = train(spec)
+    full, rotated = results[None], results[2]
+    assert (full.steps, rotated.steps) == (12, 4)  # 11 lines a epoch in 3 batches of 5; 3 + 2 lines in one
+    assert full.samples == rotated.samples == 11
+    assert rotated.tokens < full.tokens / 2
+    for name in (None, 2):  # the Fisher counts every anchor line of the file, drawn or not
+        assert load_fisher(tmp_path / f"{name}" / FISHER_FILE).meta["samples"] == "11"
 
 
 # --- several processes -----------------------------------------------------------------------------------

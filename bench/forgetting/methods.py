@@ -47,6 +47,7 @@ class Method:
     targets: tuple[str, ...] = ATTENTION  # lora.target_modules
     anchor_weight: float = 1.0  # each anchor sample's weight in the loss and Fisher (the window's are 1)
     anchor_spread: bool = False  # every pool anchor in every job, weighing as much in all as the job's share
+    anchor_rotation: bool = False  # learning.anchor_rotation: the whole pool in the job, a fresh draw each epoch
     anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
@@ -60,7 +61,7 @@ def shipped() -> Method:
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
                   learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
                   balance=ewc.fisher_balance, targets=tuple(lora.target_modules), anchor_weight=learning.anchor_weight,
-                  extra={k: v for k, v in extra.items() if v})  # fmt: skip
+                  anchor_rotation=learning.anchor_rotation, extra={k: v for k, v in extra.items() if v})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
             picked, spec = rng.sample(anchors, min(len(anchors), n_anchor)), method
             if method.anchor_spread and picked:  # the whole pool, weighing in all what the picked anchors would
                 picked, spec = anchors, replace(method, anchor_weight=method.anchor_weight * len(picked) / len(anchors))
+            if method.anchor_rotation and picked:  # the whole pool, as many of it each epoch as were picked
+                spec = replace(spec, extra={**spec.extra, "anchor_per_epoch": len(picked)})
+                picked = anchors
             rows += [(item, "anchor") for item in picked]
             out = work / f"v{k + 1}"
             keep_spec = replace(spec, extra={**spec.extra, "replay_keep": keep}) if keep is not None else spec

@@ -446,6 +446,11 @@ class LearningSettings(_Section):
         description="Factor on each anchor sample's weight in the job's loss and Fisher: the anchors pull harder "
         "without more samples or time (see docs/learning.md).",
     )
+    anchor_rotation: bool = Field(
+        False,
+        description="Put the whole anchor pool in each job and train each epoch on a fresh draw of as many "
+        "anchors as the share picks: every anchor is seen at the step count of a few (see docs/learning.md).",
+    )
     max_user_share: float = Field(0.2, gt=0, le=1, description="Most of a window's weight one user may hold.")
     gate: bool = Field(True, description="Refuse candidates that do not improve or forget too much.")
     max_forgetting: float = Field(0.1, ge=0, description="Largest relative rise of retention loss released.")

@@ -29,6 +29,7 @@ class JobData:
     counts: dict[str, int] = field(default_factory=dict)
     capped_weight: float = 0.0
     replay_keep: int | None = None  # replay_selection loss: the replay lines are candidates, this many kept
+    anchor_per_epoch: int | None = None  # anchor_rotation: the anchor lines are the pool, this many per epoch
 
 
 def _line(event_id: str, prompt: str, completion: str, weight: float, label: int, source: str) -> str:
@@ -124,6 +125,9 @@ async def prepare(
     n_replay, n_anchor = job_mix(len(train), share, anchor_share, learning.anchor_min_samples)
     replay, replay_keep = await _replay(db, learning, model, window_id, n_replay, f"replay-{job_id}")
     picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), n_anchor))
+    per_epoch = len(picked) if learning.anchor_rotation and len(picked) < len(anchor_pool) else None
+    if per_epoch is not None:  # the whole pool, in the same seeded order; the trainer draws per epoch
+        picked = random.Random(job_id).sample(anchor_pool, len(anchor_pool))
 
     lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
     lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked, learning.anchor_weight)
@@ -148,7 +152,7 @@ async def prepare(
     await asyncio.to_thread(write)
     counts = {"window": len(train), "replay": len(replay), "anchor": len(picked)}
     counts.update({f"eval_{name}": len(rows) for name, rows in eval_sets.items()})
-    return JobData(samples_path, paths, counts, capped, replay_keep)
+    return JobData(samples_path, paths, counts, capped, replay_keep, per_epoch)
 
 
 async def _replay(db: Database, learning: LearningSettings, model: str, window_id: int, n: int,

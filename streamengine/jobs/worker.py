@@ -209,6 +209,7 @@ class Worker:
             parent_average=line.learning.parent_average,
             orthogonal_weight=line.learning.orthogonal_weight,
             replay_keep=data.replay_keep,
+            anchor_per_epoch=data.anchor_per_epoch,
         )
         spec_path = folder / "spec.json"
         await asyncio.to_thread(spec.write, spec_path)

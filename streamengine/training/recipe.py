@@ -9,7 +9,8 @@
 2. :func:`measure_before`: the weighted NLL on the training samples and on every eval set (eval mode, no
    dropout), at the parent adapter or the base, and on the ``base_sets`` at the base itself (adapter off);
    for KTO also the reference log-probabilities.
-3. :func:`train_loop`: AdamW for ``epochs``. Task loss: SFT (each desirable sample's mean token NLL over
+3. :func:`train_loop`: AdamW for ``epochs`` (with ``anchor_per_epoch``, each epoch a fresh draw of the anchor
+   lines: :mod:`rotation`). Task loss: SFT (each desirable sample's mean token NLL over
    its completion tokens times its weight, over the batch's weight sum) or KTO (:mod:`kto`, against the
    model as it was at step 0), plus the distillation term on anchor samples (:mod:`distill`). Plus the EWC
    penalty from the parent's Fisher (:mod:`ewc`), the orthogonality penalty (:mod:`orthogonal`) and any
@@ -72,6 +73,7 @@ from streamengine.training.model import BaseCache, dtype_for, load_for_training
 from streamengine.training.orthogonal import OrthogonalPenalty
 from streamengine.training.quant import check_quantized_gradients
 from streamengine.training.replay_pick import ReplayPick, pick_replay
+from streamengine.training.rotation import epoch_rows, lines_per_epoch
 from streamengine.training.spec import Progress, TrainResult, TrainSpec, event_line
 
 __all__ = [
@@ -267,7 +269,9 @@ def train_loop(setup: Setup, reference: KtoReference | None, progress: ProgressC
     trainable = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     step_model, optimizer = dist.prepare(setup.model, optimizer)
-    total_steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
+    anchors = [i for i, e in enumerate(setup.examples) if e.source == "anchor"]
+    per_epoch = lines_per_epoch(len(encoded), anchors, setup.spec.anchor_per_epoch)
+    total_steps = cfg.epochs * math.ceil(per_epoch / cfg.batch_size)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     step = tokens = 0
     penalty = epoch_loss = epoch_weight = 0.0
@@ -276,8 +280,9 @@ def train_loop(setup: Setup, reference: KtoReference | None, progress: ProgressC
     try:
         for epoch in range(1, cfg.epochs + 1):
             epoch_loss = epoch_weight = 0.0
-            order = torch.randperm(len(encoded), generator=shuffle).tolist()
-            for indices in batches(list(range(len(encoded))), order, cfg.batch_size):
+            rows = epoch_rows(len(encoded), anchors, setup.spec.anchor_per_epoch, shuffle)
+            order = torch.randperm(len(rows), generator=shuffle).tolist()
+            for indices in batches(rows, order, cfg.batch_size):
                 step += 1
                 batch_weight = sum(encoded[i].weight for i in indices)
                 where = f"step {step}/{total_steps} (epoch {epoch})"

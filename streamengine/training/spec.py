@@ -106,6 +106,13 @@ class TrainSpec(_SpecFile):
         "ties: the earlier line) and drop the others before training. None, or no more candidates than "
         "replay_keep: every line stays, none is scored.",
     )
+    anchor_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Anchor rotation: each epoch trains on every other line and on this many of the `anchor` "
+        "lines, a fresh seeded draw per epoch, so the job sees many anchors at the step count of a few. None, "
+        "or no more anchor lines than this: every line every epoch.",
+    )
 
 
 class Progress(BaseModel):
