@@ -128,6 +128,7 @@ async def test_job_anchor_lines_weigh_learning_anchor_weight_times_their_own(mak
     items = [{"prompt": f"copy w{i}", "completion": f"w{i}", **({"weight": 0.5} if i % 2 else {})} for i in range(64)]
     anchors.write_text("\n".join(json.dumps(item) for item in items) + "\n")
     base = {"min_holdout_samples": 0, "anchor_fraction": 0.2, "anchor_min_samples": 0, "anchor_path": str(anchors)}
+    base["anchor_rotation"] = False  # the picked anchors only (rotation: tested below)
     plain, heavy = (make_settings(learning={**base, "anchor_weight": w}) for w in (1.0, 3.0))
     db = await Database.connect(plain.database)
     try:
@@ -185,5 +186,6 @@ async def test_anchor_rotation_puts_the_whole_pool_in_the_job_and_the_picked_cou
     few, every = anchor_ids(data["picked"].samples_path), anchor_ids(data["rotated"].samples_path)
     assert len(few) == share < len(pool) and data["picked"].anchor_per_epoch is None
     assert sorted(every) == sorted(pool) and data["rotated"].anchor_per_epoch == share
-    assert data["rotated"].counts["anchor"] == len(pool)
+    assert data["rotated"].counts["anchor"] == len(pool) and data["rotated"].counts["anchor_per_epoch"] == share
+    assert "anchor_per_epoch" not in data["picked"].counts
     assert set(anchor_ids(data["rotated"].eval_sets["anchor"])).isdisjoint(every)

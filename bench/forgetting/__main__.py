@@ -21,8 +21,9 @@ for given bases and seeds on one machine.
    prompts answered by the base), ``+scaled a0.2 clip`` (the second default) and ``+fisher ...`` on top of it
    (the Fisher also of the anchor lines: the third default; with other strengths, shares, set sizes and the
    Fisher's balance, and the LoRA on the MLP: ``+fisher anchor qv updown r0.45``, the fourth default), ``+qv
-   updown ...`` on top of that (the anchors' weight, share, penalty, distillation: ``+qv updown aw2`` is the
-   default now),
+   updown ...`` on top of that (the anchors' weight, share, penalty, distillation: ``+qv updown aw2``, the
+   fifth default), ``+aw2 rotation`` (each epoch a fresh draw from the whole anchor pool: the default now) and
+   ``+rotation aw1`` / ``aw1.5`` (rotated anchors weighing 1 or 1.5),
    ``default`` (the shipped settings, no user anchor set or prompt file) and
    ``joint`` (one job on all windows, the upper bound for the windows); ``joint-long`` (twice the epochs) and
    ``joint-slow`` (twice the epochs at a third of the learning rate) check that joint is converged and stable.

@@ -447,9 +447,10 @@ class LearningSettings(_Section):
         "without more samples or time (see docs/learning.md).",
     )
     anchor_rotation: bool = Field(
-        False,
+        True,
         description="Put the whole anchor pool in each job and train each epoch on a fresh draw of as many "
-        "anchors as the share picks: every anchor is seen at the step count of a few (see docs/learning.md).",
+        "anchors as the share picks: every anchor is seen at the step count of a few (see docs/learning.md). "
+        "false: the job trains on the picked anchors only.",
     )
     max_user_share: float = Field(0.2, gt=0, le=1, description="Most of a window's weight one user may hold.")
     gate: bool = Field(True, description="Refuse candidates that do not improve or forget too much.")

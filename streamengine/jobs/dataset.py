@@ -125,8 +125,8 @@ async def prepare(
     n_replay, n_anchor = job_mix(len(train), share, anchor_share, learning.anchor_min_samples)
     replay, replay_keep = await _replay(db, learning, model, window_id, n_replay, f"replay-{job_id}")
     picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), n_anchor))
-    per_epoch = len(picked) if learning.anchor_rotation and len(picked) < len(anchor_pool) else None
-    if per_epoch is not None:  # the whole pool, in the same seeded order; the trainer draws per epoch
+    per_epoch = len(picked) if learning.anchor_rotation and 0 < len(picked) < len(anchor_pool) else None
+    if per_epoch is not None:  # the whole pool (in a seeded order); the trainer draws per_epoch of it each epoch
         picked = random.Random(job_id).sample(anchor_pool, len(anchor_pool))
 
     lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
@@ -151,6 +151,7 @@ async def prepare(
 
     await asyncio.to_thread(write)
     counts = {"window": len(train), "replay": len(replay), "anchor": len(picked)}
+    counts.update({"anchor_per_epoch": per_epoch} if per_epoch is not None else {})
     counts.update({f"eval_{name}": len(rows) for name, rows in eval_sets.items()})
     return JobData(samples_path, paths, counts, capped, replay_keep, per_epoch)
 
