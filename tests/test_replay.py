@@ -120,6 +120,26 @@ async def test_job_replay_under_each_setting(make_settings, tmp_path) -> None:
         await db.close()
 
 
+async def _prepare_each(settings: dict[str, Settings], anchors: Path, tmp_path: Path) -> dict[str, dataset.JobData]:
+    """Job 7's data for one window of a fresh line, under each of ``settings`` (one folder per name)."""
+    first = next(iter(settings.values()))
+    db = await Database.connect(first.database)
+    try:
+        window_id = (await _line_with_windows(db, first.model.name, 1))[0]
+        data = {}
+        for name, cfg in settings.items():
+            await asyncio.to_thread((tmp_path / name).mkdir)
+            data[name] = await dataset.prepare(db, cfg, 7, cfg.model.name, window_id, tmp_path / name,
+                                               anchor_path=anchors)  # fmt: skip
+        return data
+    finally:
+        await db.close()
+
+
+def _lines_of(path: Path, source: str) -> list[dict[str, Any]]:
+    return [row for row in map(json.loads, path.read_text().splitlines()) if row["source"] == source]
+
+
 @pytest.mark.integration
 async def test_job_anchor_lines_weigh_learning_anchor_weight_times_their_own(make_settings, tmp_path) -> None:
     """``learning.anchor_weight`` scales the anchors' training lines only: the gate's anchor check keeps the
@@ -130,30 +150,17 @@ async def test_job_anchor_lines_weigh_learning_anchor_weight_times_their_own(mak
     base = {"min_holdout_samples": 0, "anchor_fraction": 0.2, "anchor_min_samples": 0, "anchor_path": str(anchors)}
     base["anchor_rotation"] = False  # the picked anchors only (rotation: tested below)
     plain, heavy = (make_settings(learning={**base, "anchor_weight": w}) for w in (1.0, 3.0))
-    db = await Database.connect(plain.database)
-    try:
-        window_id = (await _line_with_windows(db, plain.model.name, 1))[0]
-        data = {}
-        for name, settings in (("plain", plain), ("heavy", heavy)):
-            await asyncio.to_thread((tmp_path / name).mkdir)
-            data[name] = await dataset.prepare(db, settings, 7, settings.model.name, window_id, tmp_path / name,
-                                               anchor_path=anchors)  # fmt: skip
-    finally:
-        await db.close()
-
-    def lines(path: Path, source: str) -> list[dict[str, Any]]:
-        return [row for row in map(json.loads, path.read_text().splitlines()) if row["source"] == source]
-
+    data = await _prepare_each({"plain": plain, "heavy": heavy}, anchors, tmp_path)
     own = {f"copy w{i}": item.get("weight", 1.0) for i, item in enumerate(items)}
-    trained = {name: lines(d.samples_path, "anchor") for name, d in data.items()}
+    trained = {name: _lines_of(d.samples_path, "anchor") for name, d in data.items()}
     assert len(trained["heavy"]) == data["heavy"].counts["anchor"] == round(0.2 * WINDOW_FACTS * COPIES / 0.8)
     assert [r["event_id"] for r in trained["heavy"]] == [r["event_id"] for r in trained["plain"]]  # same pick
     assert {r["weight"] for r in trained["heavy"]} == {1.5, 3.0}
     assert all(r["weight"] == 3.0 * own[json.loads(r["prompt"])] for r in trained["heavy"])
     assert all(r["weight"] == own[json.loads(r["prompt"])] for r in trained["plain"])
-    window = lines(data["heavy"].samples_path, "window")
+    window = _lines_of(data["heavy"].samples_path, "window")
     assert window and {r["weight"] for r in window} == {1.0}  # the window's samples keep theirs
-    checked = lines(data["heavy"].eval_sets["anchor"], "anchor")
+    checked = _lines_of(data["heavy"].eval_sets["anchor"], "anchor")
     assert checked and all(r["weight"] == own[json.loads(r["prompt"])] for r in checked)
 
 
@@ -167,19 +174,10 @@ async def test_anchor_rotation_puts_the_whole_pool_in_the_job_and_the_picked_cou
     anchors.write_text("".join(json.dumps({"prompt": f"copy w{i}", "completion": f"w{i}"}) + "\n" for i in range(64)))
     base = {"min_holdout_samples": 0, "anchor_fraction": 0.2, "anchor_min_samples": 0, "anchor_path": str(anchors)}
     picked, rotated = (make_settings(learning={**base, "anchor_rotation": on}) for on in (False, True))
-    db = await Database.connect(picked.database)
-    try:
-        window_id = (await _line_with_windows(db, picked.model.name, 1))[0]
-        data = {}
-        for name, settings in (("picked", picked), ("rotated", rotated)):
-            await asyncio.to_thread((tmp_path / name).mkdir)
-            data[name] = await dataset.prepare(db, settings, 7, settings.model.name, window_id, tmp_path / name,
-                                               anchor_path=anchors)  # fmt: skip
-    finally:
-        await db.close()
+    data = await _prepare_each({"picked": picked, "rotated": rotated}, anchors, tmp_path)
 
     def anchor_ids(path: Path) -> list[str]:
-        return [row["event_id"] for row in map(json.loads, path.read_text().splitlines()) if row["source"] == "anchor"]
+        return [row["event_id"] for row in _lines_of(path, "anchor")]
 
     share = round(0.2 * WINDOW_FACTS * COPIES / 0.8)
     pool = [f"anchor-{n}" for n in range(1, 65) if not is_holdout(f"anchor-{n}", 0.5)]

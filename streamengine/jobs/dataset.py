@@ -124,10 +124,10 @@ async def prepare(
     share = replay_share(learning.replay_fraction, earlier, learning.replay_scaling, learning.max_replay_fraction)
     n_replay, n_anchor = job_mix(len(train), share, anchor_share, learning.anchor_min_samples)
     replay, replay_keep = await _replay(db, learning, model, window_id, n_replay, f"replay-{job_id}")
-    picked = random.Random(job_id).sample(anchor_pool, min(len(anchor_pool), n_anchor))
-    per_epoch = len(picked) if learning.anchor_rotation and 0 < len(picked) < len(anchor_pool) else None
-    if per_epoch is not None:  # the whole pool (in a seeded order); the trainer draws per_epoch of it each epoch
-        picked = random.Random(job_id).sample(anchor_pool, len(anchor_pool))
+    n_picked = min(len(anchor_pool), n_anchor)
+    # Rotation: the whole pool (in a seeded order) goes in, and the trainer draws n_picked of it each epoch.
+    per_epoch = n_picked if learning.anchor_rotation and 0 < n_picked < len(anchor_pool) else None
+    picked = random.Random(job_id).sample(anchor_pool, n_picked if per_epoch is None else len(anchor_pool))
 
     lines = [_sample_line(s, "window", s.weight * factors.get(s.user_id or "", 1.0)) for s in train]
     lines += [_sample_line(s, "replay") for s in replay] + _anchor_lines(picked, learning.anchor_weight)
