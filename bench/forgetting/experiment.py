@@ -95,13 +95,18 @@ ROWS: dict[str, Method] = {
     "+qv updown distill 0.5": replace(QV_UPDOWN_R45, distill=0.5),
     # Anchor rotation (learning.anchor_rotation; the default of 5 Dec 2026, 20:00: +aw2 rotation): the job holds
     # the whole anchor pool and each epoch trains on a fresh draw of as many as it would have picked, so it sees
-    # nearly every anchor at the same step count; with more anchors, or the anchors weighing 1 or 1.5.
+    # nearly every anchor at the same step count; with more anchors, or the anchors weighing 1, 1.5 or 1.75; a pool
+    # of twice the pick instead of the whole; a weaker or stronger penalty (the newest `shared` window, Step 2).
     "+aw2 rotation": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True),
     "+aw2 rotation a0.25 r0.4": replace(
         QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, anchor=0.25, replay_max=0.4
     ),
     "+rotation aw1": replace(QV_UPDOWN_R45, anchor_rotation=True),
     "+rotation aw1.5": replace(QV_UPDOWN_R45, anchor_weight=1.5, anchor_rotation=True),
+    "+rotation aw1.75": replace(QV_UPDOWN_R45, anchor_weight=1.75, anchor_rotation=True),
+    "+aw2 rotation pool2": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, rotation_pool=2),
+    "+aw2 rotation lambda 250": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, lam=250.0),
+    "+aw2 rotation lambda 1000": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, lam=1000.0),
     "+fisher anchor vo updown r0.45": replace(QV_UPDOWN_R45, targets=("v_proj", "o_proj", "up_proj", "down_proj")),
     "naive mlp": Method(targets=ATTENTION + MLP),
     "ewc+replay mlp": replace(EWC_REPLAY, targets=ATTENTION + MLP),

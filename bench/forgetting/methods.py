@@ -48,6 +48,7 @@ class Method:
     anchor_weight: float = 1.0  # each anchor sample's weight in the loss and Fisher (the window's are 1)
     anchor_spread: bool = False  # every pool anchor in every job, weighing as much in all as the job's share
     anchor_rotation: bool = False  # learning.anchor_rotation: the whole pool in the job, a fresh draw each epoch
+    rotation_pool: int = 0  # with rotation, the pool as a multiple of the pick (0: the whole anchor pool)
     anchor_scale: int = 1  # the self-anchor set's size as a multiple of the benchmark's (sizes["anchor_set"])
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainSpec fields
 
@@ -93,7 +94,8 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
                 picked, spec = anchors, replace(method, anchor_weight=method.anchor_weight * len(picked) / len(anchors))
             if method.anchor_rotation and picked:  # the whole pool, as many of it each epoch as were picked
                 spec = replace(spec, extra={**spec.extra, "anchor_per_epoch": len(picked)})
-                picked = anchors
+                pool = method.rotation_pool * len(picked)
+                picked = rng.sample(anchors, min(pool, len(anchors))) if pool else anchors
             rows += [(item, "anchor") for item in picked]
             out = work / f"v{k + 1}"
             keep_spec = replace(spec, extra={**spec.extra, "replay_keep": keep}) if keep is not None else spec
