@@ -23,7 +23,8 @@ for given bases and seeds on one machine.
    Fisher's balance, and the LoRA on the MLP: ``+fisher anchor qv updown r0.45``, the fourth default), ``+qv
    updown ...`` on top of that (the anchors' weight, share, penalty, distillation: ``+qv updown aw2``, the
    fifth default), ``+aw2 rotation`` (each epoch a fresh draw from the whole anchor pool: the default now) and
-   ``+rotation aw1`` / ``aw1.5`` (rotated anchors weighing 1 or 1.5),
+   variants of it (``+rotation aw1`` / ``aw1.5`` / ``aw1.75``: rotated anchors weighing less; ``+aw2 rotation
+   pool2``: a pool of twice the pick; ``+aw2 rotation lambda 250`` / ``1000``: a weaker or stronger penalty),
    ``default`` (the shipped settings, no user anchor set or prompt file) and
    ``joint`` (one job on all windows, the upper bound for the windows); ``joint-long`` (twice the epochs) and
    ``joint-slow`` (twice the epochs at a third of the learning rate) check that joint is converged and stable.
