@@ -32,6 +32,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 @dataclass(frozen=True)
 class Method:
     lam: float = 0.0  # EWC lambda (sum units)
+    gamma: float = 1.0  # ewc.gamma: each job's decay of the parent's importances (online EWC)
     replay: float = 0.0  # replay share of each job's samples (per earlier window with scaling "windows")
     scaling: ReplayScaling = "fixed"
     replay_max: float = 0.5  # the largest replay share with scaling "windows"
@@ -58,7 +59,7 @@ def shipped() -> Method:
     learning, ewc, training, lora = LearningSettings(), EwcSettings(), TrainingSettings(), LoraSettings()
     anchors = "self" if learning.self_anchor.enabled else "none"
     extra = {"parent_average": learning.parent_average, "orthogonal_weight": learning.orthogonal_weight}
-    return Method(ewc.lambda_, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
+    return Method(ewc.lambda_, ewc.gamma, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
                   learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
                   learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
                   balance=ewc.fisher_balance, targets=tuple(lora.target_modules), anchor_weight=learning.anchor_weight,
@@ -146,7 +147,12 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         output_dir=str(out),
         lora={**LORA, "target_modules": list(method.targets)},
         training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},
-        ewc={"lambda": method.lam, "fisher_sources": list(method.fisher), "fisher_balance": method.balance},
+        ewc={
+            "lambda": method.lam,
+            "gamma": method.gamma,
+            "fisher_sources": list(method.fisher),
+            "fisher_balance": method.balance,
+        },
         distill={"weight": method.distill},
         compute_fisher=method.lam > 0,
         eval_sets={"anchor": gate},
