@@ -171,7 +171,7 @@ def test_recipe_writes_the_window_and_anchor_fisher_and_compute_fisher_file_agre
     assert result.samples == 4 and result.fisher_seconds > 0
     fisher = load_fisher(tmp_path / "v1" / FISHER_FILE)
     assert fisher.meta["samples"] == "3" and float(fisher.meta["weight"]) == 4.0  # window and anchor: the default
-    assert fisher.meta["normalize"] == "sum" and fisher.meta["windows"] == "1"  # the default
+    assert (fisher.meta["normalize"], fisher.meta["gamma"], fisher.meta["windows"]) == ("sum", "1.0", "1")  # defaults
     assert sum(float(t.sum()) for t in fisher.importance.values()) == pytest.approx(1.0, rel=1e-5)
 
     sources = ("window", "anchor")
@@ -189,6 +189,12 @@ def test_recipe_writes_the_window_and_anchor_fisher_and_compute_fisher_file_agre
     expected = {n: 1.25 * t for n, t in fisher.importance.items()}
     assert relative_error(load_fisher(chained).importance, expected) < 1e-5
     assert load_fisher(chained).meta["windows"] == "2"
+    defaulted = compute_fisher_file(  # gamma from the settings (ewc.gamma 1.0)
+        str(tiny_base), tmp_path / "v1", samples, tmp_path / "defaulted.safetensors", again, sources=sources,
+        device="cpu",
+    )  # fmt: skip
+    expected = {n: 2.0 * t for n, t in fisher.importance.items()}
+    assert relative_error(load_fisher(defaulted).importance, expected) < 1e-5
     only_replay = write_samples(tmp_path / "r.jsonl", [("q", "a", 1.0, 1, "replay")])
     with pytest.raises(TrainingError, match="no desirable window/anchor sample"):
         compute_fisher_file(str(tiny_base), tmp_path / "v1", only_replay, tmp_path / "x.safetensors",

@@ -26,7 +26,7 @@ for given bases and seeds on one machine.
    variants of it (``+rotation aw1`` / ``aw1.5`` / ``aw1.75``: rotated anchors weighing less; ``+aw2 rotation
    pool2``: a pool of twice the pick; ``+aw2 rotation lambda 250`` / ``1000``: a weaker or stronger penalty;
    ``+rotation aw1.75 lambda 1000``; ``+aw2 rotation gamma 0.5`` / ``0.8``: the parent's Fisher decayed,
-   ``ewc.gamma``: 0.5 is the default now),
+   ``ewc.gamma``),
    ``default`` (the shipped settings, no user anchor set or prompt file) and
    ``joint`` (one job on all windows, the upper bound for the windows); ``joint-long`` (twice the epochs) and
    ``joint-slow`` (twice the epochs at a third of the learning rate) check that joint is converged and stable.

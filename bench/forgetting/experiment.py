@@ -107,8 +107,8 @@ ROWS: dict[str, Method] = {
     "+aw2 rotation pool2": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, rotation_pool=2),
     "+aw2 rotation lambda 250": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, lam=250.0),
     "+aw2 rotation lambda 1000": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, lam=1000.0),
-    # The parent's Fisher decayed (ewc.gamma; 0.5 is the default of 6 Dec 2026), and anchors weighing 1.75 with a
-    # stronger penalty (the newest `shared` window with `facts`' base skill: Step 2, "Online-EWC decay").
+    # The parent's Fisher decayed (ewc.gamma), and anchors weighing 1.75 with a stronger penalty: the newest `shared`
+    # window with `facts`' base skill (Step 2, "Online-EWC decay"; neither kept).
     "+aw2 rotation gamma 0.5": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, gamma=0.5),
     "+aw2 rotation gamma 0.8": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, gamma=0.8),
     "+rotation aw1.75 lambda 1000": replace(QV_UPDOWN_R45, anchor_weight=1.75, anchor_rotation=True, lam=1000.0),

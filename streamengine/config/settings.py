@@ -287,7 +287,15 @@ class LoraSettings(_Section):
 
 class EwcSettings(_Section):
     lambda_: float = Field(500.0, alias="lambda", ge=0, description="EWC strength.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Online-EWC decay of earlier importances.")
+    # 1.0 (every window at full weight): 0.5 learned a newest window that 1.0 missed and lost earlier conflicting
+    # windows on more runs (docs/learning.md, "Online-EWC decay").
+    gamma: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Online-EWC decay: each version's Fisher is gamma times its parent's plus its own window's "
+        "(1.0: every window at full weight, the pull growing with each version).",
+    )
     normalize: Literal["none", "mean", "sum"] = Field(
         "sum",
         description="Scale of each window's Fisher before it is accumulated: `sum` to sum 1 over the LoRA "

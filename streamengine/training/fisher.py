@@ -315,8 +315,8 @@ def compute_fisher_file(
     samples_path: str | Path,
     out_path: str | Path,
     parent_fisher: str | Path | None = None,
-    gamma: float = 1.0,
-    normalize: str = "sum",
+    gamma: float | None = None,
+    normalize: str | None = None,
     *,
     sources: Collection[str],
     balance: str = "pooled",
@@ -331,9 +331,10 @@ def compute_fisher_file(
     positive-weight lines of ``samples_path`` from ``sources`` (:func:`fisher_example`, shared out as ``balance``
     says: :func:`lines_fisher`), normalised,
     accumulated onto ``parent_fisher`` (the parent version's file) with ``gamma``, and the adapter's parameters
-    as the anchor. Returns ``out_path``. Raises :class:`TrainingError` for every input problem.
+    as the anchor; ``gamma`` and ``normalize`` default to the settings' (``ewc.*``). Returns ``out_path``.
+    Raises :class:`TrainingError` for every input problem.
     """
-    from streamengine.config.settings import LoraSettings
+    from streamengine.config.settings import EwcSettings, LoraSettings
     from streamengine.training.data import encode, pad_id, read_samples
     from streamengine.training.model import load_for_training
 
@@ -348,5 +349,8 @@ def compute_fisher_file(
         pairs, sources, balance, lambda group: fisher_sums(loaded.model, group, pad, loaded.device, chunk_size)
     )
     anchor = {n: p.detach() for n, p in lora_parameters(loaded.model).items()}
+    defaults = EwcSettings()
+    gamma = defaults.gamma if gamma is None else gamma
+    normalize = defaults.normalize if normalize is None else normalize
     state = accumulate(sums.mean(), anchor, parent, gamma, normalize, sums.samples, sums.weight)
     return save_fisher(state, out_path)
