@@ -319,7 +319,7 @@ def compute_fisher_file(
     normalize: str | None = None,
     *,
     sources: Collection[str],
-    balance: str = "pooled",
+    balance: str | None = None,
     chunk_size: int = 8,
     max_length: int = 2048,
     device: str = "auto",
@@ -331,13 +331,17 @@ def compute_fisher_file(
     positive-weight lines of ``samples_path`` from ``sources`` (:func:`fisher_example`, shared out as ``balance``
     says: :func:`lines_fisher`), normalised,
     accumulated onto ``parent_fisher`` (the parent version's file) with ``gamma``, and the adapter's parameters
-    as the anchor; ``gamma`` and ``normalize`` default to the settings' (``ewc.*``). Returns ``out_path``.
+    as the anchor; ``gamma``, ``normalize`` and ``balance`` default to the settings' (``ewc.*``). Returns ``out_path``.
     Raises :class:`TrainingError` for every input problem.
     """
     from streamengine.config.settings import EwcSettings, LoraSettings
     from streamengine.training.data import encode, pad_id, read_samples
     from streamengine.training.model import load_for_training
 
+    defaults = EwcSettings()
+    gamma = defaults.gamma if gamma is None else gamma
+    normalize = defaults.normalize if normalize is None else normalize
+    balance = defaults.fisher_balance if balance is None else balance
     examples = [e for e in read_samples(samples_path) if fisher_example(e, sources)]
     if not examples:
         raise TrainingError(f"no desirable {'/'.join(sources)} sample with a positive weight in {samples_path}")
@@ -349,8 +353,5 @@ def compute_fisher_file(
         pairs, sources, balance, lambda group: fisher_sums(loaded.model, group, pad, loaded.device, chunk_size)
     )
     anchor = {n: p.detach() for n, p in lora_parameters(loaded.model).items()}
-    defaults = EwcSettings()
-    gamma = defaults.gamma if gamma is None else gamma
-    normalize = defaults.normalize if normalize is None else normalize
     state = accumulate(sums.mean(), anchor, parent, gamma, normalize, sums.samples, sums.weight)
     return save_fisher(state, out_path)
