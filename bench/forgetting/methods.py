@@ -59,11 +59,25 @@ def shipped() -> Method:
     learning, ewc, training, lora = LearningSettings(), EwcSettings(), TrainingSettings(), LoraSettings()
     anchors = "self" if learning.self_anchor.enabled else "none"
     extra = {"parent_average": learning.parent_average, "orthogonal_weight": learning.orthogonal_weight}
-    return Method(ewc.lambda_, ewc.gamma, learning.replay_fraction, learning.replay_scaling, learning.max_replay_fraction,
-                  learning.replay_selection, learning.anchor_fraction, learning.anchor_min_samples, anchors,
-                  learning.distill.weight, clip=training.max_grad_norm, fisher=tuple(ewc.fisher_sources),
-                  balance=ewc.fisher_balance, targets=tuple(lora.target_modules), anchor_weight=learning.anchor_weight,
-                  anchor_rotation=learning.anchor_rotation, extra={k: v for k, v in extra.items() if v})  # fmt: skip
+    return Method(
+        lam=ewc.lambda_,
+        gamma=ewc.gamma,
+        replay=learning.replay_fraction,
+        scaling=learning.replay_scaling,
+        replay_max=learning.max_replay_fraction,
+        selection=learning.replay_selection,
+        anchor=learning.anchor_fraction,
+        anchor_min=learning.anchor_min_samples,
+        anchors=anchors,
+        distill=learning.distill.weight,
+        clip=training.max_grad_norm,
+        fisher=tuple(ewc.fisher_sources),
+        balance=ewc.fisher_balance,
+        targets=tuple(lora.target_modules),
+        anchor_weight=learning.anchor_weight,
+        anchor_rotation=learning.anchor_rotation,
+        extra={k: v for k, v in extra.items() if v},
+    )
 
 
 @dataclass(frozen=True)
