@@ -1,7 +1,9 @@
 """Does each window improve the model without erasing what came before, or what the base knew?
 
 ``python -m bench.forgetting`` (3 bases x 3 data seeds x 3 cases; ``--quick`` for a smoke run). Deterministic
-for given bases and seeds on one machine.
+for given bases and seeds on one machine; another CPU, or another of torch's CPU kernels, rounds differently and
+moves single runs, so the report names its machine (``config.machine``) and ``--join`` refuses to pool
+machines. ``ATEN_CPU_CAPABILITY=avx2`` (torch's switch) runs the AVX2 kernels on an AVX-512 machine.
 
 1. Bases: tiny chat Llamas (hidden 128, 4 layers, byte tokenizer, 0.75M parameters) pretrained in full, from
    different seeds, on whole conversations of a base skill (``copy w`` -> ``w``, ``low W`` -> ``w``): see
@@ -33,8 +35,9 @@ for given bases and seeds on one machine.
 4. After the last window: exact match (every completion token the argmax, teacher-forced: the same as
    greedy decoding), token accuracy and NLL on each window's holdout and on the base skill.
 
-Writes bench/results/forgetting.json (``cases.<case>.<row>.summary``, ``spread``, ``min``, ``runs``) and
-prints the tables pasted into docs/learning.md. A long grid can run as one command per base and data seed
+Writes bench/results/forgetting.json (``cases.<case>.<row>.summary``, ``spread``, ``min``, ``runs``; each run's
+``jobs`` with every window's and the base's scores after that job, its last epoch's loss and last step's penalty)
+and prints the tables pasted into docs/learning.md. A long grid can run as one command per base and data seed
 (``--bases B --seeds 1 --first-seed S``), pooled afterwards with ``--join``.
 """
 
@@ -49,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.forgetting import report
-from bench.forgetting.base import RESULTS, pretrain
+from bench.forgetting.base import RESULTS, machine, pretrain
 from bench.forgetting.experiment import JOINT, MAIN_ROWS, QUICK_SIZES, ROWS, SIZES, TRAINING, unit
 from bench.forgetting.tasks import CASES
 
@@ -72,7 +75,7 @@ def run(bases: list[int], seeds: range, cases: list[str], rows: list[str], sizes
             runs[case][name].append({"base": b, "seed": seed, **result})
     return {
         "config": {"sizes": sizes, "training": TRAINING, "bases": bases, "seeds": [seeds.start, seeds.stop], "rows": rows,
-                   "methods": {n: vars(ROWS[n]) for n in rows if n in ROWS}},
+                   "methods": {n: vars(ROWS[n]) for n in rows if n in ROWS}, "machine": machine()},
         "pretrain_seconds": built,
         "cases": {case: {name: report.aggregate(r) for name, r in by_row.items()} for case, by_row in runs.items()},
     }  # fmt: skip
@@ -80,9 +83,7 @@ def run(bases: list[int], seeds: range, cases: list[str], rows: list[str], sizes
 
 def merge(into: dict[str, Any], earlier: dict[str, Any]) -> None:
     """Add the rows of an earlier report (same bases, seeds and sizes) that this one did not run."""
-    for key in ("sizes", "bases", "seeds"):
-        if earlier["config"][key] != into["config"][key]:
-            raise SystemExit(f"--merge: the earlier report's {key} differs")
+    _refuse_other_runs("--merge", into["config"], earlier["config"], ("sizes", "bases", "seeds"))
     for case, rows in earlier["cases"].items():
         for name, row in rows.items():
             into["cases"].setdefault(case, {}).setdefault(name, row)
@@ -94,9 +95,7 @@ def join(reports: list[dict[str, Any]]) -> dict[str, Any]:
     rows): every row's runs pooled and summarised again."""
     first = reports[0]["config"]
     for other in reports[1:]:
-        for key in ("sizes", "training"):
-            if other["config"][key] != first[key]:
-                raise SystemExit(f"--join: the reports' {key} differ")
+        _refuse_other_runs("--join", first, other["config"], ("sizes", "training"))
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in reports:
         for case, rows in r["cases"].items():
@@ -115,6 +114,15 @@ def join(reports: list[dict[str, Any]]) -> dict[str, Any]:
             case: {name: report.aggregate(by_row[name]) for name in _ordered(by_row)} for case, by_row in runs.items()
         },
     }
+
+
+def _refuse_other_runs(flag: str, ours: dict[str, Any], theirs: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Exit if two reports' configs differ in ``keys`` or their machine (reports from before ``config.machine``
+    name none and pool as they did)."""
+    for key in (*keys, "machine"):
+        mine, other = ours.get(key), theirs.get(key)
+        if mine != other and None not in (mine, other):
+            raise SystemExit(f"{flag}: the reports' {key} differ: {mine} and {other}")
 
 
 def _ordered(rows: Iterable[str]) -> list[str]:
@@ -170,6 +178,8 @@ def print_tables(report_: dict[str, Any]) -> None:
     print("\n\n".join(report.case_table(case, rows) for case, rows in cases.items()))
     print("\n" + report.targets_table(report_["cases"]))
     print("\n" + report.checks_table(report_["cases"]))
+    if "machine" in report_["config"]:
+        print("\nmachine: " + ", ".join(f"{k} {v}" for k, v in report_["config"]["machine"].items()))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ Each sequence is one chat turn rendered with the model's template, ``<|user|>cop
 plus EOS, and every token is in the loss (prompt tokens too), as real models are pretrained: the base
 learns to answer and to write the user's side, so it can write prompts (Magpie). Cached under
 ``bench/results/cache/base-<seed>-<key>``, where the key hashes the pretraining settings, the seed, the
-code that builds the base (this file, tasks.py, the tiny model and the tokenisation and loss code) and
-the torch and transformers versions: any change to what shapes the base builds a new one.
+code that builds the base (this file, tasks.py, the tiny model and the tokenisation and loss code), the
+torch and transformers versions, the CPU and torch's CPU capability (the kernels it dispatches to: AVX2 and
+AVX-512 kernels round differently and pretrain different bases): any change to what shapes the base builds a
+new one.
+``ATEN_CPU_CAPABILITY=avx2`` (torch's own switch) pins the kernels: an AMD AVX-512 machine so pinned gave an
+AMD AVX2 machine's figures to the last digit, where an Intel and an AMD machine differed at AVX-512.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,12 +54,30 @@ _SHAPING = (
 )
 
 
+def machine() -> dict[str, str]:
+    """What the figures depend on beyond the code: the CPU, the kernels torch dispatches to, the libraries."""
+    return {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
 def cache_key(seed: int, settings: dict[str, Any]) -> str:
-    """sha256 over everything that shapes the base: settings, seed, code and library versions."""
+    """sha256 over everything that shapes the base: settings, seed, code, library versions and CPU kernels."""
     digest = hashlib.sha256(json.dumps({"seed": seed, **settings}, sort_keys=True).encode())
     for path in _SHAPING:
         digest.update(path.read_bytes())
-    digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    digest.update(json.dumps(machine(), sort_keys=True).encode())  # the CPU too: the same kernels differed by vendor
     return digest.hexdigest()[:16]
 
 
