@@ -3,6 +3,7 @@ LoRA A (O-LoRA style), averaging with the parent and anchor rotation (each off b
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
+from streamengine.config.settings import TrainingSettings  # noqa: E402
 from streamengine.local.tinymodel import build_tiny_model  # noqa: E402
 from streamengine.training.fisher import FISHER_FILE, load_fisher  # noqa: E402
 from streamengine.training.launch import training_command  # noqa: E402
@@ -269,3 +271,40 @@ def test_max_grad_norm_bounds_every_step_and_none_leaves_the_gradient_alone(tiny
     assert len(free) == len(clipped) == 3
     assert max(free) > 0.1  # the tiny model's raw gradients are larger than the bound
     assert all(n <= 0.05 * (1 + 1e-5) for n in clipped), clipped
+
+
+# --- the learning-rate schedule (training.lr_schedule, training.warmup_ratio) ----------------------------------
+def _step_rates(spec: TrainSpec) -> list[float]:
+    """The learning rate each optimizer step applies."""
+    rates: list[float] = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+    try:
+        train(spec)
+    finally:
+        handle.remove()
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "expected"),
+    [
+        ("constant", 0.0, [1.0] * 12),  # the default: every step at training.learning_rate
+        ("constant", 0.25, [0.0, 1 / 3, 2 / 3] + [1.0] * 9),  # 3 of 12 steps warming up from 0
+        ("linear", 0.0, [(12 - i) / 12 for i in range(12)]),
+        ("cosine", 0.25, [0.0, 1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * i / 9)) for i in range(9)]),
+    ],
+)
+def test_the_learning_rate_follows_the_schedule(
+    tiny_base: Path, tmp_path: Path, schedule: str, warmup: float, expected: list[float]
+) -> None:
+    samples = write_samples(tmp_path / "new.jsonl", NEW)
+    spec = make_spec(tiny_base, samples, tmp_path / "out", epochs=4, batch_size=1, lr_schedule=schedule,
+                     warmup_ratio=warmup)  # fmt: skip
+    assert _step_rates(spec) == pytest.approx([1e-2 * e for e in expected])
+
+
+def test_a_schedule_or_warmup_out_of_range_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainingSettings(lr_schedule="step")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainingSettings(warmup_ratio=1.0)

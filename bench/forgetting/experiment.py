@@ -120,6 +120,9 @@ ROWS: dict[str, Method] = {
     "+scaled+true": replace(SCALED, anchors="true"),
     "+scaled+prompts": replace(SCALED, anchors="prompts"),
     "+scaled+stream": replace(SCALED, anchors="stream"),
+    # The learning rate warming up over a tenth of each job, then decaying along a cosine (training.lr_schedule,
+    # training.warmup_ratio): the first steps of a job move the parent less, the last settle it.
+    "+cosine": replace(shipped(), schedule="cosine", warmup=0.1),
     "default": shipped(),
 }
 # One job on every window (the upper bound for the windows): epochs and learning rate as multiples of the case's.

@@ -43,6 +43,8 @@ class Method:
     distill: float = 0.0  # weight of the KL to the base on anchor samples
     joint: bool = False
     clip: float | None = None  # training.max_grad_norm of every job (None: no clipping)
+    schedule: str = "constant"  # training.lr_schedule of every job
+    warmup: float = 0.0  # training.warmup_ratio of every job
     fisher: tuple[str, ...] = ("window",)  # ewc.fisher_sources: the sample lines the Fisher is computed on
     balance: str = "pooled"  # ewc.fisher_balance: pooled, or each source an equal share of the importance
     targets: tuple[str, ...] = ATTENTION  # lora.target_modules
@@ -71,6 +73,8 @@ def shipped() -> Method:
         anchors=anchors,
         distill=learning.distill.weight,
         clip=training.max_grad_norm,
+        schedule=training.lr_schedule,
+        warmup=training.warmup_ratio,
         fisher=tuple(ewc.fisher_sources),
         balance=ewc.fisher_balance,
         targets=tuple(lora.target_modules),
@@ -115,6 +119,7 @@ def run_method(run: Run, method: Method, anchors: list[Item]) -> dict[str, Any]:
             out = work / f"v{k + 1}"
             keep_spec = replace(spec, extra={**spec.extra, "replay_keep": keep}) if keep is not None else spec
             jobs.append(_job(run, keep_spec, rows, out, parent, work / f"train{k + 1}.jsonl"))
+            jobs[-1]["scores"] = evaluate(run, out)  # every window and the base after each job: where a run fell
             parent = out
         assert parent is not None
         final = evaluate(run, parent)
@@ -151,7 +156,8 @@ def run_joint(run: Run, epochs: int, learning_rate: float) -> dict[str, Any]:
 
 def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, parent: Path | None,
          samples: Path) -> dict[str, Any]:  # fmt: skip
-    """One training job; returns its seconds and the gate's anchor set losses (at the base, before, after)."""
+    """One training job; returns its seconds, last epoch's loss, last step's penalty and the gate's anchor set
+    losses (at the base, before, after)."""
     gate = write_jsonl(samples.with_name("gate.jsonl"), [(item, "anchor") for item in run.gate])
     spec = TrainSpec(
         base_model=str(run.base),
@@ -160,7 +166,14 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         samples_path=write_jsonl(samples, rows, {"anchor": method.anchor_weight}),
         output_dir=str(out),
         lora={**LORA, "target_modules": list(method.targets)},
-        training={**run.training, "max_length": MAX_LENGTH, "device": "cpu", "max_grad_norm": method.clip},
+        training={
+            **run.training,
+            "max_length": MAX_LENGTH,
+            "device": "cpu",
+            "max_grad_norm": method.clip,
+            "lr_schedule": method.schedule,
+            "warmup_ratio": method.warmup,
+        },
         ewc={
             "lambda": method.lam,
             "gamma": method.gamma,
@@ -174,7 +187,8 @@ def _job(run: Run, method: Method, rows: list[tuple[Item, str]], out: Path, pare
         **method.extra,
     )
     result = train(spec)
-    return {"seconds": result.seconds, "anchor": result.eval["anchor"]}
+    return {"seconds": result.seconds, "train_loss": result.train_loss, "ewc_penalty": result.ewc_penalty,
+            "anchor": result.eval["anchor"]}  # fmt: skip
 
 
 def evaluate(run: Run, adapter: Path) -> dict[str, dict[str, float]]:

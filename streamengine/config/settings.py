@@ -327,6 +327,14 @@ class TrainingSettings(_Section):
         description="Clip each step's gradient to this L2 norm (null: no clipping). A long job at a high learning "
         "rate can diverge without it; it also caps the EWC penalty's pull (docs/learning.md).",
     )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="The learning rate over a job's steps (transformers' schedulers): constant, or decaying to 0 "
+        "linearly or along a cosine after the warm-up.",
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of a job's steps over which the learning rate rises from 0 (linear)."
+    )
     max_length: int = Field(2048, ge=8)
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")

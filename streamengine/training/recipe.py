@@ -46,9 +46,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 from transformers.utils import logging as hf_logging
 
+from streamengine.config.settings import TrainingSettings
 from streamengine.errors import TrainingError
 from streamengine.files import write_text_atomic
 from streamengine.training.average import average_with_parent, snapshot
@@ -272,6 +273,7 @@ def train_loop(setup: Setup, reference: KtoReference | None, progress: ProgressC
     anchors = [i for i, e in enumerate(setup.examples) if e.source == "anchor"]
     per_epoch = lines_per_epoch(len(encoded), anchors, setup.spec.anchor_per_epoch)
     total_steps = cfg.epochs * math.ceil(per_epoch / cfg.batch_size)
+    schedule = _lr_schedule(cfg, optimizer, total_steps)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     step = tokens = 0
     penalty = epoch_loss = epoch_weight = 0.0
@@ -287,6 +289,7 @@ def train_loop(setup: Setup, reference: KtoReference | None, progress: ProgressC
                 batch_weight = sum(encoded[i].weight for i in indices)
                 where = f"step {step}/{total_steps} (epoch {epoch})"
                 task, penalty, counted = _step(setup, step_model, optimizer, indices, batch_weight, reference, where)
+                schedule.step()
                 tokens += counted
                 epoch_loss += task * batch_weight
                 epoch_weight += batch_weight
@@ -307,6 +310,13 @@ def train_loop(setup: Setup, reference: KtoReference | None, progress: ProgressC
     except torch.OutOfMemoryError as exc:
         raise TrainingError(f"out of memory at step {step}/{total_steps}: {exc}") from None
     return Trained(train_loss=epoch_loss / epoch_weight, steps=step, tokens=tokens, penalty=penalty)
+
+
+def _lr_schedule(cfg: TrainingSettings, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """transformers' scheduler of ``training.lr_schedule`` with ``warmup_ratio`` of the steps warming up."""
+    warmup = round(cfg.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and warmup else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _step(
