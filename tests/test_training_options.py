@@ -288,7 +288,7 @@ def _step_rates(spec: TrainSpec) -> list[float]:
 @pytest.mark.parametrize(
     ("schedule", "warmup", "expected"),
     [
-        ("constant", 0.0, [1.0] * 12),  # the default: every step at training.learning_rate
+        ("constant", 0.0, [1.0] * 12),  # every step at training.learning_rate
         ("constant", 0.25, [0.0, 1 / 3, 2 / 3] + [1.0] * 9),  # 3 of 12 steps warming up from 0
         ("linear", 0.0, [(12 - i) / 12 for i in range(12)]),
         ("cosine", 0.25, [0.0, 1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * i / 9)) for i in range(9)]),

@@ -38,10 +38,10 @@ def write_samples(path: Path, rows: list[tuple[Any, ...]]) -> Path:
 
 
 def make_spec(base: Path, samples: Path, out: Path, **training: Any) -> TrainSpec:
-    """A CPU float32 spec for the tiny model (LoRA r8 on q/k/v/o, no dropout, no gradient clipping: the numbers
-    these tests pin are the recipe's own; clipping has its tests)."""
+    """A CPU float32 spec for the tiny model (LoRA r8 on q/k/v/o, no dropout, no gradient clipping, a constant
+    learning rate: the numbers these tests pin are the recipe's own; clipping and the schedule have their tests)."""
     settings: dict[str, Any] = {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "max_length": 128}
-    settings["max_grad_norm"] = None
+    settings |= {"max_grad_norm": None, "lr_schedule": "constant", "warmup_ratio": 0.0}
     settings |= {"seed": 0, "device": "cpu"}
     settings.update(training)
     return TrainSpec(

@@ -28,6 +28,7 @@ NEW_DEFAULT = replace(SCALED, anchor=0.2, clip=1.0)  # the scaled share, clipped
 FISHER_ANCHOR = replace(NEW_DEFAULT, fisher=("window", "anchor"))  # and the Fisher of the anchor lines
 QV_UPDOWN = ("q_proj", "v_proj", "up_proj", "down_proj")  # LoRA on attention and MLP, as many modules as q/k/v/o
 QV_UPDOWN_R45 = replace(FISHER_ANCHOR, targets=QV_UPDOWN, replay_max=0.45)  # the default of 5 Dec 2026, 14:00
+ROTATION = replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True)  # the default of 5 Dec 2026, 20:00
 ROWS: dict[str, Method] = {
     "naive": Method(),
     "replay": Method(replay=REPLAY),
@@ -97,7 +98,7 @@ ROWS: dict[str, Method] = {
     # the whole anchor pool and each epoch trains on a fresh draw of as many as it would have picked, so it sees
     # nearly every anchor at the same step count; with more anchors, or the anchors weighing 1, 1.5 or 1.75; a pool
     # of twice the pick instead of the whole; a weaker or stronger penalty (the newest `shared` window, Step 2).
-    "+aw2 rotation": replace(QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True),
+    "+aw2 rotation": ROTATION,
     "+aw2 rotation a0.25 r0.4": replace(
         QV_UPDOWN_R45, anchor_weight=2.0, anchor_rotation=True, anchor=0.25, replay_max=0.4
     ),
@@ -121,8 +122,9 @@ ROWS: dict[str, Method] = {
     "+scaled+prompts": replace(SCALED, anchors="prompts"),
     "+scaled+stream": replace(SCALED, anchors="stream"),
     # The learning rate warming up over a tenth of each job, then decaying along a cosine (training.lr_schedule,
-    # training.warmup_ratio): the first steps of a job move the parent less, the last settle it.
-    "+cosine": replace(shipped(), schedule="cosine", warmup=0.1),
+    # training.warmup_ratio; the default of 6 Dec 2026, 11:00): a job's first steps move the parent less, its
+    # last ones settle it.
+    "+cosine": replace(ROTATION, schedule="cosine", warmup=0.1),
     "default": shipped(),
 }
 # One job on every window (the upper bound for the windows): epochs and learning rate as multiples of the case's.
